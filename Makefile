@@ -1,0 +1,52 @@
+# duet_p2p: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-network demo demo-train bench bench-large bench-network lint format signaling clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,fast]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-network: install
+	$(PY) -m pytest -q -m network tests/network
+
+demo: install
+	$(PY) examples/seed_flow.py
+
+demo-train: install
+	$(PY) examples/train_digits/run.py
+
+bench: install
+	$(PY) -m benchmarks
+
+bench-large: install
+	$(PY) -m benchmarks.large_get
+
+bench-network: install
+	$(PY) -m benchmarks.network
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+signaling: install
+	$(PY) -m signaling_server --host 127.0.0.1 --port 8765
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,152 @@
+"""Handlers: the owner's rules that decide requests without the owner at the keyboard.
+
+Handlers are evaluated in order and the first that matches decides. Everything a handler
+looks at was computed by the owner's own process: ``request.name``, ``ops`` and ``tags``
+come from the lineage the owner recorded while running the peer's actions, never from
+text the scientist sent, so a scientist cannot forge a name to slip past a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from duet_p2p.permissions.table import Table
+
+if TYPE_CHECKING:
+    from duet_p2p.permissions.request import Request
+
+Action = Literal["accept", "deny"]
+ACTIONS: tuple[str, ...] = ("accept", "deny")
+
+
+@dataclass(eq=False)
+class Handler:
+    """One auto-decision rule; every criterion that is set must hold for it to match."""
+
+    action: Action
+    """What to do with a matching request."""
+    tags: frozenset[str] | None = None
+    """Matches when the request derives from objects carrying ALL of these tags.
+    A result that also derives from other objects still matches: to keep a tag's data
+    in, prefer a ``deny`` handler on that tag ahead of broader accept handlers."""
+    op: str | None = None
+    """Matches ``request.name`` (e.g. ``"sum"``) or the request's last op path (e.g.
+    ``"torch.Tensor.item"``): the op that produced the released value, never an earlier one."""
+    max_elements: int | None = None
+    """Matches when the released value has at most this many elements."""
+    max_requests: int | None = None
+    """Quota: after this many matches the handler stops matching."""
+    timeout_secs: float | None = None
+    """Applies only once a request has been pending this long (the owner gets first say)."""
+    print_local: bool = False
+    """On accept, the session prints the released value owner-side."""
+    log_local: bool = False
+    """On accept, the session logs the released value owner-side."""
+    name: str | None = None
+    reason: str = ""
+    """Sent to the scientist when this handler denies."""
+    matched: int = 0
+    """How many requests this handler has decided."""
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be 'accept' or 'deny', not {self.action!r}")
+        if self.tags is not None:
+            if isinstance(self.tags, str):
+                self.tags = frozenset([self.tags])
+            self.tags = frozenset(self.tags)
+        for field_name in ("max_elements", "max_requests"):
+            value = getattr(self, field_name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{field_name} must be a non-negative integer or None")
+        if self.timeout_secs is not None and not (self.timeout_secs >= 0):
+            raise ValueError("timeout_secs must be a non-negative number or None")
+
+    @property
+    def remaining(self) -> int | None:
+        """Matches left under the quota (None: no quota)."""
+        if self.max_requests is None:
+            return None
+        return max(0, self.max_requests - self.matched)
+
+    def matches(self, request: Request, now: float, *, min_aggregation: float = 1) -> bool:
+        """Whether this handler decides ``request`` at time ``now``.
+
+        An accept handler never matches a request whose value summarises fewer than
+        ``min_aggregation`` private elements (the owner's minimum aggregation size).
+        """
+        if self.remaining == 0:
+            return False
+        if self.timeout_secs is not None and now - request.requested_at < self.timeout_secs:
+            return False
+        if self.action == "accept" and not (request.aggregation >= min_aggregation):
+            return False
+        if self.tags is not None and not self.tags <= request.tags:
+            return False
+        if self.op is not None and not _op_matches(self.op, request):
+            return False
+        if self.max_elements is not None and request.elements > self.max_elements:
+            return False
+        return True
+
+    def summary(self) -> str:
+        """A one-line description, e.g. ``"accept op=sum max_elements=10"``."""
+        if self.name:
+            return self.name
+        parts: list[str] = [self.action]
+        if self.tags is not None:
+            parts.append("tags=[" + ", ".join(sorted(self.tags)) + "]")
+        if self.op is not None:
+            parts.append(f"op={self.op}")
+        if self.max_elements is not None:
+            parts.append(f"max_elements={self.max_elements}")
+        if self.max_requests is not None:
+            parts.append(f"max_requests={self.max_requests}")
+        if self.timeout_secs is not None:
+            parts.append(f"after {self.timeout_secs:g}s")
+        if len(parts) == 1:
+            parts.append("all")
+        return " ".join(parts)
+
+
+def _op_matches(op: str, request: Request) -> bool:
+    return op == request.name or (bool(request.ops) and op == request.ops[-1])
+
+
+class HandlerList(list[Handler]):
+    """A snapshot of the handlers, in evaluation order, shown as a table."""
+
+    def __init__(self, handlers: Iterable[Handler] = ()) -> None:
+        super().__init__(handlers)
+
+    def table(self) -> Table:
+        rows = [
+            [
+                h.action,
+                h.tags,
+                h.op,
+                h.max_elements,
+                "" if h.max_requests is None else f"{h.remaining}/{h.max_requests}",
+                h.timeout_secs,
+                h.name,
+                h.matched,
+            ]
+            for h in self
+        ]
+        columns = ["Action", "Tags", "Op", "Max Elements", "Quota Left", "After (s)", "Name"]
+        return Table([*columns, "Matched"], rows, empty_text="No handlers.")
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    @property
+    def pandas(self) -> Any:
+        return self.table().to_pandas()
+

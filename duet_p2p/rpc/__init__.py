@@ -1,0 +1,1 @@
+"""Messages, their wire codec, and the endpoint that sends and dispatches them."""

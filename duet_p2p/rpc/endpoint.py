@@ -1,0 +1,193 @@
+"""One side of the conversation: encodes, decodes, validates and dispatches messages.
+
+Every incoming message is untrusted: it is size-bounded by the transport, decoded by the
+codec under limits, validated by its pydantic model, and only then handed to the handler
+for its kind. Bad input is answered with an error and counted; the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from duet_p2p.errors import DuetError, PeerClosed, ProtocolError
+from duet_p2p.rpc import codec
+from duet_p2p.rpc.errors import error_info, raise_from_info
+from duet_p2p.rpc.messages import (
+    PROTOCOL_VERSION,
+    ErrorNotice,
+    Hello,
+    Message,
+    Reply,
+    call_id_of,
+    parse_message,
+)
+from duet_p2p.transport.base import MessageTransport
+
+log = logging.getLogger(__name__)
+Handler = Callable[[Message], Awaitable[Any] | Any]
+
+
+class Endpoint:
+    """Sends messages, awaits replies, and runs a handler per incoming message kind."""
+
+    def __init__(
+        self,
+        transport: MessageTransport,
+        *,
+        role: str,
+        limits: codec.DecodeLimits | None = None,
+        max_message_bytes: int = 0,
+    ) -> None:
+        self.transport = transport
+        self.role = role
+        self.limits = limits
+        self.max_message_bytes = max_message_bytes
+        self.peer_hello: Hello | None = None
+        self.bad_messages = 0
+        self._handlers: dict[str, Handler] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
+        self._hello = asyncio.Event()
+        self._receiver: asyncio.Task[None] | None = None
+        self._closed_error: BaseException | None = None
+        self.on_closed: Callable[[BaseException], None] | None = None
+
+    def on(self, kind: str, handler: Handler) -> None:
+        """Run ``handler(message)`` for each incoming message of ``kind``."""
+        self._handlers[kind] = handler
+
+    async def start(self, hello: Hello, timeout: float = 10.0) -> Hello:
+        """Exchange hellos; returns the peer's."""
+        self._receiver = asyncio.ensure_future(self._receive_loop())
+        await self.send(hello)
+        try:
+            await asyncio.wait_for(self._hello.wait(), timeout)
+        except TimeoutError:
+            raise ProtocolError("the peer did not say hello in time") from None
+        assert self.peer_hello is not None
+        if self.peer_hello.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the peer speaks protocol version {self.peer_hello.version}, "
+                f"this side {PROTOCOL_VERSION}: upgrade duet_p2p on both sides"
+            )
+        return self.peer_hello
+
+    async def send(self, message: Message) -> None:
+        """Encode and send one message."""
+        await self.transport.send(codec.encode(message.model_dump()))
+
+    async def call(self, message: Message, timeout: float | None = None) -> Any:
+        """Send a message that carries a ``call_id`` and wait for its reply's value."""
+        call_id = message.call_id  # type: ignore[attr-defined]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        try:
+            await self.send(message)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._calls.pop(call_id, None)
+
+    def next_call_id(self) -> int:
+        return next(self._call_ids)
+
+    async def close(self) -> None:
+        await self.transport.close()
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(BaseException):
+                await self._receiver
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        try:
+            while True:
+                data = await self.transport.recv()
+                await self._handle(data)
+        except (PeerClosed, ProtocolError) as exc:
+            self._closed_error = exc
+        except asyncio.CancelledError:
+            self._closed_error = PeerClosed("the connection was closed")
+            raise
+        finally:
+            error = self._closed_error or PeerClosed("the connection was closed")
+            for future in self._calls.values():
+                if not future.done():
+                    future.set_exception(error)
+            if self.on_closed is not None:
+                self.on_closed(error)
+
+    async def _handle(self, data: memoryview) -> None:
+        raw: object = None
+        try:
+            raw = codec.decode(data, limits=self.limits)
+            message = parse_message(raw)
+        except ProtocolError as exc:
+            await self._refuse(str(exc), call_id_of(raw))
+            return
+        kind = message.kind  # type: ignore[attr-defined]
+        if kind == "hello":
+            self.peer_hello = message  # type: ignore[assignment]
+            self._hello.set()
+            return
+        if kind == "reply":
+            self._on_reply(message)  # type: ignore[arg-type]
+            return
+        if kind == "error":
+            log.warning("the peer refused a message: %s", message.message)  # type: ignore[attr-defined]
+            return
+        handler = self._handlers.get(kind)
+        if handler is None:
+            await self._refuse(f"this side does not accept {kind!r} messages", call_id_of(raw))
+            return
+        call_id = call_id_of(raw)
+        try:
+            result = handler(message)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except DuetError as exc:
+            if call_id is not None:
+                await self._reply_error(call_id, exc)
+            else:
+                await self._refuse(str(exc), None)
+        except Exception as exc:  # noqa: BLE001 - the loop must keep serving
+            log.exception("handler for %s failed", kind)
+            if call_id is not None:
+                await self._reply_error(call_id, exc, safe=f"internal error ({type(exc).__name__})")
+
+    def _on_reply(self, reply: Reply) -> None:
+        future = self._calls.get(reply.call_id)
+        if future is None or future.done():
+            return
+        if reply.ok:
+            future.set_result(reply.value)
+        else:
+            try:
+                raise_from_info(reply.error)
+            except DuetError as exc:
+                future.set_exception(exc)
+
+    async def reply(self, call_id: int, value: Any) -> None:
+        await self.send(Reply(call_id=call_id, ok=True, value=value))
+
+    async def _reply_error(self, call_id: int, exc: BaseException, safe: str | None = None) -> None:
+        with contextlib.suppress(PeerClosed):
+            await self.send(
+                Reply(call_id=call_id, ok=False, error=error_info(exc, safe_message=safe))
+            )
+
+    async def _refuse(self, what: str, call_id: int | None) -> None:
+        self.bad_messages += 1
+        log.info("refused a message from the peer: %s", what)
+        with contextlib.suppress(PeerClosed):
+            if call_id is not None:
+                await self.send(
+                    Reply(call_id=call_id, ok=False, error=error_info(ProtocolError(what)))
+                )
+            else:
+                await self.send(ErrorNotice(code="bad_message", message=what[:4000]))

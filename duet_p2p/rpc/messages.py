@@ -1,0 +1,178 @@
+"""Every message kind on the wire: one pydantic model each, discriminated on ``kind``.
+
+The models are the documentation of the protocol and its check at once: sizes and lengths
+are field constraints, unknown fields are refused, and values that carry data (arguments,
+results) are left to the codec, which already bounded them while decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from duet_p2p.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")]
+OpPath = Annotated[str, Field(min_length=1, max_length=200)]
+Text = Annotated[str, Field(max_length=4000)]
+MAX_ACTIONS_PER_MESSAGE = 10_000
+MAX_ARGS = 64
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Hello(Message):
+    """First message each way: versions and limits."""
+
+    kind: Literal["hello"] = "hello"
+    version: int = Field(ge=0, le=1_000_000)
+    role: Literal["owner", "scientist"]
+    library: Annotated[str, Field(max_length=100)] = ""
+    max_message_bytes: int = Field(ge=0)
+    allowlist: list[OpPath] | None = Field(default=None, max_length=100_000)
+
+
+class Action(Message):
+    """Run ``op`` owner-side; store the result (or the error) under ``result``."""
+
+    op: OpPath
+    result: ObjectId
+    target: Any = None
+    args: list[Any] = Field(default_factory=list, max_length=MAX_ARGS)
+    kwargs: dict[Annotated[str, Field(max_length=64)], Any] = Field(
+        default_factory=dict, max_length=MAX_ARGS
+    )
+
+
+class Actions(Message):
+    """A batch of actions, run in order. Fire-and-forget: no reply."""
+
+    kind: Literal["actions"] = "actions"
+    actions: list[Action] = Field(min_length=1, max_length=MAX_ACTIONS_PER_MESSAGE)
+
+
+class Upload(Message):
+    """The scientist places its own value (a tensor, a module spec) in the owner's process."""
+
+    kind: Literal["upload"] = "upload"
+    result: ObjectId
+    value: Any
+    as_module: bool = False
+
+
+class Delete(Message):
+    """The scientist dropped these pointers; free what the peer created."""
+
+    kind: Literal["delete"] = "delete"
+    ids: list[ObjectId] = Field(min_length=1, max_length=100_000)
+
+
+class StoreQuery(Message):
+    """List the owner's searchable objects."""
+
+    kind: Literal["store_query"] = "store_query"
+    call_id: int = Field(ge=0)
+
+
+class GetRequest(Message):
+    """Ask for the value behind ``object_id``; the owner replies with a RequestStatus."""
+
+    kind: Literal["get"] = "get"
+    call_id: int = Field(ge=0)
+    object_id: ObjectId
+    reason: Text = ""
+    delete: bool = False
+
+
+class CancelRequest(Message):
+    """The scientist stopped waiting for a request (it timed out on its side)."""
+
+    kind: Literal["cancel_request"] = "cancel_request"
+    request_id: ObjectId
+
+
+class Describe(Message):
+    """Ask what is known of an object without its value: error state and public metadata."""
+
+    kind: Literal["describe"] = "describe"
+    call_id: int = Field(ge=0)
+    object_id: ObjectId
+
+
+class Reply(Message):
+    """The answer to a message that had a ``call_id``."""
+
+    kind: Literal["reply"] = "reply"
+    call_id: int = Field(ge=0)
+    ok: bool
+    value: Any = None
+    error: dict[str, Any] | None = None
+
+
+class Decision(Message):
+    """Owner -> scientist: a request was accepted (with the value) or denied."""
+
+    kind: Literal["decision"] = "decision"
+    request_id: ObjectId
+    status: Literal["accepted", "denied", "expired"]
+    reason: Text = ""
+    value: Any = None
+    error: dict[str, Any] | None = None
+
+
+class StoreChanged(Message):
+    """Owner -> scientist: the listing changed; refresh when next shown."""
+
+    kind: Literal["store_changed"] = "store_changed"
+
+
+class ErrorNotice(Message):
+    """A message could not be accepted; sent back instead of crashing."""
+
+    kind: Literal["error"] = "error"
+    code: Annotated[str, Field(max_length=64)]
+    message: Text
+    call_id: int | None = None
+
+
+AnyMessage = Annotated[
+    Hello
+    | Actions
+    | Upload
+    | Delete
+    | StoreQuery
+    | GetRequest
+    | CancelRequest
+    | Describe
+    | Reply
+    | Decision
+    | StoreChanged
+    | ErrorNotice,
+    Field(discriminator="kind"),
+]
+_adapter: TypeAdapter[Any] = TypeAdapter(AnyMessage)
+
+
+def parse_message(data: object) -> Message:
+    """Validate a decoded CBOR value as one of the message kinds."""
+    if not isinstance(data, dict):
+        raise ProtocolError("a message must be a map")
+    try:
+        return _adapter.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+        raise ProtocolError(f"invalid message: {where}: {first.get('msg', 'invalid')}") from None
+
+
+def call_id_of(data: object) -> int | None:
+    """The call id of a raw message, if it has a usable one (to address an error reply)."""
+    if isinstance(data, dict):
+        value = data.get("call_id")
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+            return value
+    return None

@@ -1,0 +1,279 @@
+"""A message transport over one aiortc data channel.
+
+aiortc gives a reliable ordered channel, but: ``send()`` refuses messages above the remote's
+max message size, ``bufferedAmount`` under-reports what is in flight, a killed peer goes
+unnoticed for ~30 s, and ``pc.close()`` drops queued data. This module adds framing, a
+credit window that really bounds memory, a heartbeat, and a close that delivers first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from duet_p2p.errors import PeerClosed, ProtocolError
+from duet_p2p.transport import framing
+from duet_p2p.transport.base import Buffer
+
+log = logging.getLogger(__name__)
+_CLOSED = object()
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """Tunables of a data-channel transport."""
+
+    window_bytes: int = 4 * 1024 * 1024
+    """Bytes a sender may have in flight before the receiver acknowledges them."""
+    max_frame_bytes: int = 256 * 1024
+    """Upper bound of one frame; the remote's advertised max message size lowers it."""
+    max_message_bytes: int = 16 * 1024**3
+    """Largest whole message accepted from the peer."""
+    heartbeat_interval: float = 1.0
+    """Seconds between pings when nothing else was sent."""
+    heartbeat_timeout: float = 6.0
+    """Seconds of silence after which the peer is considered gone."""
+    close_timeout: float = 5.0
+    """Seconds ``close()`` waits for queued data to be delivered and acknowledged."""
+
+
+class DataChannelTransport:
+    """Whole messages of any size over an open aiortc ``RTCDataChannel``."""
+
+    def __init__(self, pc: Any, channel: Any, options: ChannelOptions | None = None) -> None:
+        self._pc = pc
+        self._channel = channel
+        self.options = options or ChannelOptions()
+        remote_max = getattr(getattr(pc, "sctp", None), "_remote_max_message_size", 0) or 65536
+        self._max_frame = min(self.options.max_frame_bytes, remote_max)
+        self._reassembler = framing.Reassembler(self.options.max_message_bytes)
+        self._inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._send_lock = asyncio.Lock()
+        self._credit = asyncio.Condition()
+        self._in_flight = 0
+        self._unacknowledged = 0
+        self._last_received = time.monotonic()
+        self._last_sent = time.monotonic()
+        self._pings: dict[int, asyncio.Future[float]] = {}
+        self._ping_counter = 0
+        self._peer_closed = asyncio.Event()
+        self._error: Exception | None = None
+        self._closed = False
+        self._closing = False
+        self.messages_received = 0
+        self.protocol_errors = 0
+        channel.on("message", self._on_frame)
+        channel.on("close", self._on_channel_close)
+        pc.on("connectionstatechange", self._on_connection_state)
+        self._heartbeat = asyncio.ensure_future(self._heartbeat_loop())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._error is not None
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._max_frame
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def send(self, *parts: Buffer) -> None:
+        """Send one message; waits while the window is full, raises PeerClosed if gone."""
+        async with self._send_lock:
+            for frame in framing.split_message(parts, self._max_frame):
+                await self._wait_for_credit(len(frame))
+                self._send_frame(frame)
+                self._in_flight += len(frame)
+
+    async def _wait_for_credit(self, size: int) -> None:
+        if self._in_flight + size <= self.options.window_bytes:
+            self._raise_if_closed()
+            return
+        async with self._credit:
+            while self._in_flight + size > self.options.window_bytes and self._in_flight > 0:
+                self._raise_if_closed()
+                await self._credit.wait()
+        self._raise_if_closed()
+
+    def _send_frame(self, frame: bytes) -> None:
+        self._raise_if_closed()
+        try:
+            self._channel.send(frame)
+        except Exception as exc:  # aiortc raises InvalidStateError once closed
+            self._fail(PeerClosed(f"the data channel is closed ({type(exc).__name__})"))
+            raise self._error from exc  # type: ignore[misc]
+        self._last_sent = time.monotonic()
+
+    def _raise_if_closed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise PeerClosed("the connection is closed")
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def recv(self) -> memoryview:
+        """The next whole message."""
+        item = await self._inbox.get()
+        if item is _CLOSED:
+            self._inbox.put_nowait(_CLOSED)
+            raise self._error or PeerClosed("the peer closed the connection")
+        return item  # type: ignore[return-value]
+
+    def _on_frame(self, frame: bytes | str) -> None:
+        self._last_received = time.monotonic()
+        if not isinstance(frame, bytes) or not frame:
+            self._protocol_violation("the peer sent a text or empty frame")
+            return
+        kind = frame[0]
+        try:
+            if kind in (framing.START, framing.CONT):
+                self._on_data(frame)
+            elif kind == framing.CREDIT:
+                self._on_credit(framing.read_u64(frame))
+            elif kind == framing.PING:
+                self._send_control(framing.PONG, framing.read_u64(frame))
+            elif kind == framing.PONG:
+                self._on_pong(framing.read_u64(frame))
+            elif kind == framing.CLOSE:
+                self._on_peer_close()
+            else:
+                self._protocol_violation(f"unknown frame type 0x{kind:02x}")
+        except ProtocolError as exc:
+            self._protocol_violation(str(exc))
+
+    def _on_data(self, frame: bytes) -> None:
+        self._unacknowledged += len(frame)
+        message = self._reassembler.feed(frame)
+        if message is not None:
+            self.messages_received += 1
+            self._inbox.put_nowait(message)
+        if self._unacknowledged >= self.options.window_bytes // 4:
+            self._flush_credit()
+
+    def _flush_credit(self) -> None:
+        if self._unacknowledged:
+            amount, self._unacknowledged = self._unacknowledged, 0
+            self._send_control(framing.CREDIT, amount)
+
+    def _on_credit(self, amount: int) -> None:
+        self._in_flight = max(0, self._in_flight - amount)
+        asyncio.ensure_future(self._notify_credit())
+
+    async def _notify_credit(self) -> None:
+        async with self._credit:
+            self._credit.notify_all()
+
+    def _send_control(self, kind: int, value: int = 0) -> None:
+        if self._closed and kind != framing.CLOSE:
+            return
+        try:
+            self._channel.send(framing.control_frame(kind, value))
+            self._last_sent = time.monotonic()
+        except Exception:  # noqa: BLE001 - a dead channel is noticed by the heartbeat
+            log.debug("control frame not sent", exc_info=True)
+
+    def _protocol_violation(self, what: str) -> None:
+        """A framing error cannot be recovered from: the byte stream is out of step."""
+        self.protocol_errors += 1
+        log.warning("closing the connection: %s", what)
+        self._fail(ProtocolError(f"the peer broke the framing protocol: {what}"))
+        asyncio.ensure_future(self._abort())
+
+    # -- liveness ----------------------------------------------------------------------
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time of one ping, in seconds."""
+        self._ping_counter += 1
+        nonce = self._ping_counter
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = future
+        started = time.perf_counter()
+        self._send_control(framing.PING, nonce)
+        try:
+            await asyncio.wait_for(future, timeout)
+        finally:
+            self._pings.pop(nonce, None)
+        return time.perf_counter() - started
+
+    def _on_pong(self, nonce: int) -> None:
+        future = self._pings.get(nonce)
+        if future is not None and not future.done():
+            future.set_result(time.perf_counter())
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.options.heartbeat_interval
+        while not self.closed:
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            if now - self._last_received > self.options.heartbeat_timeout:
+                silence = now - self._last_received
+                self._fail(
+                    PeerClosed(f"the peer stopped responding ({silence:.1f} s without a heartbeat)")
+                )
+                await self._abort()
+                return
+            if now - self._last_sent >= interval:
+                self._send_control(framing.PING, 0)
+
+    def _on_connection_state(self) -> None:
+        state = self._pc.connectionState
+        if state in ("failed", "closed") and not self._closing:
+            self._fail(PeerClosed(f"the peer connection is {state}"))
+
+    def _on_channel_close(self) -> None:
+        if not self._closing:
+            self._fail(PeerClosed("the peer closed the data channel"))
+
+    def _on_peer_close(self) -> None:
+        self._flush_credit()
+        if not self._peer_closed.is_set():
+            self._peer_closed.set()
+            self._inbox.put_nowait(_CLOSED)
+            if not self._closing:
+                self._send_control(framing.CLOSE)
+                asyncio.ensure_future(self.close())
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None and not self._closed:
+            self._error = error
+            log.info("connection lost: %s", error)
+        self._inbox.put_nowait(_CLOSED)
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(error)
+        asyncio.ensure_future(self._notify_credit())
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Deliver queued messages, tell the peer, then release the connection."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._error is None:
+            try:
+                await asyncio.wait_for(self._send_lock.acquire(), self.options.close_timeout)
+                self._send_lock.release()
+                self._flush_credit()
+                self._send_control(framing.CLOSE)
+                await asyncio.wait_for(self._peer_closed.wait(), self.options.close_timeout)
+            except (TimeoutError, PeerClosed, ProtocolError):
+                log.debug("peer did not acknowledge the close in time")
+        await self._abort()
+
+    async def _abort(self) -> None:
+        self._closing = True
+        self._closed = True
+        self._inbox.put_nowait(_CLOSED)
+        if self._heartbeat is not asyncio.current_task():
+            self._heartbeat.cancel()
+        with contextlib.suppress(Exception):
+            self._channel.close()
+        with contextlib.suppress(Exception):
+            await self._pc.close()
+        asyncio.ensure_future(self._notify_credit())

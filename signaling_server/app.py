@@ -1,0 +1,103 @@
+"""Build the signaling app, and run it in-process (used by tests and the library)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from signaling_server.config import ServerConfig
+from signaling_server.handlers import SignalingHandlers
+from signaling_server.middleware import MAX_BODY, error_middleware, rate_limit_middleware
+from signaling_server.ratelimit import RateLimiter
+from signaling_server.state import InMemoryState, SignalingState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunningServer", "ServerConfig", "create_app", "start_server"]
+
+
+def create_app(config: ServerConfig, state: SignalingState | None = None) -> web.Application:
+    """The aiohttp application; `state` defaults to a fresh InMemoryState."""
+    if state is None:
+        state = InMemoryState(
+            config.ttl, max_entries=config.max_entries, tombstone_ttl=config.tombstone_ttl
+        )
+    limiter = RateLimiter(config.rate, config.burst, max_clients=config.max_clients)
+    app = web.Application(
+        middlewares=[error_middleware, rate_limit_middleware(limiter)],
+        client_max_size=config.max_body,
+    )
+    app[MAX_BODY] = config.max_body
+    h = SignalingHandlers(state, config)
+    duet = "/v1/duets/{duet_id}"
+    app.router.add_post(f"{duet}/offer", h.post_offer)
+    app.router.add_get(f"{duet}/offer", h.get_offer)
+    app.router.add_post(f"{duet}/answer", h.post_answer)
+    app.router.add_get(f"{duet}/answer", h.get_answer)
+    app.router.add_get("/health", h.health)
+    app.router.add_get("/v1/ice-servers", h.ice_servers)
+
+    async def sweeper(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_sweep_forever(state, min(config.ttl, 30.0)))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def wake_waiters(app: web.Application) -> None:
+        await state.close()
+
+    app.cleanup_ctx.append(sweeper)
+    app.on_shutdown.append(wake_waiters)
+    return app
+
+
+async def _sweep_forever(state: SignalingState, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            dropped = await state.sweep()
+        except Exception:
+            logger.exception("expiry sweep failed")
+            continue
+        if dropped:
+            logger.debug("expired %d duet IDs", dropped)
+
+
+class RunningServer:
+    """A server listening on a socket; `url` is where clients reach it."""
+
+    def __init__(self, runner: web.AppRunner, url: str) -> None:
+        self._runner = runner
+        self.url = url
+
+    async def close(self) -> None:
+        """Stop listening, wake long-polls, and release everything."""
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> RunningServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def start_server(
+    config: ServerConfig, host: str = "127.0.0.1", port: int = 0
+) -> RunningServer:
+    """Start the app on host:port (port 0 picks a free one) and return once it listens."""
+    runner = web.AppRunner(create_app(config), shutdown_timeout=config.shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    if ":" in bound_host:
+        bound_host = f"[{bound_host}]"
+    return RunningServer(runner, f"http://{bound_host}:{bound_port}")
