@@ -1,0 +1,58 @@
+"""duet_p2p: remote data science without access to the data.
+
+The data owner hosts tensors; the data scientist computes on them through pointers over a
+peer-to-peer WebRTC channel; nothing leaves the owner's process unless the owner approves.
+"""
+
+from duet_p2p import patches as _patches
+from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, Allowlist, ReturnKind
+from duet_p2p.duet import Duet, join_duet, join_duet_async, launch_duet, launch_duet_async
+from duet_p2p.errors import (
+    ConfigurationError,
+    ConnectionTimeout,
+    DuetConnectionError,
+    DuetError,
+    OperationNotAllowed,
+    PeerClosed,
+    PeerVerificationError,
+    PermissionDenied,
+    PrivateValueError,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    SignalingError,
+    SignalingNotFound,
+)
+from duet_p2p.limits import OwnerLimits
+from duet_p2p.pointer import Pointer
+
+_patches.install()
+
+__version__ = "0.1.0"
+__all__ = [
+    "DEFAULT_ALLOWLIST",
+    "AllowedOp",
+    "Allowlist",
+    "ConfigurationError",
+    "ConnectionTimeout",
+    "Duet",
+    "DuetConnectionError",
+    "DuetError",
+    "OperationNotAllowed",
+    "OwnerLimits",
+    "PeerClosed",
+    "PeerVerificationError",
+    "PermissionDenied",
+    "Pointer",
+    "PrivateValueError",
+    "ProtocolError",
+    "RemoteError",
+    "RequestTimeout",
+    "ReturnKind",
+    "SignalingError",
+    "SignalingNotFound",
+    "join_duet",
+    "join_duet_async",
+    "launch_duet",
+    "launch_duet_async",
+]

@@ -131,6 +131,7 @@ class OwnerHandshake:
         self._pc: Any = None
         self._channel: Any = None
         self._ice: list[dict[str, Any]] = []
+        self._transport: DataChannelTransport | None = None
 
     async def start(self) -> None:
         """Create the offer and post it; afterwards ``duet_id`` is set."""
@@ -146,6 +147,7 @@ class OwnerHandshake:
         try:
             self._ice = await _ice_servers(self.options, self._client)
             self._pc, self._channel = new_peer_connection(self._ice)
+            self._transport = DataChannelTransport(self._pc, self._channel, self.options.channel)
             await self._pc.setLocalDescription(await self._pc.createOffer())
             sdp = self._pc.localDescription.sdp
             self.duet_id = ids.fingerprint_id(sdp)
@@ -172,7 +174,9 @@ class OwnerHandshake:
             await self.abort()
             raise
         await self._client.close()
-        transport = DataChannelTransport(self._pc, self._channel, self.options.channel)
+        transport = self._transport
+        assert transport is not None
+        transport.activate()
         return Connection(
             role="owner",
             duet_id=self.duet_id,
@@ -221,6 +225,7 @@ async def join(duet_id: str, options: ConnectOptions, on_client_id: Any = None) 
             from aiortc import RTCSessionDescription
 
             pc, channel = new_peer_connection(ice)
+            transport = DataChannelTransport(pc, channel, options.channel)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
             answer = pc.localDescription.sdp
@@ -238,7 +243,7 @@ async def join(duet_id: str, options: ConnectOptions, on_client_id: Any = None) 
                     f"{exc} (did the owner confirm your Client ID {client_id}?)"
                 ) from None
             raise
-    transport = DataChannelTransport(pc, channel, options.channel)
+    transport.activate()
     return Connection(
         role="scientist",
         duet_id=duet_id,

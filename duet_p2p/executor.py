@@ -258,7 +258,7 @@ class Executor:
         kwargs: dict[str, Any], value: Any, nbytes: int, inputs: _Inputs,
     ) -> StoredObject:  # fmt: skip
         names = {}
-        for ref, record in zip(_refs(action), inputs.records, strict=False):
+        for ref, record in zip(action_refs(action), inputs.records, strict=False):
             names[ref.id] = record.expression or f"obj_{ref.id[:8]}"
         expression = lineage.render_call(
             action.op, action.target, action.args, action.kwargs, names,
@@ -313,7 +313,7 @@ def _refusal(op: str, why: str) -> dict[str, Any]:
     return error_info(OperationNotAllowed(f"{op} was refused: {why}"), op=op)
 
 
-def _refs(action: Action) -> list[ObjectRef]:
+def action_refs(action: Action) -> list[ObjectRef]:
     found: list[ObjectRef] = []
 
     def walk(value: Any) -> None:

@@ -166,6 +166,12 @@ class OwnerStore:
         with self._lock:
             return [r for r in self._objects.values() if r.value is value]
 
+    def owner_records(self) -> list[StoredObject]:
+        """Every object the owner hosts, oldest first."""
+        with self._lock:
+            records = [r for r in self._objects.values() if r.origin == "owner"]
+        return sorted(records, key=lambda r: r.created_at)
+
     def peer_records(self) -> list[StoredObject]:
         with self._lock:
             return [r for r in self._objects.values() if r.origin == "peer"]

@@ -106,7 +106,7 @@ def _check_tensors(state: Any, slots: dict[str, Slot], path: str) -> torch.dtype
         c.fail(path, f"must be a dict of tensors, got {type(state).__name__}")
     for key in state:
         if key not in slots:
-            expected = ", ".join(slots) or "none"
+            expected = ", ".join(list(slots)[:8]) + (", ..." if len(slots) > 8 else "") or "none"
             c.fail(path, f"unexpected tensor {c.show(key)} (expected: {expected})")
     floats = set()
     for name, (shape, kind) in slots.items():
@@ -169,11 +169,15 @@ def _check_node(raw: Any, path: str) -> _Node:
     layer = REGISTRY[type_name]
     args = _check_args(layer, raw["args"], f"{path}.args", type_name)
     layer.rules(args, path)
+    if not layer.container and "children" in raw:
+        c.fail(f"{path}.children", f"{type_name} takes no children")
+    if layer.container and "children" not in raw:
+        c.fail(f"{path}.children", "is missing")
     return _Node(path, type_name, layer, args, layer.state(args))
 
 
-def _check_rest(node: _Node, raw: dict[str, Any]) -> None:
-    """Check a node's tensors, flags and children keys (its arguments are already checked)."""
+def _check_contents(node: _Node, raw: dict[str, Any]) -> None:
+    """Check a node's tensors and flags against what its (checked) arguments imply."""
     path = node.path
     node.dtype = _check_tensors(raw["state"], node.slots, f"{path}.state")
     node.state = raw["state"]
@@ -187,31 +191,31 @@ def _check_rest(node: _Node, raw: dict[str, Any]) -> None:
                 f"{path}.requires_grad", f"{c.show(name)} is not a parameter of {node.type_name}"
             )
         node.requires_grad[name] = c.boolean(flag, f"{path}.requires_grad.{name}")
-    if not node.layer.container and "children" in raw:
-        c.fail(f"{path}.children", f"{node.type_name} takes no children")
-    if node.layer.container and "children" not in raw:
-        c.fail(f"{path}.children", "is missing")
 
 
-def _check_spec(spec: object, limits: ModuleLimits, *, cap: bool) -> tuple[list[_Node], int]:
-    """Check a whole spec without building anything; nodes come out parents first."""
+def _check_spec(spec: object, limits: ModuleLimits, *, build: bool) -> tuple[list[_Node], int]:
+    """Check a spec without building anything; nodes come out parents first.
+
+    ``build=False`` (sizing only) skips the parameter cap and the tensors themselves.
+    """
     nodes: list[_Node] = []
+    raws: list[dict[str, Any]] = []
     total = submodules = 0
     stack: list[tuple[Any, str, int, list[Any] | None]] = [(spec, ROOT, 0, None)]
     while stack:
         raw, path, depth, link = stack.pop()
         node = _check_node(raw, path)
         total += _count(node.slots)
-        if cap and total > limits.max_parameters:
+        if build and total > limits.max_parameters:
             c.fail(
                 path,
                 f"{node.type_name} brings the model to {total:,} parameter elements, "
                 f"over the limit of {limits.max_parameters:,}",
             )
-        _check_rest(node, raw)
         if link is not None:
             link[1] = len(nodes)
         nodes.append(node)
+        raws.append(raw)
         if not node.layer.container:
             continue
         raw_children = raw["children"]
@@ -221,10 +225,11 @@ def _check_spec(spec: object, limits: ModuleLimits, *, cap: bool) -> tuple[list[
         submodules += len(names)
         if submodules > limits.max_children:
             c.fail(path, f"the model has more than {limits.max_children} submodules")
-        for name in names:
-            link = [name, -1]
-            node.children.append(link)
-            stack.append((raw_children[name], f"{path}.{name}", depth + 1, link))
+        node.children = [[name, -1] for name in names]
+        for link in reversed(node.children):  # popped in order
+            stack.append((raw_children[link[0]], f"{path}.{link[0]}", depth + 1, link))
+    for node, raw in zip(nodes, raws, strict=True) if build else ():
+        _check_contents(node, raw)  # once the whole model's size is known to be fine
     return nodes, total
 
 
@@ -254,7 +259,7 @@ def _build_layer(node: _Node) -> nn.Module:
 
 def spec_to_module(spec: object, *, limits: ModuleLimits | None = None) -> nn.Module:
     """Build a module from a peer's spec; ProtocolError (naming the place) if it is refused."""
-    nodes, total = _check_spec(spec, limits or ModuleLimits(), cap=True)
+    nodes, total = _check_spec(spec, limits or ModuleLimits(), build=True)
     built: list[nn.Module | None] = [None] * len(nodes)
     for index in range(len(nodes) - 1, -1, -1):  # children sit after their parent
         node = nodes[index]
@@ -275,8 +280,12 @@ def spec_to_module(spec: object, *, limits: ModuleLimits | None = None) -> nn.Mo
 
 
 def parameter_count_of_spec(spec: object, *, limits: ModuleLimits | None = None) -> int:
-    """Elements over every parameter and buffer the spec would allocate (checks the spec)."""
-    return _check_spec(spec, limits or ModuleLimits(), cap=False)[1]
+    """Elements over every parameter and buffer the spec would allocate.
+
+    Checks the structure, limits on depth and children, and every constructor argument;
+    not the tensors, nor the parameter cap (the caller compares the count with its own).
+    """
+    return _check_spec(spec, limits or ModuleLimits(), build=False)[1]
 
 
 # --- sending ---------------------------------------------------------------------------
@@ -374,6 +383,7 @@ def module_to_spec(module: nn.Module, *, limits: ModuleLimits | None = None) -> 
             if child is None:
                 raise OperationNotAllowed(f"{path}.{name} is None; remove the empty slot")
             children[name] = {}
+        for name, child in reversed(mod._modules.items()):  # popped in order
             stack.append((child, f"{path}.{name}", depth + 1, children[name]))
     return root
 

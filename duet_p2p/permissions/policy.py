@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from duet_p2p.permissions.table import Table
+from duet_p2p.permissions.table import Table, TableView
 
 if TYPE_CHECKING:
     from duet_p2p.permissions.request import Request
@@ -53,10 +53,7 @@ class Handler:
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"action must be 'accept' or 'deny', not {self.action!r}")
-        if self.tags is not None:
-            if isinstance(self.tags, str):
-                self.tags = frozenset([self.tags])
-            self.tags = frozenset(self.tags)
+        self.tags = as_tags(self.tags)
         for field_name in ("max_elements", "max_requests"):
             value = getattr(self, field_name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -111,11 +108,18 @@ class Handler:
         return " ".join(parts)
 
 
+def as_tags(tags: Iterable[str] | None) -> frozenset[str] | None:
+    """Tags as a frozenset; a single string is one tag, not its characters."""
+    if tags is None:
+        return None
+    return frozenset([tags] if isinstance(tags, str) else tags)
+
+
 def _op_matches(op: str, request: Request) -> bool:
     return op == request.name or (bool(request.ops) and op == request.ops[-1])
 
 
-class HandlerList(list[Handler]):
+class HandlerList(TableView, list[Handler]):
     """A snapshot of the handlers, in evaluation order, shown as a table."""
 
     def __init__(self, handlers: Iterable[Handler] = ()) -> None:
@@ -137,16 +141,3 @@ class HandlerList(list[Handler]):
         ]
         columns = ["Action", "Tags", "Op", "Max Elements", "Quota Left", "After (s)", "Name"]
         return Table([*columns, "Matched"], rows, empty_text="No handlers.")
-
-    def __repr__(self) -> str:
-        return str(self.table())
-
-    __str__ = __repr__
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
-
-    @property
-    def pandas(self) -> Any:
-        return self.table().to_pandas()
-

@@ -176,3 +176,24 @@ class Table:
 
 def _html_text(text: str) -> str:
     return html.escape(safe_text(text), quote=True)
+
+
+class TableView:
+    """Mixin for listings: define ``table()``; get text, HTML and pandas views from it."""
+
+    def table(self) -> Table:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    def __str__(self) -> str:
+        return str(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    @property
+    def pandas(self) -> Any:
+        """The listing as a pandas DataFrame."""
+        return self.table().to_pandas()

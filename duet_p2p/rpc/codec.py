@@ -129,7 +129,7 @@ class _DType:
     """Little-endian typed-array tag used when encoding."""
     storage: np.dtype
     """How numpy holds it (bfloat16, unknown to numpy, is held as uint16)."""
-    torch: torch.dtype
+    torch_dtype: torch.dtype
 
     @property
     def numpy_ok(self) -> bool:
@@ -157,25 +157,27 @@ _DTYPES = tuple(
     )
 )
 _BY_NAME = {d.name: d for d in _DTYPES}
-_BY_TORCH = {d.torch: d for d in _DTYPES}
+_BY_TORCH = {d.torch_dtype: d for d in _DTYPES}
 # Typed-array tag -> (layout of the bytes on the wire, element type). Big-endian and clamped
 # RFC 8746 tags are accepted when decoding, never produced.
 _TYPED: dict[int, tuple[np.dtype, _DType]] = {
     d.tag: (d.storage.newbyteorder("<"), d) for d in _DTYPES
 }
-for _tag, _wire, _name in (
-    (65, ">u2", "uint16"),
-    (66, ">u4", "uint32"),
-    (67, ">u8", "uint64"),
-    (68, "|u1", "uint8"),
-    (73, ">i2", "int16"),
-    (74, ">i4", "int32"),
-    (75, ">i8", "int64"),
-    (80, ">f2", "float16"),
-    (81, ">f4", "float32"),
-    (82, ">f8", "float64"),
-):
-    _TYPED[_tag] = (np.dtype(_wire), _BY_NAME[_name])
+_TYPED.update(
+    (tag, (np.dtype(wire), _BY_NAME[name]))
+    for tag, wire, name in (
+        (65, ">u2", "uint16"),
+        (66, ">u4", "uint32"),
+        (67, ">u8", "uint64"),
+        (68, "|u1", "uint8"),
+        (73, ">i2", "int16"),
+        (74, ">i4", "int32"),
+        (75, ">i8", "int64"),
+        (80, ">f2", "float16"),
+        (81, ">f4", "float32"),
+        (82, ">f8", "float64"),
+    )
+)
 
 
 # ---------------------------------------------------------------------------------- encoding
@@ -209,7 +211,10 @@ class _Encoder:
         self._max_depth = _DEFAULT_LIMITS.max_depth
 
     def head(self, major: int, n: int) -> None:
-        self._buf += _head(major, n)
+        if n < 24:
+            self._buf.append(major << 5 | n)
+        else:
+            self._buf += _head(major, n)
 
     def raw(self, data: bytes) -> None:
         self._buf += data
@@ -319,8 +324,9 @@ def _encode_bytes(enc: _Encoder, obj: bytes | bytearray | memoryview, depth: int
 def _encode_list(enc: _Encoder, obj: list[Any], depth: int) -> None:
     enc.open(depth)
     enc.head(4, len(obj))
+    item = enc.item
     for value in obj:
-        enc.item(value, depth + 1)
+        item(value, depth + 1)
 
 
 @_encodes(tuple, torch.Size)
@@ -328,19 +334,21 @@ def _encode_tuple(enc: _Encoder, obj: tuple[Any, ...], depth: int) -> None:
     enc.open(depth, 2)
     enc.head(6, TAG_TUPLE)
     enc.head(4, len(obj))
+    item = enc.item
     for value in obj:
-        enc.item(value, depth + 2)
+        item(value, depth + 2)
 
 
 @_encodes(dict)
 def _encode_dict(enc: _Encoder, obj: dict[Any, Any], depth: int) -> None:
     enc.open(depth)
     enc.head(5, len(obj))
+    item = enc.item
     for key, value in obj.items():
-        if not isinstance(key, str | int) or isinstance(key, bool):
+        if type(key) is not str and (not isinstance(key, str | int) or isinstance(key, bool)):
             raise TypeError(f"dict keys must be str or int, not {type(key).__qualname__}")
-        enc.item(key, depth + 1)
-        enc.item(value, depth + 1)
+        item(key, depth + 1)
+        item(value, depth + 1)
 
 
 @_encodes(complex)
@@ -508,8 +516,7 @@ def _typed_array_decoder(tag: int) -> _Decode:
     return decode_typed
 
 
-for _tag in _TYPED:
-    _TAG_DECODERS[_tag] = _typed_array_decoder(_tag)
+_TAG_DECODERS.update((tag, _typed_array_decoder(tag)) for tag in _TYPED)
 
 
 @_decodes(TAG_MULTIDIM_ARRAY)
@@ -562,7 +569,7 @@ def _decode_dtype(value: Any, parent_tag: int | None, limits: DecodeLimits) -> t
     info = _BY_NAME.get(value) if type(value) is str else None
     if info is None:
         raise ProtocolError(f"unknown dtype {str(value)[:40]!r}")
-    return info.torch
+    return info.torch_dtype
 
 
 @_decodes(TAG_SLICE)
@@ -596,7 +603,8 @@ def _decode_complex(value: Any, parent_tag: int | None, limits: DecodeLimits) ->
 
 _ARRAY, _MAP, _TAG = 0, 1, 2
 _NO_KEY = object()
-_FLOAT_FORMATS = {25: ">e", 26: ">f", 27: ">d"}
+_ARGUMENTS = {i: struct.Struct(f).unpack_from for i, f in ((25, ">H"), (26, ">I"), (27, ">Q"))}
+_FLOATS = {i: struct.Struct(f).unpack_from for i, f in ((25, ">e"), (26, ">f"), (27, ">d"))}
 _SIMPLE_VALUES = {20: False, 21: True, 22: None}
 
 
@@ -605,6 +613,8 @@ def decode(data: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
     limits = limits or _DEFAULT_LIMITS
     try:
         view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError("the buffer is not contiguous")
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
     except (TypeError, ValueError) as exc:
@@ -614,7 +624,9 @@ def decode(data: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
     if not view.nbytes:
         raise ProtocolError("empty message")
     try:
-        value, end = _decode(view, limits)
+        # Headers read fastest from bytes; payloads are sliced from the view without copying.
+        buf = data if type(data) is bytes or type(data) is bytearray else view
+        value, end = _decode(buf, view, limits)
     except ProtocolError:
         raise
     except Exception as exc:  # a malformed value that slipped past a check: still the peer's
@@ -624,30 +636,36 @@ def decode(data: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
     return value
 
 
-def _decode(mv: memoryview, limits: DecodeLimits) -> tuple[object, int]:
-    """Parse one data item; return it and the offset just past it."""
-    end = mv.nbytes
+def _decode(
+    buf: bytes | bytearray | memoryview, view: memoryview, limits: DecodeLimits
+) -> tuple[object, int]:
+    """Parse one data item from ``buf`` (the same bytes as ``view``); return it and its end."""
+    end = view.nbytes
     pos = 0
     items = 0
     max_items = limits.max_items
     max_depth = limits.max_depth
-    unpack_from = struct.unpack_from
     # Open containers and tags: [kind, items still expected, container, tag or pending key].
     stack: list[list[Any]] = []
     while True:
         if pos >= end:
             raise ProtocolError("truncated message")
-        initial = mv[pos]
+        initial = buf[pos]
         pos += 1
         major = initial >> 5
         info = initial & 0x1F
         if info < 24:
             arg = info
+        elif info == 24:
+            if pos >= end:
+                raise ProtocolError("truncated message")
+            arg = buf[pos]
+            pos += 1
         elif info < 28:
             size = 1 << (info - 24)
             if pos + size > end:
                 raise ProtocolError("truncated message")
-            arg = int.from_bytes(mv[pos : pos + size], "big")
+            arg = _ARGUMENTS[info](buf, pos)[0]
             pos += size
         elif info == 31:
             raise ProtocolError("indefinite-length items are not accepted")
@@ -664,14 +682,17 @@ def _decode(mv: memoryview, limits: DecodeLimits) -> tuple[object, int]:
         elif major == 2 or major == 3:
             if arg > end - pos:
                 raise ProtocolError(f"string of {arg} bytes but only {end - pos} remain")
-            chunk = mv[pos : pos + arg]
+            start = pos
             pos += arg
             if major == 3:
-                value = str(chunk, "utf-8")
+                try:
+                    value = str(buf[start:pos], "utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError("text string is not valid UTF-8") from None
             elif stack and stack[-1][0] == _TAG and stack[-1][3] in _TYPED:
-                value = chunk  # a typed array copies it once, into its own memory
+                value = view[start:pos]  # a typed array copies it once, into its own memory
             else:
-                value = bytes(chunk)
+                value = bytes(view[start:pos])
         elif major == 4 or major == 5:
             if arg == 0:
                 value = [] if major == 4 else {}
@@ -704,8 +725,8 @@ def _decode(mv: memoryview, limits: DecodeLimits) -> tuple[object, int]:
                 raise ProtocolError("a typed array is only accepted inside tag 40, after the shape")
             stack.append([_TAG, 1, None, arg])
             continue
-        elif info in _FLOAT_FORMATS:
-            value = unpack_from(_FLOAT_FORMATS[info], mv, pos - (1 << (info - 24)))[0]
+        elif info in _FLOATS:
+            value = _FLOATS[info](buf, pos - (1 << (info - 24)))[0]
         elif info in _SIMPLE_VALUES:
             value = _SIMPLE_VALUES[info]
         else:

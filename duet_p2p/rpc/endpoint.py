@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,10 +26,15 @@ from duet_p2p.rpc.messages import (
     Reply,
     call_id_of,
     parse_message,
+    to_wire,
 )
 from duet_p2p.transport.base import MessageTransport
 
 log = logging.getLogger(__name__)
+_PLAIN = b"\x00"
+_WITH_ATTACHMENT = 0x01
+_HEADER_LENGTH = struct.Struct("!I")
+ATTACHMENT_IN_THREAD_BYTES = 1 << 20
 Handler = Callable[[Message], Awaitable[Any] | Any]
 
 
@@ -56,6 +62,7 @@ class Endpoint:
         self._receiver: asyncio.Task[None] | None = None
         self._closed_error: BaseException | None = None
         self.on_closed: Callable[[BaseException], None] | None = None
+        self.closed_event = asyncio.Event()
 
     def on(self, kind: str, handler: Handler) -> None:
         """Run ``handler(message)`` for each incoming message of ``kind``."""
@@ -77,9 +84,18 @@ class Endpoint:
             )
         return self.peer_hello
 
-    async def send(self, message: Message) -> None:
-        """Encode and send one message."""
-        await self.transport.send(codec.encode(message.model_dump()))
+    async def send(self, message: Message, attachment: bytes | None = None) -> None:
+        """Encode and send one message; ``attachment`` is an already encoded ``value``.
+
+        A large value travels as an attachment so that it is encoded once (and can be
+        hashed for the audit log) and decoded straight from the received buffer.
+        """
+        header = codec.encode(to_wire(message))
+        if attachment is None:
+            await self.transport.send(_PLAIN, header)
+        else:
+            prefix = bytes((_WITH_ATTACHMENT,)) + _HEADER_LENGTH.pack(len(header))
+            await self.transport.send(prefix, header, attachment)
 
     async def call(self, message: Message, timeout: float | None = None) -> Any:
         """Send a message that carries a ``call_id`` and wait for its reply's value."""
@@ -116,17 +132,39 @@ class Endpoint:
             raise
         finally:
             error = self._closed_error or PeerClosed("the connection was closed")
+            self.closed_event.set()
             for future in self._calls.values():
                 if not future.done():
                     future.set_exception(error)
             if self.on_closed is not None:
                 self.on_closed(error)
 
+    async def _decode(self, data: memoryview) -> tuple[object, Message]:
+        if not data.nbytes:
+            raise ProtocolError("empty message")
+        if data[0] == 0:
+            raw = codec.decode(data[1:], limits=self.limits)
+            return raw, parse_message(raw)
+        if data[0] != _WITH_ATTACHMENT or data.nbytes < 5:
+            raise ProtocolError("unknown message layout")
+        (length,) = _HEADER_LENGTH.unpack(data[1:5])
+        if 5 + length > data.nbytes:
+            raise ProtocolError("message header longer than the message")
+        raw = codec.decode(data[5 : 5 + length], limits=self.limits)
+        message = parse_message(raw)
+        if "value" not in type(message).model_fields:
+            raise ProtocolError(f"{type(message).__name__} messages carry no attachment")
+        body = data[5 + length :]
+        if body.nbytes >= ATTACHMENT_IN_THREAD_BYTES:
+            value = await asyncio.to_thread(codec.decode, body, limits=self.limits)
+        else:
+            value = codec.decode(body, limits=self.limits)
+        return raw, message.model_copy(update={"value": value})
+
     async def _handle(self, data: memoryview) -> None:
         raw: object = None
         try:
-            raw = codec.decode(data, limits=self.limits)
-            message = parse_message(raw)
+            raw, message = await self._decode(data)
         except ProtocolError as exc:
             await self._refuse(str(exc), call_id_of(raw))
             return
@@ -174,6 +212,11 @@ class Endpoint:
 
     async def reply(self, call_id: int, value: Any) -> None:
         await self.send(Reply(call_id=call_id, ok=True, value=value))
+
+    async def send_error(self, call_id: int, info: dict[str, Any]) -> None:
+        """Answer a call with an error already in wire form."""
+        with contextlib.suppress(PeerClosed):
+            await self.send(Reply(call_id=call_id, ok=False, error=info))
 
     async def _reply_error(self, call_id: int, exc: BaseException, safe: str | None = None) -> None:
         with contextlib.suppress(PeerClosed):

@@ -33,7 +33,10 @@ class Hello(Message):
     role: Literal["owner", "scientist"]
     library: Annotated[str, Field(max_length=100)] = ""
     max_message_bytes: int = Field(ge=0)
-    allowlist: list[OpPath] | None = Field(default=None, max_length=100_000)
+    allowlist: dict[OpPath, Annotated[str, Field(max_length=20)]] | None = Field(
+        default=None, max_length=100_000
+    )
+    """The owner's allowlist: op path -> return kind, so pointers refuse early."""
 
 
 class Action(Message):
@@ -121,6 +124,8 @@ class Decision(Message):
     status: Literal["accepted", "denied", "expired"]
     reason: Text = ""
     value: Any = None
+    module: bool = False
+    """The value is a module spec, to be rebuilt as an ``nn.Module``."""
     error: dict[str, Any] | None = None
 
 
@@ -167,6 +172,22 @@ def parse_message(data: object) -> Message:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "message"
         raise ProtocolError(f"invalid message: {where}: {first.get('msg', 'invalid')}") from None
+
+
+def to_wire(message: Message) -> dict[str, Any]:
+    """A message as a plain map for the codec; values (tensors, references) stay as they are.
+
+    (pydantic's ``model_dump`` would turn dataclass values such as ObjectRef into dicts.)
+    """
+    wire: dict[str, Any] = {}
+    for name in type(message).model_fields:
+        value = getattr(message, name)
+        if isinstance(value, Message):
+            value = to_wire(value)
+        elif isinstance(value, list) and value and isinstance(value[0], Message):
+            value = [to_wire(item) for item in value]
+        wire[name] = value
+    return wire
 
 
 def call_id_of(data: object) -> int | None:

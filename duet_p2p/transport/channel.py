@@ -69,7 +69,14 @@ class DataChannelTransport:
         channel.on("message", self._on_frame)
         channel.on("close", self._on_channel_close)
         pc.on("connectionstatechange", self._on_connection_state)
-        self._heartbeat = asyncio.ensure_future(self._heartbeat_loop())
+        self._heartbeat: asyncio.Future[None] | None = None
+
+    def activate(self) -> None:
+        """Start the heartbeat once the channel is open (frames are taken from creation on,
+        so nothing the peer sends right after opening is lost)."""
+        if self._heartbeat is None:
+            self._last_received = self._last_sent = time.monotonic()
+            self._heartbeat = asyncio.ensure_future(self._heartbeat_loop())
 
     @property
     def closed(self) -> bool:
@@ -270,7 +277,7 @@ class DataChannelTransport:
         self._closing = True
         self._closed = True
         self._inbox.put_nowait(_CLOSED)
-        if self._heartbeat is not asyncio.current_task():
+        if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
             self._heartbeat.cancel()
         with contextlib.suppress(Exception):
             self._channel.close()

@@ -208,7 +208,7 @@ def destroy_namespace(name: str) -> None:
 
 
 def cleanup_leftovers(include_live: bool = False) -> list[str]:
-    """Delete namespaces of runs whose process is gone (all of ours if include_live)."""
+    """Delete namespaces and temp dirs of runs whose process is gone (all if include_live)."""
     removed = []
     for name in list_namespaces():
         if not name.startswith(PREFIX):
@@ -219,6 +219,10 @@ def cleanup_leftovers(include_live: bool = False) -> list[str]:
         logger.info("removing leftover namespace %s", name)
         destroy_namespace(name)
         removed.append(name)
+    for workdir in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        pid = _owner_pid(workdir.name)
+        if workdir.is_dir() and pid is not None and (include_live or not _pid_alive(pid)):
+            shutil.rmtree(workdir, ignore_errors=True)
     return removed
 
 
@@ -511,6 +515,7 @@ def _coturn_config(topo: Topology) -> str:
         f"log-file={topo.workdir / 'turnserver.log'}",
         "simple-log",
         "no-stdout-log",
+        "verbose",  # one line per allocation, permission and session in the log
     ]
     if not topo.spec.turn:
         lines.append("stun-only")

@@ -83,7 +83,9 @@ def test_symmetric_nat_connects_through_turn_relay(tmp_path: Path) -> None:
         assert first["mapped"][0] == "198.51.100.11"
         assert first["mapped"][1] != 40124  # random mapping: endpoint-dependent
         reports = connect(topo, tmp_path, with_turn=True)
-        assert "allocation" in topo.log("turnserver.log").lower()
+        turn_log = topo.log("turnserver.log")
+        assert "ALLOCATE processed, success" in turn_log  # TURN REST credentials accepted
+        assert "403: Forbidden IP" in turn_log  # the relay refuses the home LAN addresses
     assert "relay" in pair_types(reports)
 
 

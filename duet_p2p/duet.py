@@ -1,0 +1,327 @@
+"""The session object users hold (``duet``), and the calls that create it.
+
+``launch_duet`` (owner) and ``join_duet`` (scientist) are synchronous and safe in notebooks:
+all I/O runs on duet_p2p's own background loop. ``launch_duet_async`` and
+``join_duet_async`` run on the caller's asyncio loop instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from duet_p2p import config
+from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
+from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake, join
+from duet_p2p.errors import DuetError
+from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner import OwnerCore
+from duet_p2p.permissions import AuditLog
+from duet_p2p.remote_torch import RemoteNamespace
+from duet_p2p.runtime import get_runtime
+from duet_p2p.scientist import ScientistCore
+from duet_p2p.store_view import OwnerStoreView, RemoteStore
+from duet_p2p.transport.channel import ChannelOptions
+
+log = logging.getLogger(__name__)
+ClientIdCallback = Callable[[str], Any]
+
+
+def _say(line: str) -> None:
+    print(f"> {line}", file=sys.stdout, flush=True)
+
+
+class Duet:
+    """A connected session, as the owner or as the scientist."""
+
+    def __init__(
+        self, connection: Connection, core: OwnerCore | ScientistCore, *, background: bool
+    ) -> None:
+        self._connection = connection
+        self._core = core
+        self._background = background
+        self.role = connection.role
+        self.duet_id = connection.duet_id
+        self.client_id = connection.client_id
+        if isinstance(core, OwnerCore):
+            self.store: OwnerStoreView | RemoteStore = OwnerStoreView(core)
+        else:
+            self.store = RemoteStore(core)
+            self.torch = RemoteNamespace(core)
+        self._closed = False
+
+    # -- owner ------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> Any:
+        """The owner's requests: a table; ``[i].accept()`` / ``.deny(reason)``; handlers."""
+        return self._owner_core().requests
+
+    @property
+    def audit(self) -> AuditLog:
+        """The owner's audit log (append-only JSON Lines), shown as a table."""
+        return self._owner_core().audit
+
+    def _owner_core(self) -> OwnerCore:
+        if not isinstance(self._core, OwnerCore):
+            raise DuetError("only the data owner's session has this")
+        return self._core
+
+    # -- both -------------------------------------------------------------------------
+
+    def send(self, obj: Any, **options: Any) -> Any:
+        """Owner: host ``obj`` in the store. Scientist: place a local tensor or module in
+        the owner's process and get its pointer."""
+        if isinstance(self._core, OwnerCore):
+            return self.store.send(obj, **options)  # type: ignore[union-attr]
+        if options:
+            raise TypeError(f"the scientist's send takes no options: {sorted(options)}")
+        return self._core.sync(self._core.upload(obj))
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed and not self._connection.transport.closed
+
+    def candidate_types(self) -> tuple[str, str] | None:
+        """(local, remote) ICE candidate types in use: host, srflx or relay."""
+        return self._connection.candidate_types()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the partner closes the session (True) or ``timeout`` passes (False)."""
+        try:
+            get_runtime().run(self._wait_closed(timeout))
+        except TimeoutError:
+            return False
+        return True
+
+    async def _wait_closed(self, timeout: float | None) -> None:
+        await asyncio.wait_for(self._core.endpoint.closed_event.wait(), timeout)
+
+    def close(self) -> None:
+        """Deliver what is queued, tell the partner, release the connection."""
+        if self._closed:
+            return
+        if not self._background:
+            raise DuetError("this session runs on your asyncio loop: use 'await duet.aclose()'")
+        runtime = get_runtime()
+        runtime.run(self.aclose(), timeout=15)
+        runtime.remove_closer(self.aclose)
+
+    async def aclose(self) -> None:
+        """``close`` for asyncio code."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._core.close()
+
+    def __enter__(self) -> Duet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Duet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "closed"
+        return f"<Duet {self.role} {self.duet_id} {state}>"
+
+
+# -- launching (owner) ------------------------------------------------------------------
+
+
+def _owner_settings(
+    allowlist: Allowlist | None, limits: OwnerLimits | None, audit_path: Any
+) -> tuple[Allowlist, OwnerLimits, AuditLog]:
+    return allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits(), AuditLog(audit_path)
+
+
+def _join_line(handshake: OwnerHandshake, explicit_url: str | None) -> str:
+    from_env = explicit_url is None and config.signaling_url(None) == handshake.signaling_url
+    if from_env:
+        return f"duet = sy.join_duet('{handshake.duet_id}')"
+    return f"duet = sy.join_duet('{handshake.duet_id}', signaling_url='{handshake.signaling_url}')"
+
+
+def _announce_owner(handshake: OwnerHandshake, explicit_url: str | None) -> None:
+    _say("Send the following code to your Duet Partner!")
+    _say("import duet_p2p as sy")
+    _say(_join_line(handshake, explicit_url))
+
+
+def launch_duet(
+    signaling_url: str | None = None,
+    *,
+    client_id: str | None = None,
+    client_id_callback: ClientIdCallback | None = None,
+    ice_servers: list[dict[str, Any]] | None = None,
+    host_addresses: list[str] | None = None,
+    timeout: float | None = None,
+    allowlist: Allowlist | None = None,
+    limits: OwnerLimits | None = None,
+    audit_path: Any = None,
+    min_aggregation: int = 1,
+    channel: ChannelOptions | None = None,
+) -> Duet:
+    """Start a Duet as the data owner and wait for the scientist to join.
+
+    Prints the line to send to the scientist, then confirms the scientist's Client ID:
+    ``client_id=`` if given, else ``client_id_callback(duet_id)``, else typed at a prompt.
+    """
+    options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
+    settings = _owner_settings(allowlist, limits, audit_path)
+    runtime = get_runtime()
+    handshake = OwnerHandshake(options)
+    runtime.run(handshake.start())
+    try:
+        _announce_owner(handshake, signaling_url)
+        confirmed = _confirm_client_id(handshake.duet_id, client_id, client_id_callback)
+        connection = runtime.run(handshake.complete(confirmed))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            runtime.run(handshake.abort(), timeout=5)
+        raise
+    duet = runtime.run(_start_owner(connection, settings, min_aggregation))
+    runtime.add_closer(duet.aclose)
+    _say("Connected!")
+    return duet
+
+
+def _confirm_client_id(
+    duet_id: str, client_id: str | None, callback: ClientIdCallback | None
+) -> str:
+    if client_id is not None:
+        return client_id
+    if callback is not None:
+        value = callback(duet_id)
+        if inspect.isawaitable(value):
+            raise DuetError("client_id_callback must return the ID (use the async API for awaits)")
+        return str(value)
+    _say("Waiting for the Duet Client ID from your partner...")
+    return input("Duet Client ID: ")
+
+
+async def _start_owner(
+    connection: Connection, settings: tuple[Allowlist, OwnerLimits, AuditLog], k: int
+) -> Duet:
+    allowlist, limits, audit = settings
+    core = OwnerCore(connection, allowlist=allowlist, limits=limits, audit=audit, min_aggregation=k)
+    try:
+        await core.start()
+    except BaseException:
+        await core.close()
+        raise
+    return Duet(connection, core, background=_on_runtime_loop())
+
+
+def _on_runtime_loop() -> bool:
+    runtime = get_runtime()
+    try:
+        return asyncio.get_running_loop() is runtime.loop
+    except RuntimeError:
+        return False
+
+
+async def launch_duet_async(
+    signaling_url: str | None = None,
+    *,
+    client_id: str | None = None,
+    client_id_callback: ClientIdCallback | None = None,
+    ice_servers: list[dict[str, Any]] | None = None,
+    host_addresses: list[str] | None = None,
+    timeout: float | None = None,
+    allowlist: Allowlist | None = None,
+    limits: OwnerLimits | None = None,
+    audit_path: Any = None,
+    min_aggregation: int = 1,
+    channel: ChannelOptions | None = None,
+) -> Duet:
+    """``launch_duet`` on the caller's asyncio loop; the callback may be async."""
+    options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
+    settings = _owner_settings(allowlist, limits, audit_path)
+    handshake = OwnerHandshake(options)
+    await handshake.start()
+    try:
+        _announce_owner(handshake, signaling_url)
+        if client_id is None and client_id_callback is not None:
+            value = client_id_callback(handshake.duet_id)
+            client_id = str(await value if inspect.isawaitable(value) else value)
+        elif client_id is None:
+            _say("Waiting for the Duet Client ID from your partner...")
+            client_id = await asyncio.to_thread(input, "Duet Client ID: ")
+        connection = await handshake.complete(client_id)
+    except BaseException:
+        await handshake.abort()
+        raise
+    duet = await _start_owner(connection, settings, min_aggregation)
+    _say("Connected!")
+    return duet
+
+
+# -- joining (scientist) ---------------------------------------------------------------
+
+
+def _announce_client_id(client_id: str) -> None:
+    _say("Send the Duet Client ID back to your Duet Partner!")
+    _say(f"Duet Client ID: {client_id}")
+
+
+def join_duet(
+    duet_id: str,
+    signaling_url: str | None = None,
+    *,
+    ice_servers: list[dict[str, Any]] | None = None,
+    host_addresses: list[str] | None = None,
+    timeout: float | None = None,
+    on_client_id: Callable[[str], None] | None = None,
+    channel: ChannelOptions | None = None,
+) -> Duet:
+    """Join the owner's Duet; prints the Client ID to send back, waits to be connected."""
+    options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
+    runtime = get_runtime()
+    duet = runtime.run(_join(duet_id, options, on_client_id))
+    runtime.add_closer(duet.aclose)
+    return duet
+
+
+async def join_duet_async(
+    duet_id: str,
+    signaling_url: str | None = None,
+    *,
+    ice_servers: list[dict[str, Any]] | None = None,
+    host_addresses: list[str] | None = None,
+    timeout: float | None = None,
+    on_client_id: Callable[[str], None] | None = None,
+    channel: ChannelOptions | None = None,
+) -> Duet:
+    """``join_duet`` on the caller's asyncio loop."""
+    options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
+    return await _join(duet_id, options, on_client_id)
+
+
+async def _join(
+    duet_id: str, options: ConnectOptions, on_client_id: Callable[[str], None] | None
+) -> Duet:
+    def announce(client_id: str) -> None:
+        _announce_client_id(client_id)
+        if on_client_id is not None:
+            on_client_id(client_id)
+
+    connection = await join(duet_id, options, on_client_id=announce)
+    core = ScientistCore(connection)
+    try:
+        await core.start()
+    except BaseException:
+        await core.close()
+        raise
+    _say("Connected!")
+    return Duet(connection, core, background=_on_runtime_loop())

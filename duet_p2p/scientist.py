@@ -1,0 +1,369 @@
+"""The scientist's side of a session: queues actions, asks for values, lists the store."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import uuid
+from typing import Any
+
+from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, ReturnKind
+from duet_p2p.connect import Connection
+from duet_p2p.errors import (
+    DuetError,
+    OperationNotAllowed,
+    PeerClosed,
+    PermissionDenied,
+    RequestTimeout,
+)
+from duet_p2p.executor import INDEX_OP
+from duet_p2p.lineage import render_call
+from duet_p2p.modules import module_to_spec, spec_to_module
+from duet_p2p.pointer import Pointer, pointer_class
+from duet_p2p.rpc import codec
+from duet_p2p.rpc.endpoint import Endpoint
+from duet_p2p.rpc.messages import (
+    MAX_ACTIONS_PER_MESSAGE,
+    PROTOCOL_VERSION,
+    Action,
+    Actions,
+    CancelRequest,
+    Decision,
+    Delete,
+    GetRequest,
+    Hello,
+    StoreQuery,
+    Upload,
+)
+
+log = logging.getLogger(__name__)
+DELETE_BATCH = 512
+DELETE_INTERVAL = 0.5
+
+
+class RequestHandle:
+    """A request for a value: poll ``status``, ``wait(timeout)``, then ``result()``."""
+
+    def __init__(self, core: ScientistCore, request_id: str, object_id: str) -> None:
+        self._core = core
+        self.request_id = request_id
+        self.object_id = object_id
+        self._future: asyncio.Future[Any] = core.decision_future(request_id)
+
+    @property
+    def status(self) -> str:
+        """ "pending", "accepted", "denied" or "expired"."""
+        if not self._future.done():
+            return "pending"
+        if self._future.cancelled():
+            return "expired"
+        error = self._future.exception()
+        if error is None:
+            return "accepted"
+        return "denied" if isinstance(error, PermissionDenied) else "expired"
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until decided or ``timeout`` seconds pass; returns the status."""
+        with contextlib.suppress(RequestTimeout, DuetError):
+            self._core.sync(self._wait(timeout))
+        return self.status
+
+    async def _wait(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        except TimeoutError:
+            raise RequestTimeout(self._timeout_message(timeout)) from None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value; raises PermissionDenied, or RequestTimeout after ``timeout`` s."""
+        return self._core.sync(self.result_async(timeout))
+
+    async def result_async(self, timeout: float | None = None) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        except TimeoutError:
+            await self._core.cancel(self.request_id)
+            raise RequestTimeout(self._timeout_message(timeout)) from None
+
+    def _timeout_message(self, timeout: float | None) -> str:
+        return (
+            f"the owner did not decide on request {self.request_id} within {timeout:g} s; "
+            "the request was withdrawn — ask again later or ask the owner to look at "
+            "duet.requests"
+        )
+
+    def __repr__(self) -> str:
+        return f"<RequestHandle {self.request_id[:8]} {self.status}>"
+
+
+class ScientistCore:
+    """Scientist-side protocol handling; thread-safe entry points for pointers."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.endpoint = Endpoint(connection.transport, role="scientist", limits=codec.DecodeLimits(
+            max_bytes=connection.transport.options.max_message_bytes,
+            max_tensor_elements=2**40,
+        ))  # fmt: skip
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[Action] = []
+        self._outbox_lock = threading.Lock()
+        self._flush_pending = False
+        self._send_lock: asyncio.Lock | None = None
+        self._deletes: collections.deque[str] = collections.deque()
+        self._decisions: dict[str, asyncio.Future[Any]] = {}
+        self._allowlist: dict[str, str] = {}
+        self.store_version = 0
+        self._closed = False
+        self._gc_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._send_lock = asyncio.Lock()
+        self.endpoint.on("decision", self._on_decision)
+        self.endpoint.on("store_changed", self._on_store_changed)
+        hello = Hello(
+            version=PROTOCOL_VERSION, role="scientist", library="duet_p2p",
+            max_message_bytes=self.connection.transport.options.max_message_bytes,
+        )  # fmt: skip
+        peer = await self.endpoint.start(hello)
+        self._allowlist = dict(peer.allowlist or {})
+        self._gc_task = asyncio.ensure_future(self._gc_loop())
+
+    # -- thread-safe entry points ---------------------------------------------------------
+
+    def sync(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run ``coro`` on the session's loop from a plain (or Jupyter) thread."""
+        assert self.loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            coro.close()
+            raise DuetError(
+                "this blocking call would stall the event loop the session runs on; "
+                "use the async form (await ptr.get_async(...))"
+            )
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except (KeyboardInterrupt, concurrent.futures.TimeoutError):
+            future.cancel()
+            raise
+
+    def allowed(self, path: str) -> AllowedOp | None:
+        """The allowlist entry for ``path`` if the owner allows it."""
+        kind = self._allowlist.get(path)
+        if kind is None:
+            return None
+        if path in DEFAULT_ALLOWLIST:
+            return DEFAULT_ALLOWLIST.get(path)
+        return AllowedOp(path=path, returns=ReturnKind(kind))
+
+    def allowed_paths(self, prefix: str) -> list[str]:
+        return [p for p in self._allowlist if p.startswith(prefix)]
+
+    def run(
+        self, op: str, *, target: Pointer | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Pointer:
+        """Queue ``op`` and return the pointer to its result at once."""
+        if op == INDEX_OP:
+            kind = "auto"
+        else:
+            entry = self.allowed(op)
+            if entry is None:
+                raise OperationNotAllowed(f"{op} is not on the owner's allowlist")
+            kind = str(entry.returns)
+            if op == "torch.nn.Module.__call__":
+                kind = "auto"
+        wire_args = [_to_wire(a) for a in args]
+        wire_kwargs = {k: _to_wire(v) for k, v in kwargs.items()}
+        result_id = uuid.uuid4().hex
+        names = {target.id: target._expression} if target is not None else {}
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Pointer):
+                names[value.id] = value._expression
+        expression = render_call(
+            op, codec.ObjectRef(target.id) if target is not None else None,
+            wire_args, wire_kwargs, names,
+            attribute=bool(op != INDEX_OP and self.allowed(op) and self.allowed(op).attribute),  # type: ignore[union-attr]
+        )  # fmt: skip
+        action = Action(
+            op=op,
+            result=result_id,
+            target=codec.ObjectRef(target.id) if target is not None else None,
+            args=wire_args,
+            kwargs=wire_kwargs,
+        )
+        self._queue(action)
+        return pointer_class(kind)(self, result_id, expression=expression, kind=kind, owned=True)
+
+    def _queue(self, action: Action) -> None:
+        if self._closed:
+            raise PeerClosed("the session is closed")
+        with self._outbox_lock:
+            self._outbox.append(action)
+            if self._flush_pending:
+                return
+            self._flush_pending = True
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._spawn_flush)
+
+    def _spawn_flush(self) -> None:
+        asyncio.ensure_future(self.flush())
+
+    def release(self, object_id: str) -> None:
+        """A pointer was dropped: free its object on the owner's side (batched)."""
+        if not self._closed:
+            self._deletes.append(object_id)
+
+    def pointer_for(self, entry: dict[str, Any]) -> Pointer:
+        """A pointer to an object the owner hosts (never frees it)."""
+        kind = "module" if entry.get("type") in _MODULE_TYPE_NAMES else "tensor"
+        tags = entry.get("tags") or []
+        label = tags[0] if tags and str(tags[0]).isidentifier() else f"obj_{entry['id'][:8]}"
+        return pointer_class(kind)(self, entry["id"], expression=label, kind=kind, owned=False)
+
+    # -- on the loop ------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Send every queued action (and pending deletes), in order."""
+        assert self._send_lock is not None
+        async with self._send_lock:
+            with self._outbox_lock:
+                batch, self._outbox = self._outbox, []
+                self._flush_pending = False
+            for start in range(0, len(batch), MAX_ACTIONS_PER_MESSAGE):
+                chunk = batch[start : start + MAX_ACTIONS_PER_MESSAGE]
+                await self.endpoint.send(Actions(actions=chunk))
+            if len(self._deletes) >= DELETE_BATCH:
+                await self._send_deletes()
+
+    async def _send_deletes(self) -> None:
+        ids = []
+        while self._deletes and len(ids) < 100_000:
+            ids.append(self._deletes.popleft())
+        if ids:
+            await self.endpoint.send(Delete(ids=ids))
+
+    async def _gc_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(DELETE_INTERVAL)
+            if self._deletes:
+                assert self._send_lock is not None
+                async with self._send_lock:
+                    with contextlib.suppress(PeerClosed):
+                        await self._send_deletes()
+
+    async def request(self, object_id: str, reason: str, *, delete: bool = False) -> RequestHandle:
+        """Ask for a value; returns once the owner has registered the request."""
+        await self.flush()
+        call_id = self.endpoint.next_call_id()
+        reply = await self.endpoint.call(
+            GetRequest(call_id=call_id, object_id=object_id, reason=reason[:4000], delete=delete),
+            timeout=30.0,
+        )
+        if not isinstance(reply, dict) or not isinstance(reply.get("request_id"), str):
+            raise DuetError("the owner sent a malformed reply to a request")
+        return RequestHandle(self, reply["request_id"], object_id)
+
+    def decision_future(self, request_id: str) -> asyncio.Future[Any]:
+        future = self._decisions.get(request_id)
+        if future is None:
+            assert self.loop is not None
+            future = self.loop.create_future()
+            self._decisions[request_id] = future
+        return future
+
+    def _on_decision(self, message: Decision) -> None:
+        future = self.decision_future(message.request_id)
+        if future.done():
+            return
+        if message.status == "accepted":
+            value = message.value
+            if message.module:
+                try:
+                    value = spec_to_module(value)
+                except DuetError as exc:
+                    future.set_exception(exc)
+                    return
+            future.set_result(value)
+        elif message.status == "denied":
+            reason = message.reason or "no reason given"
+            future.set_exception(
+                PermissionDenied(f"the owner denied the request: {reason}", reason=message.reason)
+            )
+        else:
+            future.set_exception(RequestTimeout("the request expired on the owner's side"))
+        future.add_done_callback(lambda _: self._decisions.pop(message.request_id, None))
+
+    async def cancel(self, request_id: str) -> None:
+        with contextlib.suppress(PeerClosed):
+            await self.endpoint.send(CancelRequest(request_id=request_id))
+
+    def _on_store_changed(self, _message: Any) -> None:
+        self.store_version += 1
+
+    async def store_list(self) -> list[dict[str, Any]]:
+        call_id = self.endpoint.next_call_id()
+        entries = await self.endpoint.call(StoreQuery(call_id=call_id), timeout=30.0)
+        if not isinstance(entries, list):
+            raise DuetError("the owner sent a malformed store listing")
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+
+    async def upload(self, value: Any) -> Pointer:
+        """Place a local tensor or module in the owner's process; returns its pointer."""
+        import torch
+
+        result_id = uuid.uuid4().hex
+        as_module = isinstance(value, torch.nn.Module)
+        wire = module_to_spec(value) if as_module else value
+        if not as_module and not isinstance(value, torch.Tensor):
+            raise TypeError("only tensors and modules can be sent")
+        await self.flush()
+        encoded = await asyncio.to_thread(codec.encode, wire)
+        await self.endpoint.send(
+            Upload(result=result_id, value=None, as_module=as_module), attachment=encoded
+        )
+        kind = "module" if as_module else "tensor"
+        expression = f"uploaded_{kind}"
+        return pointer_class(kind)(self, result_id, expression=expression, kind=kind, owned=True)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(DuetError):
+            await asyncio.wait_for(self.flush(), 5.0)
+        with contextlib.suppress(DuetError, TimeoutError):
+            await asyncio.wait_for(self._send_deletes(), 2.0)
+        self._closed = True
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+        await self.endpoint.close()
+        for future in self._decisions.values():
+            if not future.done():
+                future.set_exception(PeerClosed("the session closed before a decision"))
+
+
+_MODULE_TYPE_NAMES = frozenset({"Module", "Sequential", "Linear", "ModuleList", "ModuleDict"})
+
+
+def _to_wire(value: Any) -> Any:
+    """Local arguments as they go on the wire: pointers become references."""
+    if isinstance(value, Pointer):
+        return codec.ObjectRef(value.id)
+    if isinstance(value, list):
+        return [_to_wire(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_wire(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_to_wire(value.start), _to_wire(value.stop), _to_wire(value.step))
+    return value
+

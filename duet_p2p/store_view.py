@@ -1,0 +1,179 @@
+"""Views of the store: the scientist's listing of the owner's objects, the owner's own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from duet_p2p.errors import DuetError
+from duet_p2p.permissions.table import Table, uid_label
+
+if TYPE_CHECKING:
+    from duet_p2p.owner import OwnerCore
+    from duet_p2p.pointer import Pointer
+    from duet_p2p.scientist import ScientistCore
+
+
+class RemoteStore:
+    """The owner's searchable objects, as the scientist sees them (never their values)."""
+
+    def __init__(self, core: ScientistCore) -> None:
+        self._core = core
+        self._entries: list[dict[str, Any]] | None = None
+        self._version = -1
+
+    def refresh(self) -> RemoteStore:
+        """Fetch the listing again."""
+        self._version = self._core.store_version
+        self._entries = self._core.sync(self._core.store_list(), timeout=60)
+        return self
+
+    def _listing(self) -> list[dict[str, Any]]:
+        if self._entries is None or self._version != self._core.store_version:
+            self.refresh()
+        assert self._entries is not None
+        return self._entries
+
+    def __len__(self) -> int:
+        return len(self._listing())
+
+    def __iter__(self) -> Iterator[Pointer]:
+        return iter([self._core.pointer_for(e) for e in self._listing()])
+
+    def __getitem__(self, key: int | str) -> Pointer:
+        """By position, by tag (must be unique), or by object ID."""
+        entries = self._listing()
+        if isinstance(key, int) and not isinstance(key, bool):
+            try:
+                return self._core.pointer_for(entries[key])
+            except IndexError:
+                raise IndexError(
+                    f"the store has {len(entries)} objects; there is no index {key}"
+                ) from None
+        if not isinstance(key, str):
+            raise TypeError("index the store by position (int), tag or ID (str)")
+        by_id = [e for e in entries if e["id"] == key]
+        if by_id:
+            return self._core.pointer_for(by_id[0])
+        tagged = [e for e in entries if key in (e.get("tags") or [])]
+        if not tagged:
+            raise KeyError(f"no object in the store is tagged {key!r}")
+        if len(tagged) > 1:
+            ids = ", ".join(e["id"][:8] for e in tagged)
+            raise KeyError(
+                f"{len(tagged)} objects are tagged {key!r} ({ids}); index by position or ID"
+            )
+        return self._core.pointer_for(tagged[0])
+
+    def table(self) -> Table:
+        rows = []
+        for entry in self._listing():
+            rows.append([
+                uid_label(entry["id"]),
+                list(entry.get("tags") or []),
+                entry.get("description", ""),
+                entry.get("type", ""),
+                _metadata(entry),
+            ])  # fmt: skip
+        return Table(
+            ["ID", "Tags", "Description", "Type", "Shape"], rows, empty_text="The store is empty."
+        )
+
+    @property
+    def pandas(self) -> Any:
+        """The listing as a pandas DataFrame."""
+        return self.table().to_pandas()
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+
+def _metadata(entry: dict[str, Any]) -> str:
+    if "shape" in entry:
+        return f"{tuple(entry['shape'])} {entry.get('dtype', '')}".strip()
+    return ""
+
+
+@dataclass(frozen=True)
+class HostedObject:
+    """The owner's receipt for an object placed in the store."""
+
+    id: str
+    tags: tuple[str, ...]
+    description: str
+    searchable: bool
+    public: bool
+
+    def __repr__(self) -> str:
+        tags = ", ".join(self.tags)
+        return f"<HostedObject {uid_label(self.id)} [{tags}]>"
+
+
+class OwnerStoreView:
+    """``duet.store`` on the owner's side: what is hosted, and ``send`` to host more."""
+
+    def __init__(self, core: OwnerCore) -> None:
+        self._core = core
+
+    def send(
+        self,
+        obj: Any,
+        *,
+        tags: list[str] | tuple[str, ...] | None = None,
+        description: str | None = None,
+        searchable: bool = True,
+        public: bool = False,
+        show_metadata: bool = False,
+    ) -> HostedObject:
+        """Host ``obj`` (a tensor or module); private unless ``public=True``."""
+        tags = tuple(tags) if tags is not None else tuple(getattr(obj, "_duet_tags", ()))
+        if description is None:
+            description = getattr(obj, "_duet_description", "")
+        record = self._core.host(
+            obj, tags=tags, description=description or "", searchable=searchable,
+            public=public, show_metadata=show_metadata,
+        )  # fmt: skip
+        return HostedObject(record.id, record.tags, record.description, searchable, public)
+
+    def remove(self, object_id: str) -> None:
+        """Stop hosting an object."""
+        record = self._core.store.get(object_id)
+        if record is None or record.origin != "owner":
+            raise DuetError(f"no hosted object {object_id}")
+        self._core.store.remove(object_id)
+
+    def _hosted(self) -> list[Any]:
+        return self._core.store.owner_records()
+
+    def __len__(self) -> int:
+        return len(self._hosted())
+
+    def __getitem__(self, index: int) -> Any:
+        """The hosted value itself (the owner's own data)."""
+        return self._hosted()[index].value
+
+    def table(self) -> Table:
+        rows = [
+            [uid_label(r.id), list(r.tags), r.description, r.type_name,
+             "yes" if r.searchable else "no", "no" if r.private else "yes"]
+            for r in self._hosted()
+        ]  # fmt: skip
+        return Table(
+            ["ID", "Tags", "Description", "Type", "Searchable", "Public"],
+            rows,
+            empty_text="Nothing is hosted yet: tensor.send(duet) or duet.store.send(obj).",
+        )
+
+    @property
+    def pandas(self) -> Any:
+        return self.table().to_pandas()
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
