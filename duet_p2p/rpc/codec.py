@@ -528,7 +528,7 @@ def _decode_multidim(value: Any, parent_tag: int | None, limits: DecodeLimits) -
         raise ProtocolError(f"array shape must be a list of at most {MAX_NDIM} integers")
     for dim in shape:
         if type(dim) is not int or not 0 <= dim <= limits.max_tensor_elements:
-            raise ProtocolError(f"bad array dimension {dim!r}")
+            raise ProtocolError(f"bad array dimension {str(dim)[:40]!r}")
     count = math.prod(shape)
     if count != flat.array.size:
         raise ProtocolError(
