@@ -83,6 +83,14 @@ class Duet:
             raise TypeError(f"the scientist's send takes no options: {sorted(options)}")
         return self._core.sync(self._core.upload(obj))
 
+    def no_grad(self) -> contextlib.AbstractContextManager[None]:
+        """Scientist: ops issued inside ``with duet.no_grad():`` (also spelled
+        ``duet.torch.no_grad()``) run owner-side under ``torch.no_grad()``: evaluation
+        without an autograd graph. Applies to the calling thread only."""
+        if isinstance(self._core, OwnerCore):
+            raise DuetError("no_grad marks the scientist's remote ops; the owner uses torch's")
+        return self._core.no_grad()
+
     @property
     def connected(self) -> bool:
         return not self._closed and not self._connection.transport.closed

@@ -8,6 +8,9 @@ lineage and privacy. Error texts that could describe private data are withheld.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 import logging
 import math
 import time
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 INDEX_OP = "duet.index"
 FORBIDDEN_KWARGS = frozenset({"out", "pin_memory", "generator", "closure", "layout"})
 _BOUNDED_CATEGORIES = frozenset({"arithmetic", "comparison", "reduction", "conversion"})
+_GROWING = frozenset({"diag", "diag_embed", "cartesian_prod", "block_diag"})
+"""Ops of those categories whose result can hold more elements than their inputs together."""
 _MODULE_RECEIVERS = ("torch.nn.Module", "torch.optim.Optimizer")
 
 
@@ -70,6 +75,8 @@ class Executor:
                 id=action.result, value=None, origin="peer", error=failure.info,
                 expression=action.op, ops=(action.op,),
             )  # fmt: skip
+            if self.store.peer_object_count() >= self.limits.max_peer_objects:
+                return record  # not kept: failures must not grow the store past its cap
         try:
             self.store.put(record)
         except KeyError:
@@ -92,12 +99,16 @@ class Executor:
         args = self._resolve(action.args, inputs, op)
         kwargs = self._resolve(action.kwargs, inputs, op)
         self._check_kwargs(op, kwargs)
+        module_bytes = 0
         if entry is not None:
             self._check_mutation(entry, target, args, kwargs, inputs)
             self._check_size(entry, target, args, kwargs, inputs)
+            module_bytes = self._check_module_size(entry, args, kwargs, inputs)
+        watched = _versions([target, args, kwargs]) if inputs.private else []
         started = time.perf_counter()
         try:
-            value = self._call(entry, op, target, args, kwargs)
+            with torch.no_grad() if action.no_grad else contextlib.nullcontext():
+                value = self._call(entry, op, target, args, kwargs)
         except ActionFailed:
             raise
         except DuetError as exc:
@@ -110,10 +121,11 @@ class Executor:
                 _refusal(op, f"took longer than the {self.limits.max_op_seconds:g} s time budget")
             )
         value = _normalise(entry, value)
-        nbytes = value_nbytes(value) if not isinstance(value, torch.nn.Module) else 0
+        # a module method returns the module itself: only a constructor's new tensors count
+        nbytes = module_bytes if isinstance(value, torch.nn.Module) else value_nbytes(value)
         self._check_result(op, value, nbytes, inputs)
         record = self._record(action, entry, target, args, kwargs, value, nbytes, inputs)
-        self._taint(entry, op, target, record)
+        self._taint(entry, target, args, kwargs, record, watched)
         return record
 
     def _entry(self, op: str) -> AllowedOp | None:
@@ -170,9 +182,12 @@ class Executor:
         mutated: list[Any] = []
         if entry.inplace and target is not None:
             mutated.append(target)
-        if entry.path.startswith("torch.optim.") and entry.receiver is None:
-            mutated.extend(args[:1])
-            mutated.extend(v for k, v in kwargs.items() if k == "params")
+        if entry.receiver is None and (entry.inplace or entry.path.startswith("torch.optim.")):
+            mutated.extend(args[:1])  # nn.init.*_(tensor), optimizers' params
+            mutated.extend(v for k, v in kwargs.items() if k in ("params", "tensor"))
+        if _updates_running_stats(entry, args, kwargs):
+            mutated.extend(args[1:3])
+            mutated.extend(v for k, v in kwargs.items() if k in ("running_mean", "running_var"))
         for value in mutated:
             candidates = value if isinstance(value, (list, tuple)) else [value]
             for candidate in list(candidates)[:100_000]:
@@ -204,7 +219,7 @@ class Executor:
         ):
             return
         tensors = [t for t in _tensors(target, args, kwargs)]
-        if entry.category in _BOUNDED_CATEGORIES:
+        if entry.category in _BOUNDED_CATEGORIES and entry.name not in _GROWING:
             bound = math.prod(max(1, t.numel()) for t in tensors[:64])
             if bound <= self.limits.max_result_elements:
                 return
@@ -218,6 +233,44 @@ class Executor:
                     f"{self.limits.max_result_elements} elements{detail}",
                 )
             )
+
+    def _check_module_size(
+        self, entry: AllowedOp, args: list[Any], kwargs: dict[str, Any], inputs: _Inputs
+    ) -> int:
+        """Build a module constructor on the meta device first (no memory, no init) and
+        refuse it if its new parameters and buffers would break the caps; returns their bytes.
+        """
+        if entry.returns is not ReturnKind.MODULE or entry.receiver is not None:
+            return 0
+        cls = self.allowlist.resolve(entry.path)
+        reused: set[int] = set()
+        try:
+            bound = inspect.signature(cls).bind(*args, **kwargs)
+            if "device" in bound.arguments:
+                bound.arguments["device"] = "meta"
+            meta_args = _meta_arguments(list(bound.args), reused)
+            meta_kwargs = _meta_arguments(dict(bound.kwargs), reused)
+            with torch.device("meta"):
+                meta = cls(*meta_args, **meta_kwargs)
+        except Exception as exc:  # noqa: BLE001 - the real constructor would fail the same way
+            raise ActionFailed(self._op_error(entry.path, exc, inputs)) from None
+        new = {id(t): t for t in (*meta.parameters(), *meta.buffers()) if id(t) not in reused}
+        elements = sum(t.numel() for t in new.values())
+        nbytes = sum(t.numel() * t.element_size() for t in new.values())
+        detail = "" if inputs.private else f" ({elements:,} elements)"
+        if elements > self.limits.max_result_elements:
+            raise ActionFailed(
+                _refusal(
+                    entry.path,
+                    f"the module's parameters would exceed the owner's limit of "
+                    f"{self.limits.max_result_elements:,} elements{detail}",
+                )
+            )
+        if self.store.peer_bytes + nbytes > self.limits.max_peer_bytes:
+            raise ActionFailed(
+                _refusal(entry.path, "the owner's memory budget for this peer is used up")
+            )
+        return nbytes
 
     def _call(
         self, entry: AllowedOp | None, op: str, target: Any, args: list[Any], kwargs: dict[str, Any]
@@ -244,7 +297,10 @@ class Executor:
         return error_info(exc, op=op, safe_message=str(exc)[:500])
 
     def _check_result(self, op: str, value: Any, nbytes: int, inputs: _Inputs) -> None:
-        if isinstance(value, torch.Tensor) and value.numel() > self.limits.max_result_elements:
+        if (
+            isinstance(value, (torch.Tensor, list, tuple))
+            and _numel(value) > self.limits.max_result_elements
+        ):
             raise ActionFailed(_refusal(op, "the result exceeds the owner's element limit"))
         if nbytes > self.limits.max_result_bytes:
             raise ActionFailed(_refusal(op, "the result exceeds the owner's size limit"))
@@ -287,20 +343,158 @@ class Executor:
             nbytes=nbytes,
         )
 
-    def _taint(self, entry: AllowedOp | None, op: str, target: Any, record: StoredObject) -> None:
-        """Mutations carry privacy: a target changed by private data becomes private."""
+    def _taint(
+        self,
+        entry: AllowedOp | None,
+        target: Any,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        record: StoredObject,
+        watched: list[tuple[torch.Tensor, int]],
+    ) -> None:
+        """Mutations carry privacy: what a private op changed becomes private, and so does
+        every object sharing its memory (a view, ``.data``, the module holding a parameter).
+
+        Changes are found by the tensors' version counters, so ops that write into an
+        argument (``copy_``, ``__setitem__``, ``nn.init.*``) count too; running statistics
+        (which torch updates without a version bump) are named explicitly; ``backward``
+        writes into the gradients of everything trainable. A module evaluated on private
+        data (eval mode, or no buffers) is not changed by it and stays as it was.
+        """
         if entry is None or not record.private:
             return
-        mutating = entry.inplace or entry.receiver in _MODULE_RECEIVERS
-        if mutating and target is not None:
-            for other in self.store.records_holding(target):
-                _make_private(other, record)
+        holders: list[StoredObject] = []
+        if target is not None and (entry.inplace or _updates_buffers(entry, target)):
+            holders.extend(self.store.records_holding(target))
         if entry.name == "backward":
-            for other in self.store.peer_records():
-                if isinstance(other.value, torch.nn.Module) or (
-                    isinstance(other.value, torch.Tensor) and other.value.requires_grad
-                ):
-                    _make_private(other, record)
+            holders.extend(r for r in self.store.peer_records() if _trainable(r.value))
+        mutated = [t for t, version in watched if t._version != version]
+        mutated.extend(_running_stats(entry, args, kwargs))
+        if not holders and not mutated:
+            return
+        keys = {_storage_of(t) for t in mutated}
+        for other in holders:
+            keys.update(_storage_of(t) for t in _held_tensors(other.value))
+            _make_private(other, record)
+        for other in (*self.store.peer_records(), *self.store.owner_records()):
+            if other is record or _covered(other, record):
+                continue
+            if any(_storage_of(t) in keys for t in _held_tensors(other.value)):
+                _make_private(other, record)
+
+
+def _covered(record: StoredObject, source: StoredObject) -> bool:
+    """Whether making ``record`` private from ``source`` would change nothing."""
+    return (
+        record.private
+        and record.aggregation <= source.aggregation
+        and record.lineage_tags >= source.lineage_tags
+    )
+
+
+_RUNNING_STATS_OPS = frozenset(
+    {"torch.nn.functional.batch_norm", "torch.nn.functional.instance_norm"}
+)
+
+
+def _updates_buffers(entry: AllowedOp, target: Any) -> bool:
+    """Whether calling a module may write into its buffers (batch-norm statistics)."""
+    return (
+        entry.receiver == "torch.nn.Module"
+        and entry.name in ("__call__", "forward")
+        and isinstance(target, torch.nn.Module)
+        and target.training
+        and next(target.buffers(), None) is not None
+    )
+
+
+def _running_stats(entry: AllowedOp, args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """The running statistics a functional normalisation updates in place."""
+    if entry.path not in _RUNNING_STATS_OPS:
+        return []
+    found = [a for a in args[1:3] if isinstance(a, torch.Tensor)]
+    found += [kwargs[k] for k in ("running_mean", "running_var") if k in kwargs]
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+def _trainable(value: Any) -> bool:
+    """Whether ``backward`` may write into ``value`` (or into gradients it holds)."""
+    if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) and v.requires_grad for v in value[:10_000])
+    return False
+
+
+def _held_tensors(value: Any, limit: int = 100_000) -> list[torch.Tensor]:
+    """Every tensor ``value`` holds: a module's parameters, buffers and gradients, an
+    optimizer's parameters, gradients and state, the items of containers."""
+    found: list[torch.Tensor] = []
+    stack = [value]
+    while stack and len(found) < limit:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+            if item.is_leaf and item.requires_grad and item.grad is not None:
+                found.append(item.grad)
+        elif isinstance(item, torch.nn.Module):
+            stack.extend(item.parameters())
+            stack.extend(item.buffers())
+        elif isinstance(item, torch.optim.Optimizer):
+            for group in item.param_groups:
+                stack.extend(group["params"])
+            stack.extend(item.state.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item[:10_000])
+        elif isinstance(item, dict):
+            stack.extend(list(item.values())[:10_000])
+    return found
+
+
+def _versions(value: Any) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, version counter) of every tensor ``value`` holds, to spot in-place writes."""
+    return [(t, t._version) for t in _held_tensors(value)]
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return id(tensor)
+
+
+def _meta_arguments(value: Any, reused: set[int]) -> Any:
+    """Constructor arguments with every tensor and module moved to the meta device;
+    ``reused`` collects the ids of the meta tensors standing for existing ones."""
+    if isinstance(value, torch.nn.Module):
+        memo: dict[int, Any] = {}
+        for tensor in (*value.parameters(), *value.buffers()):
+            meta = torch.empty_like(tensor, device="meta")
+            if isinstance(tensor, torch.nn.Parameter):
+                meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = meta
+            reused.add(id(meta))
+        return copy.deepcopy(value, memo)
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, list):
+        return [_meta_arguments(v, reused) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_meta_arguments(v, reused) for v in value)
+    if isinstance(value, dict):
+        return {k: _meta_arguments(v, reused) for k, v in value.items()}
+    return value
+
+
+def _updates_running_stats(entry: AllowedOp, args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a functional norm writes into the running statistics it is given."""
+    if entry.path == "torch.nn.functional.batch_norm":
+        return bool(args[5] if len(args) > 5 else kwargs.get("training", False))
+    if entry.path == "torch.nn.functional.instance_norm":
+        return bool(args[5] if len(args) > 5 else kwargs.get("use_input_stats", True))
+    return False
 
 
 def _make_private(record: StoredObject, source: StoredObject) -> None:
@@ -359,23 +553,83 @@ def _numel(value: Any) -> int:
     return 1
 
 
-def _to_meta(value: Any) -> Any:
+def _to_meta(value: Any, scalars: bool = False) -> Any:
+    """Tensors as meta tensors; with ``scalars``, one-element 0-d tensors as numbers."""
     if isinstance(value, torch.Tensor):
+        if scalars and value.dim() == 0 and value.device.type != "meta":
+            return value.item()
         return torch.empty_like(value, device="meta")
     if isinstance(value, list):
-        return [_to_meta(v) for v in value]
+        return [_to_meta(v, scalars) for v in value]
     if isinstance(value, tuple):
-        return tuple(_to_meta(v) for v in value)
+        return tuple(_to_meta(v, scalars) for v in value)
     if isinstance(value, dict):
-        return {k: _to_meta(v) for k, v in value.items()}
+        return {k: _to_meta(v, scalars) for k, v in value.items()}
     return value
 
 
 def _predict_elements(
     entry: AllowedOp, allowlist: Allowlist, target: Any, args: list[Any], kwargs: dict[str, Any]
 ) -> int | None:
-    """Elements the op would produce, computed on the meta device (no data, no memory)."""
-    meta_kwargs = {**_to_meta(kwargs)}
+    """Elements the op would produce, computed without running it on the data.
+
+    On the meta device first; again with 0-d tensor arguments as numbers (sizes given as
+    tensors: ``torch.ones(n)``); then, for ops whose output size depends on the values,
+    a bound computed from them.
+    """
+    for scalars in (False, True):
+        predicted = _predict_on_meta(entry, allowlist, target, args, kwargs, scalars)
+        if predicted is not None:
+            return predicted
+    try:
+        return _data_dependent_bound(entry.name, target, args, kwargs)
+    except Exception:  # noqa: BLE001 - malformed arguments: the op itself will fail
+        return None
+
+
+def _data_dependent_bound(
+    name: str, target: Any, args: list[Any], kwargs: dict[str, Any]
+) -> int | None:
+    """An upper bound on the result's elements for ops the meta device cannot size."""
+    values = ([target] if target is not None else []) + list(args)
+
+    def arg(index: int, key: str, default: Any = None) -> Any:
+        return values[index] if len(values) > index else kwargs.get(key, default)
+
+    first = arg(0, "input")
+    if name == "repeat_interleave":
+        repeats = arg(1, "repeats")
+        if repeats is None:  # torch.repeat_interleave(repeats): the indices, repeated
+            return int(first.sum())
+        if isinstance(repeats, torch.Tensor):
+            return int(repeats.sum()) * max(1, first.numel() // max(1, repeats.numel()))
+    elif name == "bincount":
+        largest = int(first.max()) + 1 if first.numel() else 0
+        return max(largest, int(arg(2, "minlength", 0)))
+    elif name == "masked_select":
+        return math.prod(torch.broadcast_shapes(first.shape, arg(1, "mask").shape))
+    elif name == "multinomial":
+        return int(arg(1, "num_samples")) * (first.shape[0] if first.dim() == 2 else 1)
+    elif name == "one_hot":
+        classes = int(arg(1, "num_classes", -1))
+        if classes < 0:
+            classes = int(first.max()) + 1 if first.numel() else 0
+        return first.numel() * classes
+    elif name == "histogram":
+        bins = arg(1, "bins", 100)
+        return 2 * (bins.numel() if isinstance(bins, torch.Tensor) else int(bins)) + 1
+    return None
+
+
+def _predict_on_meta(
+    entry: AllowedOp,
+    allowlist: Allowlist,
+    target: Any,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    scalars: bool,
+) -> int | None:
+    meta_kwargs = {**_to_meta(kwargs, scalars)}
     if (
         entry.receiver is None
         and "device" in meta_kwargs
@@ -387,9 +641,9 @@ def _predict_elements(
             if target is None:
                 return None
             bound = allowlist.bind(entry.path, _to_meta(target))
-            result = bound if entry.attribute else bound(*_to_meta(args), **meta_kwargs)
+            result = bound if entry.attribute else bound(*_to_meta(args, scalars), **meta_kwargs)
         else:
-            result = allowlist.resolve(entry.path)(*_to_meta(args), **meta_kwargs)
+            result = allowlist.resolve(entry.path)(*_to_meta(args, scalars), **meta_kwargs)
     except Exception:  # noqa: BLE001 - ops the meta device cannot run are checked afterwards
         return None
     return _numel(result) if isinstance(result, (torch.Tensor, list, tuple)) else None

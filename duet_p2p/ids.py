@@ -53,8 +53,8 @@ def normalise_id(value: str, *, what: str = "ID") -> str:
     """Strip and lower-case an ID typed by a person; refuse anything but 32 hex digits."""
     if not isinstance(value, str):
         raise PeerVerificationError(f"the {what} must be a string of 32 hex digits")
-    cleaned = value.strip().strip("'\"").lower()
-    if not _ID_PATTERN.match(cleaned):
+    cleaned = value.strip().strip("'\"").strip().lower()
+    if not _ID_PATTERN.fullmatch(cleaned):
         raise PeerVerificationError(
             f"{cleaned[:40]!r} is not a valid {what}: expected 32 hexadecimal digits"
         )

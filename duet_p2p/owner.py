@@ -8,6 +8,7 @@ heartbeat) stays responsive. Store listings and cancellations are answered at on
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -46,6 +47,8 @@ from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, 
 
 log = logging.getLogger(__name__)
 _STOP = object()
+EXPIRE_INTERVAL = 1.0
+"""Seconds between checks for requests a ``timeout_secs`` handler or expiry now decides."""
 
 
 def listing_entry(record: StoredObject) -> dict[str, Any]:
@@ -55,6 +58,7 @@ def listing_entry(record: StoredObject) -> dict[str, Any]:
         "tags": list(record.tags),
         "description": record.description,
         "type": record.type_name,
+        "kind": "module" if isinstance(record.value, torch.nn.Module) else "tensor",
         "public": not record.private,
     }
     value = record.value
@@ -91,9 +95,11 @@ class OwnerCore:
             on_decision=self._on_decision, audit=audit, min_aggregation=min_aggregation
         )
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._work: asyncio.Queue[Any] = asyncio.Queue()
+        self._work: collections.deque[Any] = collections.deque()
+        self._work_ready = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duet-owner-ops")
         self._worker: asyncio.Task[None] | None = None
+        self._expirer: asyncio.Task[None] | None = None
         self._answered: dict[str, asyncio.Event] = {}
         self._gets: dict[str, tuple[GetRequest, StoredObject]] = {}
         self._closed = False
@@ -105,6 +111,7 @@ class OwnerCore:
         self.endpoint.on("store_query", self._on_store_query)
         self.endpoint.on("cancel_request", self._on_cancel)
         self._worker = asyncio.ensure_future(self._work_loop())
+        self._expirer = asyncio.ensure_future(self._expire_loop())
         hello = Hello(
             version=PROTOCOL_VERSION,
             role="owner",
@@ -165,7 +172,8 @@ class OwnerCore:
     # -- incoming -----------------------------------------------------------------------
 
     def _enqueue(self, message: Message) -> None:
-        self._work.put_nowait(message)
+        self._work.append(message)
+        self._work_ready.set()
 
     async def _on_store_query(self, message: StoreQuery) -> None:
         entries = [listing_entry(r) for r in self.store.listing()]
@@ -178,14 +186,18 @@ class OwnerCore:
     async def _work_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            message = await self._work.get()
+            if not self._work:
+                self._work_ready.clear()
+                await self._work_ready.wait()
+                continue
+            message = self._work.popleft()
             if message is _STOP:
                 return
             try:
                 if isinstance(message, Actions):
                     batch = list(message.actions)
-                    while not self._work.empty() and isinstance(self._work._queue[0], Actions):  # type: ignore[attr-defined]
-                        batch.extend(self._work.get_nowait().actions)
+                    while self._work and isinstance(self._work[0], Actions):
+                        batch.extend(self._work.popleft().actions)
                     await loop.run_in_executor(self._pool, self._run_actions, batch)
                 elif isinstance(message, Delete):
                     self.store.remove_peer_objects(message.ids)
@@ -197,6 +209,15 @@ class OwnerCore:
                     await self._on_describe(message)
             except Exception:  # noqa: BLE001 - one bad item must not stop the queue
                 log.exception("owner work item failed")
+
+    async def _expire_loop(self) -> None:
+        """Let ``timeout_secs`` handlers and ``expire_after`` decide overdue requests."""
+        while not self._closed:
+            await asyncio.sleep(EXPIRE_INTERVAL)
+            try:
+                self.requests.expire_overdue()
+            except Exception:  # noqa: BLE001 - e.g. an unwritable audit log; retry next tick
+                log.exception("expiring overdue requests failed")
 
     def _run_actions(self, actions: list[Any]) -> None:
         for action in actions:
@@ -276,9 +297,11 @@ class OwnerCore:
         if record.private:
             self.requests.submit(request)
         else:
+            self.audit.request(request)
             request.status = RequestStatus.ACCEPTED
             request.decided_by = "public: depends on no private data"
             request.decided_at = time.time()
+            self.audit.decision(request)
             self._on_decision(request)
         await self.endpoint.reply(
             message.call_id, {"request_id": request.request_id, "status": str(request.status)}
@@ -345,12 +368,14 @@ class OwnerCore:
         if self._closed:
             return
         self._closed = True
-        self._work.put_nowait(_STOP)
+        self._enqueue(_STOP)
         with contextlib.suppress(Exception):
             await self.connection.close()
         await self.endpoint.close()
         if self._worker is not None:
             self._worker.cancel()
+        if self._expirer is not None:
+            self._expirer.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
 

@@ -18,9 +18,11 @@ class RemoteNamespace:
         self._core = core
         self._path = path
 
-    def __getattr__(self, name: str) -> RemoteNamespace:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        if name == "no_grad" and self._path == "torch":
+            return self._core.no_grad  # ``with duet.torch.no_grad():`` marks the ops inside
         return RemoteNamespace(self._core, f"{self._path}.{name}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:

@@ -6,9 +6,12 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
+import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, ReturnKind
@@ -41,6 +44,7 @@ from duet_p2p.rpc.messages import (
 )
 
 log = logging.getLogger(__name__)
+_NO_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("duet_no_grad", default=False)
 DELETE_BATCH = 512
 DELETE_INTERVAL = 0.5
 
@@ -120,10 +124,16 @@ class ScientistCore:
         self.store_version = 0
         self._closed = False
         self._gc_task: asyncio.Task[None] | None = None
+        self.show_progress = _interactive_stderr()
+        """Show a progress bar on stderr while a large value arrives."""
+        self._progress_bar: Any = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._send_lock = asyncio.Lock()
+        self.endpoint.on_closed = self._on_connection_lost
+        if hasattr(self.connection.transport, "on_progress"):
+            self.connection.transport.on_progress = self._on_progress
         self.endpoint.on("decision", self._on_decision)
         self.endpoint.on("store_changed", self._on_store_changed)
         hello = Hello(
@@ -172,36 +182,44 @@ class ScientistCore:
         self, op: str, *, target: Pointer | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Pointer:
         """Queue ``op`` and return the pointer to its result at once."""
-        if op == INDEX_OP:
-            kind = "auto"
-        else:
-            entry = self.allowed(op)
-            if entry is None:
-                raise OperationNotAllowed(f"{op} is not on the owner's allowlist")
-            kind = str(entry.returns)
-            if op == "torch.nn.Module.__call__":
-                kind = "auto"
+        entry = None if op == INDEX_OP else self.allowed(op)
+        if op != INDEX_OP and entry is None:
+            raise OperationNotAllowed(f"{op} is not on the owner's allowlist")
+        kind = "auto" if entry is None or op == "torch.nn.Module.__call__" else str(entry.returns)
         wire_args = [_to_wire(a) for a in args]
         wire_kwargs = {k: _to_wire(v) for k, v in kwargs.items()}
+        try:  # refuse here: an argument that cannot be sent would lose the whole batch
+            codec.encode([wire_args, wire_kwargs])
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{op}: an argument cannot be sent to the owner: {exc}") from None
         result_id = uuid.uuid4().hex
+        reference = codec.ObjectRef(target.id) if target is not None else None
         names = {target.id: target._expression} if target is not None else {}
         for value in (*args, *kwargs.values()):
             if isinstance(value, Pointer):
                 names[value.id] = value._expression
         expression = render_call(
-            op, codec.ObjectRef(target.id) if target is not None else None,
-            wire_args, wire_kwargs, names,
-            attribute=bool(op != INDEX_OP and self.allowed(op) and self.allowed(op).attribute),  # type: ignore[union-attr]
-        )  # fmt: skip
+            op, reference, wire_args, wire_kwargs, names, attribute=bool(entry and entry.attribute)
+        )
         action = Action(
             op=op,
             result=result_id,
-            target=codec.ObjectRef(target.id) if target is not None else None,
+            target=reference,
             args=wire_args,
             kwargs=wire_kwargs,
+            no_grad=_NO_GRAD.get(),
         )
         self._queue(action)
         return pointer_class(kind)(self, result_id, expression=expression, kind=kind, owned=True)
+
+    @contextlib.contextmanager
+    def no_grad(self) -> Iterator[None]:
+        """Ops queued inside run owner-side under ``torch.no_grad()`` (this thread only)."""
+        token = _NO_GRAD.set(True)
+        try:
+            yield
+        finally:
+            _NO_GRAD.reset(token)
 
     def _queue(self, action: Action) -> None:
         if self._closed:
@@ -224,7 +242,7 @@ class ScientistCore:
 
     def pointer_for(self, entry: dict[str, Any]) -> Pointer:
         """A pointer to an object the owner hosts (never frees it)."""
-        kind = "module" if entry.get("type") in _MODULE_TYPE_NAMES else "tensor"
+        kind = "module" if entry.get("kind") == "module" else "tensor"
         tags = entry.get("tags") or []
         label = tags[0] if tags and str(tags[0]).isidentifier() else f"obj_{entry['id'][:8]}"
         return pointer_class(kind)(self, entry["id"], expression=label, kind=kind, owned=False)
@@ -277,8 +295,52 @@ class ScientistCore:
         if future is None:
             assert self.loop is not None
             future = self.loop.create_future()
+            # A handle nobody waits on must not log "exception was never retrieved".
+            future.add_done_callback(_mark_retrieved)
             self._decisions[request_id] = future
+            if self.endpoint.closed_event.is_set():
+                future.set_exception(self._lost_error(None))
         return future
+
+    def _lost_error(self, error: BaseException | None) -> PeerClosed:
+        if self._closed:
+            return PeerClosed("the session closed before a decision")
+        cause = f" ({error})" if error is not None else ""
+        return PeerClosed(
+            f"the connection to the owner was lost before the value arrived{cause}; "
+            "join a new session and ask again"
+        )
+
+    def _on_connection_lost(self, error: BaseException) -> None:
+        """The receive loop ended: nothing more will arrive, so fail every waiting get."""
+        self._close_progress()
+        for future in list(self._decisions.values()):
+            if not future.done():
+                future.set_exception(self._lost_error(error))
+
+    def _on_progress(self, received: int, total: int) -> None:
+        if not self.show_progress:
+            return
+        bar = self._progress_bar
+        if bar is not None and (bar.total != total or received < bar.n):
+            self._close_progress()
+            bar = None
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = self._progress_bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                file=sys.stderr, desc="receiving", mininterval=0.25,
+            )  # fmt: skip
+        bar.update(received - bar.n)
+        if received >= total:
+            self._close_progress()
+
+    def _close_progress(self) -> None:
+        bar, self._progress_bar = self._progress_bar, None
+        if bar is not None:
+            with contextlib.suppress(Exception):
+                bar.close()
 
     def _on_decision(self, message: Decision) -> None:
         future = self.decision_future(message.request_id)
@@ -322,9 +384,10 @@ class ScientistCore:
 
         result_id = uuid.uuid4().hex
         as_module = isinstance(value, torch.nn.Module)
-        wire = module_to_spec(value) if as_module else value
         if not as_module and not isinstance(value, torch.Tensor):
             raise TypeError("only tensors and modules can be sent")
+        # refuses custom modules, hooks and tied weights (OperationNotAllowed, naming the part)
+        wire = await asyncio.to_thread(module_to_spec, value) if as_module else value
         await self.flush()
         encoded = await asyncio.to_thread(codec.encode, wire)
         await self.endpoint.send(
@@ -350,7 +413,20 @@ class ScientistCore:
                 future.set_exception(PeerClosed("the session closed before a decision"))
 
 
-_MODULE_TYPE_NAMES = frozenset({"Module", "Sequential", "Linear", "ModuleList", "ModuleDict"})
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _interactive_stderr() -> bool:
+    """Whether a progress bar on stderr would be seen (a terminal or a Jupyter kernel)."""
+    stream = sys.stderr
+    if stream is None:
+        return False
+    try:
+        return stream.isatty() or "ipykernel" in sys.modules
+    except (AttributeError, ValueError):
+        return False
 
 
 def _to_wire(value: Any) -> Any:
@@ -366,4 +442,3 @@ def _to_wire(value: Any) -> Any:
     if isinstance(value, slice):
         return slice(_to_wire(value.start), _to_wire(value.stop), _to_wire(value.step))
     return value
-

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from duet_p2p.errors import DuetError
-from duet_p2p.permissions.table import Table, uid_label
+from duet_p2p.table import Table, TableView, uid_label
 
 if TYPE_CHECKING:
     from duet_p2p.owner import OwnerCore
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from duet_p2p.scientist import ScientistCore
 
 
-class RemoteStore:
+class RemoteStore(TableView):
     """The owner's searchable objects, as the scientist sees them (never their values)."""
 
     def __init__(self, core: ScientistCore) -> None:
@@ -66,6 +66,12 @@ class RemoteStore:
             )
         return self._core.pointer_for(tagged[0])
 
+    def info(self, key: int | str) -> dict[str, Any]:
+        """What the listing shows of one object (by position, tag or ID): id, tags,
+        description, type, and ``shape`` and ``dtype`` where the owner shows them."""
+        object_id = self[key].id
+        return dict(next(e for e in self._listing() if e["id"] == object_id))
+
     def table(self) -> Table:
         rows = []
         for entry in self._listing():
@@ -79,17 +85,6 @@ class RemoteStore:
         return Table(
             ["ID", "Tags", "Description", "Type", "Shape"], rows, empty_text="The store is empty."
         )
-
-    @property
-    def pandas(self) -> Any:
-        """The listing as a pandas DataFrame."""
-        return self.table().to_pandas()
-
-    def __repr__(self) -> str:
-        return str(self.table())
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
 
 
 def _metadata(entry: dict[str, Any]) -> str:
@@ -113,7 +108,7 @@ class HostedObject:
         return f"<HostedObject {uid_label(self.id)} [{tags}]>"
 
 
-class OwnerStoreView:
+class OwnerStoreView(TableView):
     """``duet.store`` on the owner's side: what is hosted, and ``send`` to host more."""
 
     def __init__(self, core: OwnerCore) -> None:
@@ -145,6 +140,9 @@ class OwnerStoreView:
         if record is None or record.origin != "owner":
             raise DuetError(f"no hosted object {object_id}")
         self._core.store.remove(object_id)
+        core = self._core
+        if record.searchable and core.loop is not None and not core._closed:
+            core.loop.call_soon_threadsafe(core._notify_store_changed)  # the peer re-lists
 
     def _hosted(self) -> list[Any]:
         return self._core.store.owner_records()
@@ -167,13 +165,3 @@ class OwnerStoreView:
             rows,
             empty_text="Nothing is hosted yet: tensor.send(duet) or duet.store.send(obj).",
         )
-
-    @property
-    def pandas(self) -> Any:
-        return self.table().to_pandas()
-
-    def __repr__(self) -> str:
-        return str(self.table())
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()

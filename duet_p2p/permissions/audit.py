@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from duet_p2p.permissions.table import Table, TableView
+from duet_p2p.table import Table, TableView
 
 if TYPE_CHECKING:
     from duet_p2p.permissions.request import Request

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from duet_p2p.permissions.table import Table, TableView
+from duet_p2p.table import Table, TableView
 
 if TYPE_CHECKING:
     from duet_p2p.permissions.request import Request

@@ -22,7 +22,7 @@ from typing import Any, overload
 from duet_p2p.errors import DuetError
 from duet_p2p.permissions.audit import AuditLog
 from duet_p2p.permissions.policy import Action, Handler, HandlerList, as_tags
-from duet_p2p.permissions.table import (
+from duet_p2p.table import (
     Table,
     TableView,
     format_clock,

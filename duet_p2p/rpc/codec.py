@@ -98,6 +98,9 @@ class DecodeLimits:
     """Size of the encoded message."""
     max_tensor_elements: int = 1 << 31
     """Elements in any one tensor or array."""
+    borrow_buffers: bool = False
+    """Let decoded arrays use the input's memory (no copy) where its layout allows. Only
+    for a writable buffer that nothing else will reuse, such as a reassembled message."""
 
     def __post_init__(self) -> None:
         for name in ("max_depth", "max_items", "max_bytes", "max_tensor_elements"):
@@ -364,8 +367,14 @@ def _encode_complex(enc: _Encoder, obj: complex, depth: int) -> None:
 def _encode_slice(enc: _Encoder, obj: slice, depth: int) -> None:
     parts = (obj.start, obj.stop, obj.step)
     for part in parts:
-        if part is not None and (not isinstance(part, int) or isinstance(part, bool)):
-            raise TypeError(f"slice bounds must be int or None, not {type(part).__qualname__}")
+        if (
+            part is not None
+            and not isinstance(part, ObjectRef)
+            and (not isinstance(part, int) or isinstance(part, bool))
+        ):
+            raise TypeError(
+                f"slice bounds must be int, ObjectRef or None, not {type(part).__qualname__}"
+            )
     enc.open(depth, 2)
     enc.head(6, TAG_SLICE)
     enc.head(4, 3)
@@ -509,6 +518,8 @@ def _typed_array_decoder(tag: int) -> _Decode:
             )
         if info.name == "bool":  # any non-zero byte is True; torch expects exactly 0 or 1
             array = np.frombuffer(value, np.uint8) != 0
+        elif limits.borrow_buffers and not value.readonly and wire == info.storage:
+            array = np.frombuffer(value, wire)  # the caller handed the buffer over
         else:  # the one copy: into memory the result owns, aligned and writable
             array = np.frombuffer(value, wire).astype(info.storage)
         return _Flat(array, info)
@@ -577,9 +588,11 @@ def _decode_slice(value: Any, parent_tag: int | None, limits: DecodeLimits) -> s
     if (
         type(value) is not list
         or len(value) != 3
-        or not all(part is None or type(part) is int for part in value)
+        or not all(part is None or type(part) is int or type(part) is ObjectRef for part in value)
     ):
-        raise ProtocolError(f"tag {TAG_SLICE} must hold [start, stop, step] of integers or null")
+        raise ProtocolError(
+            f"tag {TAG_SLICE} must hold [start, stop, step] of integers, references or null"
+        )
     return slice(*value)
 
 

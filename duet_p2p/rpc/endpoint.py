@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import struct
@@ -52,6 +53,8 @@ class Endpoint:
         self.transport = transport
         self.role = role
         self.limits = limits
+        # An attachment's buffer is the freshly reassembled message: tensors may keep it.
+        self._borrowing = dataclasses.replace(limits or codec.DecodeLimits(), borrow_buffers=True)
         self.max_message_bytes = max_message_bytes
         self.peer_hello: Hello | None = None
         self.bad_messages = 0
@@ -144,21 +147,21 @@ class Endpoint:
             raise ProtocolError("empty message")
         if data[0] == 0:
             raw = codec.decode(data[1:], limits=self.limits)
-            return raw, parse_message(raw)
+            return raw, _parse(raw)
         if data[0] != _WITH_ATTACHMENT or data.nbytes < 5:
             raise ProtocolError("unknown message layout")
         (length,) = _HEADER_LENGTH.unpack(data[1:5])
         if 5 + length > data.nbytes:
             raise ProtocolError("message header longer than the message")
         raw = codec.decode(data[5 : 5 + length], limits=self.limits)
-        message = parse_message(raw)
+        message = _parse(raw)
         if "value" not in type(message).model_fields:
             raise ProtocolError(f"{type(message).__name__} messages carry no attachment")
         body = data[5 + length :]
         if body.nbytes >= ATTACHMENT_IN_THREAD_BYTES:
-            value = await asyncio.to_thread(codec.decode, body, limits=self.limits)
+            value = await asyncio.to_thread(codec.decode, body, limits=self._borrowing)
         else:
-            value = codec.decode(body, limits=self.limits)
+            value = codec.decode(body, limits=self._borrowing)
         return raw, message.model_copy(update={"value": value})
 
     async def _handle(self, data: memoryview) -> None:
@@ -166,7 +169,7 @@ class Endpoint:
         try:
             raw, message = await self._decode(data)
         except ProtocolError as exc:
-            await self._refuse(str(exc), call_id_of(raw))
+            await self._refuse(str(exc), getattr(exc, "call_id", None))
             return
         kind = message.kind  # type: ignore[attr-defined]
         if kind == "hello":
@@ -234,3 +237,12 @@ class Endpoint:
                 )
             else:
                 await self.send(ErrorNotice(code="bad_message", message=what[:4000]))
+
+
+def _parse(raw: object) -> Message:
+    """``parse_message``, keeping the call id on the error so the refusal reaches the caller."""
+    try:
+        return parse_message(raw)
+    except ProtocolError as exc:
+        exc.call_id = call_id_of(raw)  # type: ignore[attr-defined]
+        raise

@@ -49,6 +49,8 @@ class Action(Message):
     kwargs: dict[Annotated[str, Field(max_length=64)], Any] = Field(
         default_factory=dict, max_length=MAX_ARGS
     )
+    no_grad: bool = False
+    """Run under ``torch.no_grad()``: no autograd graph (evaluation)."""
 
 
 class Actions(Message):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,9 @@ from duet_p2p.transport.base import Buffer
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
+PROGRESS_THRESHOLD_BYTES = 10 * 1024 * 1024
+"""Incoming messages at least this large are reported to ``on_progress``."""
+ProgressHook = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,11 @@ class DataChannelTransport:
         self._closing = False
         self.messages_received = 0
         self.protocol_errors = 0
+        self.on_progress: ProgressHook | None = None
+        """Called as ``on_progress(received, total)`` on the event loop as each frame of a
+        large incoming message arrives (the last call has ``received == total``)."""
+        self.progress_threshold = PROGRESS_THRESHOLD_BYTES
+        self._receiving = (0, 0)
         channel.on("message", self._on_frame)
         channel.on("close", self._on_channel_close)
         pc.on("connectionstatechange", self._on_connection_state)
@@ -156,11 +165,27 @@ class DataChannelTransport:
     def _on_data(self, frame: bytes) -> None:
         self._unacknowledged += len(frame)
         message = self._reassembler.feed(frame)
+        if self.on_progress is not None:
+            self._report_progress(frame)
         if message is not None:
             self.messages_received += 1
             self._inbox.put_nowait(message)
         if self._unacknowledged >= self.options.window_bytes // 4:
             self._flush_credit()
+
+    def _report_progress(self, frame: bytes) -> None:
+        if frame[0] == framing.START:
+            received, total = len(frame) - framing.START_HEADER, framing.read_u64(frame)
+        else:
+            received = self._receiving[0] + len(frame) - framing.CONT_HEADER
+            total = self._receiving[1]
+        self._receiving = (received, total)
+        if total < self.progress_threshold or self.on_progress is None:
+            return
+        try:
+            self.on_progress(received, total)
+        except Exception:  # noqa: BLE001 - a display hook must not break the transport
+            log.debug("the progress hook failed", exc_info=True)
 
     def _flush_credit(self) -> None:
         if self._unacknowledged:

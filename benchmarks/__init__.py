@@ -1,0 +1,1 @@
+"""Benchmarks of duet_p2p against plain aiortc, run with `make bench`."""

@@ -1,0 +1,137 @@
+"""The data owner's half of the seed flow, as its own process (run inside a namespace).
+
+Launches a Duet through the public API, hosts a seeded random float32 tensor of
+``--size-mb`` MiB tagged "data", accepts the scientist's first request at the keyboard
+(``duet.requests.wait`` + ``accept``), lets a handler accept ``--repeats - 1`` more, and
+waits for the scientist to close. IDs are exchanged through files in ``--dir``, as two
+people would over chat: the owner writes ``duet_id``, the scientist writes ``client_id``.
+
+Prints one JSON line last: {"ok": true, "role": "owner", "candidate_types": [...],
+"expected_sha256": ..., timings...}; on a duet_p2p error {"ok": false, "error": ...}
+and exit code 3.
+
+    python duet_owner.py http://198.51.100.1:8765 --dir D [--ice-servers JSON] [--timeout 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import duet_p2p as sy
+
+TAG = "data"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write atomically so the other process never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def wait_text(path: Path, timeout: float) -> str:
+    """The content of a file the other process writes, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text().strip()
+        time.sleep(0.02)
+    raise TimeoutError(f"{path.name} did not appear within {timeout:g} s")
+
+
+def make_data(size_mb: float, seed: int = 0) -> torch.Tensor:
+    """A reproducible float32 tensor of size_mb MiB."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(int(size_mb * 1024 * 1024) // 4, generator=generator)
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of the tensor's raw bytes (contiguous, native order)."""
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir: Path = args.dir
+    confirmed_at: list[float] = []
+
+    def confirm(duet_id: str) -> str:
+        write_text(workdir / "duet_id", duet_id)
+        client_id = wait_text(workdir / "client_id", args.timeout)
+        confirmed_at.append(time.perf_counter())
+        return client_id
+
+    ice = json.loads(args.ice_servers) if args.ice_servers else None
+    started = time.perf_counter()
+    duet = sy.launch_duet(
+        args.signaling_url,
+        client_id_callback=confirm,
+        ice_servers=ice,
+        timeout=args.timeout,
+        audit_path=workdir / "audit.jsonl",
+    )
+    connected = time.perf_counter()
+    with duet:
+        candidate_types = duet.candidate_types()
+        data = make_data(args.size_mb)
+        expected = tensor_sha256(data * 2)
+        data.tag(TAG).send(duet, searchable=True)
+        request = duet.requests.wait(timeout=args.timeout + 30)
+        if request is None:
+            raise sy.RequestTimeout("no request from the scientist arrived")
+        decided = time.perf_counter()
+        request.accept()
+        if args.repeats > 1:
+            duet.requests.add_handler("accept", tags=[TAG], max_requests=args.repeats - 1)
+        closed = duet.wait_closed(timeout=args.timeout + 60)
+        audit_releases = sum(1 for e in duet.audit.entries() if e.get("event") == "release")
+    return {
+        "ok": True,
+        "role": "owner",
+        "candidate_types": list(candidate_types) if candidate_types else None,
+        "expected_sha256": expected,
+        "nbytes": data.numel() * data.element_size(),
+        "launch_seconds": round(connected - started, 3),
+        "open_seconds": round(connected - confirmed_at[0], 3) if confirmed_at else None,
+        "request_seconds": round(decided - connected, 3),
+        "partner_closed": closed,
+        "releases": audit_releases,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("signaling_url")
+    parser.add_argument("--dir", required=True, type=Path, help="directory shared with the peer")
+    parser.add_argument("--ice-servers", help="JSON list passed as ice_servers= (default: None)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="launch_duet(timeout=...)")
+    parser.add_argument("--size-mb", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=1, help="gets the scientist will make")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        result = run(args)
+    except (sy.DuetError, TimeoutError) as exc:
+        report = {
+            "ok": False,
+            "role": "owner",
+            "error_type": type(exc).__name__,
+            "error": str(exc),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        print(json.dumps(report), flush=True)
+        return 3
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
