@@ -82,9 +82,13 @@ class Peer:
             del self.log[:-200]
 
     def send(self, cmd: str, **args: Any) -> None:
-        """Send one command (or a bare input line for a peer waiting on ``read_input``)."""
+        """Send one command."""
+        self.send_input(cmd=cmd, **args)
+
+    def send_input(self, **fields: Any) -> None:
+        """One line for a peer inside a command that waits on ``read_input``."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.write(json.dumps(fields) + "\n")
         self.proc.stdin.flush()
 
     def next(self, timeout: float) -> dict[str, Any]:
@@ -177,15 +181,40 @@ def signaling_server() -> Iterator[str]:
             proc.kill()
 
 
-def connect_raw(offerer: Peer, answerer: Peer, framed: bool = False) -> float:
+def connect_raw(
+    offerer: Peer, answerer: Peer, framed: bool = False, options: dict[str, Any] | None = None
+) -> float:
     """Open a raw aiortc link between two peers; returns the answerer's seconds from
-    receiving the offer to its channel being open (the baseline of join_duet)."""
-    offer = offerer.call("raw_offer", framed=framed)
-    answer = answerer.call("raw_answer", sdp=offer, framed=framed)
+    receiving the offer to its channel being open (the baseline of join_duet).
+
+    With ``framed`` both ends wrap the channel in DataChannelTransport(ChannelOptions(
+    **options))."""
+    offer = offerer.call("raw_offer", framed=framed, options=options)
+    answer = answerer.call("raw_answer", sdp=offer, framed=framed, options=options)
     offerer.call("raw_complete", sdp=answer)
     seconds = answerer.call("raw_wait_open")
     offerer.call("raw_wait_open")
     return float(seconds)
+
+
+def connect_duet(
+    owner: Peer, scientist: Peer, url: str, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Owner launches, scientist joins (IDs passed on as two people would); returns the
+    scientist's timings: ``join_s`` (join_duet call to return) and ``open_s`` (to channel
+    open)."""
+    owner.send("launch", url=url, options=options)
+    duet_id = owner.event("duet_id")
+    scientist.send("join", duet_id=duet_id, url=url, options=options)
+    client_id = scientist.event("client_id")
+    owner.send_input(client_id=client_id)
+    owner.result(60)
+    return scientist.result(60)
+
+
+def disconnect_duet(owner: Peer, scientist: Peer) -> None:
+    scientist.call("close")
+    owner.call("close")
 
 
 def median(values: list[float]) -> float:
@@ -311,6 +340,7 @@ def common_handlers() -> Handlers:
         "profile_start": profile_start,
         "profile_stop": profile_stop,
         "loop": loop_name,
+        "cpu": time.process_time,
         "rss": rss_bytes,
         "reset_peak_rss": reset_peak_rss,
         "peak_rss": peak_rss_bytes,
@@ -350,16 +380,18 @@ class RawLink:
             "peer_rwnd": getattr(sctp, "_ssthresh", 0),
         }
 
-    def _new(self, framed: bool) -> None:
+    def _new(self, framed: bool, options: dict[str, Any] | None = None) -> None:
         from duet_p2p.transport.peer import new_peer_connection, restrict_host_addresses
 
         restrict_host_addresses([LOOPBACK])
         self.pc, self.channel = new_peer_connection([])
         self._opened = None
         if framed:
-            from duet_p2p.transport.channel import DataChannelTransport
+            from duet_p2p.transport.channel import ChannelOptions, DataChannelTransport
 
-            self.transport = DataChannelTransport(self.pc, self.channel)
+            self.transport = DataChannelTransport(
+                self.pc, self.channel, ChannelOptions(**(options or {}))
+            )
         else:
             self.transport = None
 
@@ -374,21 +406,23 @@ class RawLink:
             if not self._opened.done():
                 self._opened.set_result(time.perf_counter())
 
-    def offer(self, framed: bool = False) -> str:
+    def offer(self, framed: bool = False, options: dict[str, Any] | None = None) -> str:
         async def go() -> str:
-            self._new(framed)
+            self._new(framed, options)
             self._watch_open()
             await self.pc.setLocalDescription(await self.pc.createOffer())
             return self.pc.localDescription.sdp
 
         return run(go())
 
-    def answer(self, sdp: str, framed: bool = False) -> str:
+    def answer(
+        self, sdp: str, framed: bool = False, options: dict[str, Any] | None = None
+    ) -> str:
         from aiortc import RTCSessionDescription
 
         async def go() -> str:
             self._started = time.perf_counter()
-            self._new(framed)
+            self._new(framed, options)
             self._watch_open()
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await self.pc.setLocalDescription(await self.pc.createAnswer())
@@ -424,6 +458,97 @@ class RawLink:
 
         run(go(), timeout=30)
         self.pc = self.channel = self.transport = None
+
+
+class DuetPeer:
+    """Peer side of a Duet session (owner or scientist), through the public sync API."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.duet: Any = None
+        self.objects: dict[str, Any] = {}
+        self._dir = tempfile.TemporaryDirectory(prefix="duet-bench-")
+        self._sessions = 0
+
+    def handlers(self) -> Handlers:
+        return {
+            "launch": self.launch,
+            "join": self.join,
+            "close": self.close,
+            "host": self.host,
+            "accept_all": self.accept_all,
+            "find": self.find,
+        }
+
+    @staticmethod
+    def _channel(options: dict[str, Any] | None) -> Any:
+        from duet_p2p.transport.channel import ChannelOptions
+
+        return ChannelOptions(**options) if options else None
+
+    def launch(self, url: str, options: dict[str, Any] | None = None) -> None:
+        """Owner: launch_duet; the Client ID comes from the coordinator."""
+        import duet_p2p as sy
+
+        def confirm(duet_id: str) -> str:
+            emit_event("duet_id", duet_id)
+            return str(read_input()["client_id"])
+
+        self._sessions += 1
+        audit = Path(self._dir.name) / f"audit-{self._sessions}.jsonl"
+        self.duet = sy.launch_duet(
+            url, client_id_callback=confirm, audit_path=audit, channel=self._channel(options)
+        )
+
+    def join(self, duet_id: str, url: str, options: dict[str, Any] | None = None) -> dict:
+        """Scientist: join_duet, timed from the call to its return."""
+        import duet_p2p as sy
+
+        started = time.perf_counter()
+        self.duet = sy.join_duet(
+            duet_id,
+            url,
+            on_client_id=lambda client_id: emit_event("client_id", client_id),
+            channel=self._channel(options),
+        )
+        joined = time.perf_counter() - started
+        return {"join_s": joined, "open_s": self.duet._connection.connect_seconds}
+
+    def close(self) -> None:
+        if self.duet is not None:
+            self.duet.close()
+        self.duet = None
+        self.objects.clear()
+
+    def host(self, tag: str, nbytes: int, dtype: str = "float32") -> int:
+        """Owner: host a private tensor of about ``nbytes`` bytes under ``tag``."""
+        import torch
+
+        kind = getattr(torch, dtype)
+        count = max(1, nbytes // torch.empty((), dtype=kind).element_size())
+        value = torch.rand(count).to(kind) if kind.is_floating_point else torch.zeros(count, dtype=kind)
+        self.objects[tag] = value
+        self.duet.send(value, tags=(tag,))
+        return value.numel() * value.element_size()
+
+    def accept_all(self) -> None:
+        """Owner: an accept handler for every request."""
+        self.duet.requests.add_handler("accept")
+
+    def find(self, tag: str, timeout: float = 20.0) -> str:
+        """Scientist: the pointer to the hosted object tagged ``tag``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pointer = self.duet.store.refresh()[tag]
+                break
+            except (KeyError, IndexError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.objects[tag] = pointer
+        return pointer.id
 
 
 def main(argv: list[str]) -> None:

@@ -43,11 +43,11 @@ class ChannelPeer(RawLink):
             "burst": self.burst,
         }
 
-    def _new(self, framed: bool) -> None:
+    def _new(self, framed: bool, options: dict[str, Any] | None = None) -> None:
         if self._receiver is not None:
             self._receiver.cancel()
         self._inbox = self._receiver = None
-        super()._new(framed)
+        super()._new(framed, options)
 
     # -- receiving: one handler for both kinds of link ---------------------------------
 

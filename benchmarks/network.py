@@ -78,7 +78,13 @@ def one_round(
     workdir = topo.workdir / f"{name}-{index}"  # removed with the topology
     repeats = ["--repeats", str(gets)]
     owner, scientist = duet_pair.run_pair(
-        topo, workdir, url, timeout=timeout, owner_args=repeats, scientist_args=repeats
+        topo,
+        workdir,
+        url,
+        timeout=timeout,
+        owner_args=repeats,
+        scientist_args=repeats,
+        wall=timeout + 60 + 30 * gets,
     )
     where = f"bench-network: {name} round {index + 1}"
     for run in (owner, scientist):

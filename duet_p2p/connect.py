@@ -240,7 +240,8 @@ async def join(duet_id: str, options: ConnectOptions, on_client_id: Any = None) 
                     await pc.close()
             if isinstance(exc, ConnectionTimeout) and client_id:
                 raise ConnectionTimeout(
-                    f"{exc} (did the owner confirm your Client ID {client_id}?)"
+                    f"{exc}. If the owner has not yet confirmed your Client ID {client_id}, "
+                    "that is the cause: ask them to type it"
                 ) from None
             raise
     transport.activate()

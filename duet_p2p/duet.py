@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import sys
@@ -153,6 +154,14 @@ def _owner_settings(
     return allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits(), AuditLog(audit_path)
 
 
+def _cap_owner_messages(options: ConnectOptions, limits: OwnerLimits) -> None:
+    """The owner's transport takes no message larger than an upload may be (plus room for
+    the header), so a peer cannot make it buffer more than that."""
+    cap = limits.max_upload_bytes + 1024**2
+    if options.channel.max_message_bytes > cap:
+        options.channel = dataclasses.replace(options.channel, max_message_bytes=cap)
+
+
 def _join_line(handshake: OwnerHandshake, explicit_url: str | None) -> str:
     from_env = explicit_url is None and config.signaling_url(None) == handshake.signaling_url
     if from_env:
@@ -187,6 +196,7 @@ def launch_duet(
     """
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
     settings = _owner_settings(allowlist, limits, audit_path)
+    _cap_owner_messages(options, settings[1])
     runtime = get_runtime()
     handshake = OwnerHandshake(options)
     runtime.run(handshake.start())
@@ -256,6 +266,7 @@ async def launch_duet_async(
     """``launch_duet`` on the caller's asyncio loop; the callback may be async."""
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
     settings = _owner_settings(allowlist, limits, audit_path)
+    _cap_owner_messages(options, settings[1])
     handshake = OwnerHandshake(options)
     await handshake.start()
     try:

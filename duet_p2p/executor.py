@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,11 @@ from duet_p2p.store import OwnerStore, StoredObject, value_nbytes
 log = logging.getLogger(__name__)
 INDEX_OP = "duet.index"
 FORBIDDEN_KWARGS = frozenset({"out", "pin_memory", "generator", "closure", "layout"})
-_BOUNDED_CATEGORIES = frozenset({"arithmetic", "comparison", "reduction", "conversion"})
+_BOUNDED_CATEGORIES = frozenset({"arithmetic", "comparison", "reduction", "conversion", "loss"})
 _GROWING = frozenset({"diag", "diag_embed", "cartesian_prod", "block_diag"})
 """Ops of those categories whose result can hold more elements than their inputs together."""
 _MODULE_RECEIVERS = ("torch.nn.Module", "torch.optim.Optimizer")
+_STORAGE_CACHE_SIZE = 100_000
 
 
 class ActionFailed(DuetError):
@@ -63,6 +65,7 @@ class Executor:
         self.limits = limits
         self.actions_run = 0
         self.actions_failed = 0
+        self._storages: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
 
     def run(self, action: Action) -> StoredObject:
         """Run one action and store its result or its error; returns the stored record."""
@@ -219,7 +222,9 @@ class Executor:
         ):
             return
         tensors = [t for t in _tensors(target, args, kwargs)]
-        if entry.category in _BOUNDED_CATEGORIES and entry.name not in _GROWING:
+        if (entry.category in _BOUNDED_CATEGORIES and entry.name not in _GROWING) or _tensor_index(
+            entry, args
+        ):
             bound = math.prod(max(1, t.numel()) for t in tensors[:64])
             if bound <= self.limits.max_result_elements:
                 return
@@ -372,15 +377,31 @@ class Executor:
         mutated.extend(_running_stats(entry, args, kwargs))
         if not holders and not mutated:
             return
-        keys = {_storage_of(t) for t in mutated}
+        keys = {self._storage(t) for t in mutated}
         for other in holders:
-            keys.update(_storage_of(t) for t in _held_tensors(other.value))
+            keys.update(self._storage(t) for t in _held_tensors(other.value))
             _make_private(other, record)
         for other in (*self.store.peer_records(), *self.store.owner_records()):
             if other is record or _covered(other, record):
                 continue
-            if any(_storage_of(t) in keys for t in _held_tensors(other.value)):
+            if any(self._storage(t) in keys for t in _held_tensors(other.value)):
                 _make_private(other, record)
+
+    def _storage(self, tensor: torch.Tensor) -> int:
+        """The address of the memory ``tensor`` lives in (cached: a tensor keeps its storage)."""
+        cached = self._storages.get(id(tensor))
+        if cached is not None and cached[0]() is tensor:
+            return cached[1]
+        try:
+            key = tensor.untyped_storage().data_ptr()
+        except RuntimeError:
+            key = id(tensor)
+        if len(self._storages) >= _STORAGE_CACHE_SIZE:  # forget the tensors that are gone
+            self._storages = {k: v for k, v in self._storages.items() if v[0]() is not None}
+            if len(self._storages) >= _STORAGE_CACHE_SIZE // 2:
+                self._storages.clear()
+        self._storages[id(tensor)] = (weakref.ref(tensor), key)
+        return key
 
 
 def _covered(record: StoredObject, source: StoredObject) -> bool:
@@ -390,6 +411,16 @@ def _covered(record: StoredObject, source: StoredObject) -> bool:
         and record.aggregation <= source.aggregation
         and record.lineage_tags >= source.lineage_tags
     )
+
+
+def _tensor_index(entry: AllowedOp, args: list[Any]) -> bool:
+    """``tensor[key]`` with a key of ints, slices, None, Ellipsis and tensors only: its
+    result is bounded by the product of the tensors' sizes (a Python list index is not)."""
+    if entry.path != "torch.Tensor.__getitem__" or len(args) != 1:
+        return False
+    key = args[0]
+    parts = key if isinstance(key, tuple) else (key,)
+    return len(parts) <= 64 and not any(isinstance(part, (list, tuple)) for part in parts)
 
 
 _RUNNING_STATS_OPS = frozenset(
@@ -418,19 +449,24 @@ def _running_stats(entry: AllowedOp, args: list[Any], kwargs: dict[str, Any]) ->
 
 
 def _trainable(value: Any) -> bool:
-    """Whether ``backward`` may write into ``value`` (or into gradients it holds)."""
+    """Whether ``backward`` may write into gradients ``value`` holds (leaves only: it
+    writes nothing into intermediate results)."""
     if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
         return True
     if isinstance(value, torch.Tensor):
-        return value.requires_grad
-    if isinstance(value, (list, tuple)):
-        return any(isinstance(v, torch.Tensor) and v.requires_grad for v in value[:10_000])
+        return value.requires_grad and value.is_leaf
+    if isinstance(value, (list, tuple, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        return any(_trainable(v) for v in list(items)[:10_000])
     return False
 
 
 def _held_tensors(value: Any, limit: int = 100_000) -> list[torch.Tensor]:
     """Every tensor ``value`` holds: a module's parameters, buffers and gradients, an
     optimizer's parameters, gradients and state, the items of containers."""
+    if isinstance(value, torch.Tensor):  # the common case, kept fast
+        grad = value.grad if value.is_leaf and value.requires_grad else None
+        return [value] if grad is None else [value, grad]
     found: list[torch.Tensor] = []
     stack = [value]
     while stack and len(found) < limit:
@@ -456,13 +492,6 @@ def _held_tensors(value: Any, limit: int = 100_000) -> list[torch.Tensor]:
 def _versions(value: Any) -> list[tuple[torch.Tensor, int]]:
     """(tensor, version counter) of every tensor ``value`` holds, to spot in-place writes."""
     return [(t, t._version) for t in _held_tensors(value)]
-
-
-def _storage_of(tensor: torch.Tensor) -> int:
-    try:
-        return tensor.untyped_storage().data_ptr()
-    except RuntimeError:
-        return id(tensor)
 
 
 def _meta_arguments(value: Any, reused: set[int]) -> Any:

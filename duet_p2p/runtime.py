@@ -28,6 +28,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _new_executor() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(thread_name_prefix="duet-p2p-worker")
+
+
 class Runtime:
     """A daemon thread running an event loop, with closers run before it stops."""
 
@@ -35,6 +39,8 @@ class Runtime:
         self._loop = _new_loop()
         self._ready = threading.Event()
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._executor = _new_executor()
+        self._loop.set_default_executor(self._executor)
         self._thread = threading.Thread(target=self._main, name="duet-p2p-io", daemon=True)
         self._thread.start()
         self._ready.wait(10)
@@ -90,6 +96,19 @@ class Runtime:
     def remove_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
         if closer in self._closers:
             self._closers.remove(closer)
+        if not self._closers:
+            self.release_threads()
+
+    def release_threads(self) -> None:
+        """Let the loop's idle worker threads (``asyncio.to_thread``) end, e.g. once no
+        session is open; new ones start on demand."""
+        if not self._stopped:
+            self._loop.call_soon_threadsafe(self._replace_executor)
+
+    def _replace_executor(self) -> None:
+        old, self._executor = self._executor, _new_executor()
+        self._loop.set_default_executor(self._executor)
+        old.shutdown(wait=False)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Run registered closers, cancel what is left, stop the loop and join the thread."""

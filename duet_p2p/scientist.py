@@ -57,6 +57,9 @@ class RequestHandle:
         self.request_id = request_id
         self.object_id = object_id
         self._future: asyncio.Future[Any] = core.decision_future(request_id)
+        # The decision may have arrived before this handle (reply and decision in one read):
+        # the table keeps it until claimed here, and forgets it once decided.
+        self._future.add_done_callback(lambda _: core._decisions.pop(request_id, None))
 
     @property
     def status(self) -> str:
@@ -249,22 +252,26 @@ class ScientistCore:
 
     # -- on the loop ------------------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Send every queued action (and pending deletes), in order."""
+    async def flush(self, *, deletes: bool = False) -> None:
+        """Send every queued action, then the deletes of pointers dropped before them
+        (a batch's worth, or all with ``deletes``): a delete never overtakes an action
+        that makes or reads its object."""
         assert self._send_lock is not None
         async with self._send_lock:
+            dropped = len(self._deletes)  # each was queued after every action using it
             with self._outbox_lock:
                 batch, self._outbox = self._outbox, []
                 self._flush_pending = False
             for start in range(0, len(batch), MAX_ACTIONS_PER_MESSAGE):
                 chunk = batch[start : start + MAX_ACTIONS_PER_MESSAGE]
                 await self.endpoint.send(Actions(actions=chunk))
-            if len(self._deletes) >= DELETE_BATCH:
-                await self._send_deletes()
+            if deletes or dropped >= DELETE_BATCH:
+                await self._send_deletes(dropped)
 
-    async def _send_deletes(self) -> None:
+    async def _send_deletes(self, limit: int | None = None) -> None:
         ids = []
-        while self._deletes and len(ids) < 100_000:
+        count = min(limit if limit is not None else len(self._deletes), 100_000)
+        while self._deletes and len(ids) < count:
             ids.append(self._deletes.popleft())
         if ids:
             await self.endpoint.send(Delete(ids=ids))
@@ -273,10 +280,8 @@ class ScientistCore:
         while not self._closed:
             await asyncio.sleep(DELETE_INTERVAL)
             if self._deletes:
-                assert self._send_lock is not None
-                async with self._send_lock:
-                    with contextlib.suppress(PeerClosed):
-                        await self._send_deletes()
+                with contextlib.suppress(PeerClosed):
+                    await self.flush(deletes=True)
 
     async def request(self, object_id: str, reason: str, *, delete: bool = False) -> RequestHandle:
         """Ask for a value; returns once the owner has registered the request."""
@@ -362,7 +367,6 @@ class ScientistCore:
             )
         else:
             future.set_exception(RequestTimeout("the request expired on the owner's side"))
-        future.add_done_callback(lambda _: self._decisions.pop(message.request_id, None))
 
     async def cancel(self, request_id: str) -> None:
         with contextlib.suppress(PeerClosed):

@@ -485,7 +485,11 @@ def test_owner_reads_the_client_id_from_stdin(server_url: str, tmp_path: Path) -
             owner.wait("^SENT$", 10)
             assert len(scientist.store) == 1
             total = scientist.store["data"].sum().item()
-            assert total.get(reason="stdin test", request_block=True, timeout_secs=15) == 1
+            try:
+                value = total.get(reason="stdin test", request_block=True, timeout_secs=15)
+            except sy.DuetError as exc:
+                raise AssertionError(f"{exc!r}; owner printed {owner.lines.seen}") from exc
+            assert value == 1
             owner.wait("^ACCEPTED$", 5)
         finally:
             scientist.close()

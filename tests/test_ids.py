@@ -96,7 +96,7 @@ def test_pasted_ids_are_normalised() -> None:
         f'"{value}"',
         f"\t'{value.upper()}' ",
         f"'{value}\n'",
-        f"\"  {value} \"",
+        f'"  {value} "',
     ):
         assert ids.normalise_id(pasted) == value, repr(pasted)
 

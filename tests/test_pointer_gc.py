@@ -37,9 +37,9 @@ def _settled(owner: sy.Duet, scientist: sy.Duet, expected: int) -> bool:
 def test_dropped_intermediates_are_freed(duet_pair: tuple[sy.Duet, sy.Duet]) -> None:
     owner, scientist = duet_pair
     owner.store.send(torch.arange(4.0), tags=["data"])
+    owner.requests.add_handler(action="accept")
     data = scientist.store["data"]
-    # a round trip: the owner has run everything sent so far
-    assert data.sum().item().get(timeout_secs=TIMEOUT) is not None or True
+    assert data.sum().item().get(timeout_secs=TIMEOUT, delete=True) == 6.0
     assert _settled(owner, scientist, 0)
 
     pointers = [data + i for i in range(1000)]

@@ -92,7 +92,15 @@ def test_one_frame_up_to_max_frame_minus_nine_and_eight() -> None:
 
 def test_multi_part_messages_are_concatenated() -> None:
     payload = os.urandom(1000)
-    for cuts in ([], [0], [1000], [0, 0, 1000], [1, 2, 3], [55, 56, 500, 999], list(range(0, 1000, 7))):
+    for cuts in (
+        [],
+        [0],
+        [1000],
+        [0, 0, 1000],
+        [1, 2, 3],
+        [55, 56, 500, 999],
+        list(range(0, 1000, 7)),
+    ):
         parts = split_into(payload, cuts)
         for max_frame in (10, 56, 57, 64, 1009, 2000):
             assert reassemble(frames_of(parts, max_frame)) == payload, (cuts, max_frame)

@@ -155,13 +155,17 @@ class Endpoint:
             raise ProtocolError("message header longer than the message")
         raw = codec.decode(data[5 : 5 + length], limits=self.limits)
         message = _parse(raw)
-        if "value" not in type(message).model_fields:
-            raise ProtocolError(f"{type(message).__name__} messages carry no attachment")
-        body = data[5 + length :]
-        if body.nbytes >= ATTACHMENT_IN_THREAD_BYTES:
-            value = await asyncio.to_thread(codec.decode, body, limits=self._borrowing)
-        else:
-            value = codec.decode(body, limits=self._borrowing)
+        try:
+            if "value" not in type(message).model_fields:
+                raise ProtocolError(f"{type(message).__name__} messages carry no attachment")
+            body = data[5 + length :]
+            if body.nbytes >= ATTACHMENT_IN_THREAD_BYTES:
+                value = await asyncio.to_thread(codec.decode, body, limits=self._borrowing)
+            else:
+                value = codec.decode(body, limits=self._borrowing)
+        except ProtocolError as exc:
+            exc.call_id = call_id_of(raw)  # type: ignore[attr-defined]
+            raise
         return raw, message.model_copy(update={"value": value})
 
     async def _handle(self, data: memoryview) -> None:

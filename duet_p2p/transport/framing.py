@@ -62,12 +62,13 @@ def split_message(parts: Sequence[Buffer], max_frame: int) -> Iterator[bytes]:
 
 
 class Reassembler:
-    """Collects START/CONT frames into whole messages with one preallocated buffer."""
+    """Collects START/CONT frames into whole messages, in one buffer that grows with the
+    data received (never with the length announced: ten bytes must not reserve gigabytes)."""
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
         self._buffer: bytearray | None = None
-        self._filled = 0
+        self._total = 0
 
     @property
     def in_progress(self) -> bool:
@@ -88,20 +89,18 @@ class Reassembler:
             body = memoryview(frame)[START_HEADER:]
             if body.nbytes == total:
                 return body
-            self._buffer = bytearray(total)
-            self._filled = 0
+            self._buffer = bytearray()
+            self._total = total
         elif kind == CONT:
             if self._buffer is None:
                 raise ProtocolError("a continuation frame arrived outside a message")
             body = memoryview(frame)[CONT_HEADER:]
         else:
             raise ProtocolError(f"unknown frame type 0x{kind:02x}")
-        end = self._filled + body.nbytes
-        if end > len(self._buffer):
+        if len(self._buffer) + body.nbytes > self._total:
             raise ProtocolError("a message is longer than its announced length")
-        self._buffer[self._filled : end] = body
-        self._filled = end
-        if end < len(self._buffer):
+        self._buffer += body
+        if len(self._buffer) < self._total:
             return None
         message, self._buffer = memoryview(self._buffer), None
         return message

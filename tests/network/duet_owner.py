@@ -7,8 +7,8 @@ waits for the scientist to close. IDs are exchanged through files in ``--dir``, 
 people would over chat: the owner writes ``duet_id``, the scientist writes ``client_id``.
 
 Prints one JSON line last: {"ok": true, "role": "owner", "candidate_types": [...],
-"expected_sha256": ..., timings...}; on a duet_p2p error {"ok": false, "error": ...}
-and exit code 3.
+"expected_sha256": ..., timings...}; on a duet_p2p error {"ok": false, "error_type": ...,
+"error": ..., "wait_seconds": ...} and exit code 3.
 
     python duet_owner.py http://198.51.100.1:8765 --dir D [--ice-servers JSON] [--timeout 30]
 """
@@ -29,6 +29,7 @@ import torch
 import duet_p2p as sy
 
 TAG = "data"
+_confirmed_at: list[float] = []  # when the Client ID was confirmed: the open timeout starts
 
 
 def write_text(path: Path, text: str) -> None:
@@ -61,7 +62,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir: Path = args.dir
-    confirmed_at: list[float] = []
+    confirmed_at = _confirmed_at
 
     def confirm(duet_id: str) -> str:
         write_text(workdir / "duet_id", duet_id)
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         request.accept()
         if args.repeats > 1:
             duet.requests.add_handler("accept", tags=[TAG], max_requests=args.repeats - 1)
-        closed = duet.wait_closed(timeout=args.timeout + 60)
+        closed = duet.wait_closed(timeout=args.timeout + 60 + 30 * args.repeats)
         audit_releases = sum(1 for e in duet.audit.entries() if e.get("event") == "release")
     return {
         "ok": True,
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             "error_type": type(exc).__name__,
             "error": str(exc),
             "seconds": round(time.perf_counter() - started, 3),
+            "wait_seconds": (
+                round(time.perf_counter() - _confirmed_at[0], 3) if _confirmed_at else None
+            ),
         }
         print(json.dumps(report), flush=True)
         return 3

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ def run_pair(
     scientist_env: Mapping[str, str] | None = None,
     wall: float | None = None,
 ) -> tuple[PeerRun, PeerRun]:
-    """Start both peers at once, wait (bounded by ``wall`` seconds) and return their runs."""
+    """Start both peers at once and return their runs; both together may take ``wall``
+    seconds (default: the connect timeout plus a minute), then they are killed."""
     workdir.mkdir(parents=True, exist_ok=True)
     common = [url, "--dir", str(workdir), "--timeout", f"{timeout:g}"]
     specs = [
@@ -92,11 +94,12 @@ def run_pair(
             cwd=str(REPO_ROOT),
         )
         procs.append((role, proc))
-    limit = wall if wall is not None else 2 * timeout + 90
+    limit = wall if wall is not None else timeout + 60
+    deadline = time.monotonic() + limit
     runs = []
     for role, proc in procs:
         try:
-            out, err = proc.communicate(timeout=limit)
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate(timeout=10)

@@ -6,7 +6,7 @@ op on it (``* 2``), requests the result and gets it (``--repeats`` times), then 
 
 Prints one JSON line last: {"ok": true, "role": "scientist", "candidate_types": [...],
 "sha256": ..., "join_seconds": ..., "get_seconds": [...], ...}; on a duet_p2p error
-{"ok": false, "error_type": ..., "error": ..., "seconds": ...} and exit code 3.
+{"ok": false, "error_type": ..., "error": ..., "wait_seconds": ...} and exit code 3.
 
     python duet_scientist.py http://198.51.100.1:8765 --dir D [--ice-servers JSON] [--timeout 30]
 """
@@ -25,6 +25,7 @@ from typing import Any
 import duet_p2p as sy
 
 TAG = "data"
+_join_started: list[float] = []  # when join_duet was called: the open timeout starts
 
 
 def write_text(path: Path, text: str) -> None:
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     duet_id = wait_text(args.dir / "duet_id", args.timeout + 30)
     ice = json.loads(args.ice_servers) if args.ice_servers else None
     started = time.perf_counter()
+    _join_started.append(started)
     duet = sy.join_duet(
         duet_id,
         args.signaling_url,
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             "error_type": type(exc).__name__,
             "error": str(exc),
             "seconds": round(time.perf_counter() - started, 3),
+            "wait_seconds": (
+                round(time.perf_counter() - _join_started[0], 3) if _join_started else None
+            ),
         }
         print(json.dumps(report), flush=True)
         return 3

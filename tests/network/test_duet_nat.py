@@ -85,8 +85,9 @@ def assert_clear_timeout(run: PeerRun, *hints: str) -> None:
     assert report["error_type"] == "ConnectionTimeout", run.describe()
     for hint in hints:
         assert hint in report["error"], report["error"]
-    # It waited for the open timeout (not an instant failure) and not much longer.
-    assert FAIL_TIMEOUT - 1 < report["seconds"] < FAIL_TIMEOUT + 8, report
+    # From the Client ID's confirmation (owner) or the join call (scientist) it waited
+    # for the open timeout: not an instant failure, and not ICE's own ~40 s give-up.
+    assert FAIL_TIMEOUT - 0.5 < report["wait_seconds"] < FAIL_TIMEOUT + 5, report
 
 
 def test_symmetric_nat_without_turn_fails_with_the_no_turn_hint(tmp_path: Path) -> None:
