@@ -32,9 +32,12 @@ from duet_p2p.store import OwnerStore, StoredObject, value_nbytes
 log = logging.getLogger(__name__)
 INDEX_OP = "duet.index"
 FORBIDDEN_KWARGS = frozenset({"out", "pin_memory", "generator", "closure", "layout"})
-_BOUNDED_CATEGORIES = frozenset({"arithmetic", "comparison", "reduction", "conversion", "loss"})
-_GROWING = frozenset({"diag", "diag_embed", "cartesian_prod", "block_diag"})
-"""Ops of those categories whose result can hold more elements than their inputs together."""
+_BOUNDED_CATEGORIES = frozenset(
+    {"arithmetic", "comparison", "reduction", "conversion", "loss", "operator"}
+)
+_GROWING = frozenset({"diag", "diag_embed", "cartesian_prod", "block_diag", "__getitem__"})
+"""Ops of those categories whose result can hold more elements than their inputs together
+(a tensor index is bounded, and checked by ``_tensor_index``; a list index is not)."""
 _MODULE_RECEIVERS = ("torch.nn.Module", "torch.optim.Optimizer")
 _STORAGE_CACHE_SIZE = 100_000
 
@@ -128,7 +131,7 @@ class Executor:
         nbytes = module_bytes if isinstance(value, torch.nn.Module) else value_nbytes(value)
         self._check_result(op, value, nbytes, inputs)
         record = self._record(action, entry, target, args, kwargs, value, nbytes, inputs)
-        self._taint(entry, target, args, kwargs, record, watched)
+        self._taint(entry, target, args, kwargs, inputs, record, watched)
         return record
 
     def _entry(self, op: str) -> AllowedOp | None:
@@ -354,6 +357,7 @@ class Executor:
         target: Any,
         args: list[Any],
         kwargs: dict[str, Any],
+        inputs: _Inputs,
         record: StoredObject,
         watched: list[tuple[torch.Tensor, int]],
     ) -> None:
@@ -365,6 +369,11 @@ class Executor:
         (which torch updates without a version bump) are named explicitly; ``backward``
         writes into the gradients of everything trainable. A module evaluated on private
         data (eval mode, or no buffers) is not changed by it and stays as it was.
+
+        Every record sharing memory with a record R is at least as restrictive as R (an
+        alias is made from R, or R's change was spread to it here), so when everything the
+        op changed was already at least as restrictive as its result, there is nothing to
+        spread and the store is not scanned (the common case in a training loop).
         """
         if entry is None or not record.private:
             return
@@ -378,9 +387,18 @@ class Executor:
         if not holders and not mutated:
             return
         keys = {self._storage(t) for t in mutated}
+        changed = [
+            r for r in inputs.records
+            if any(self._storage(t) in keys for t in _held_tensors(r.value))
+        ]  # fmt: skip
+        spread = not all(_covered(r, record) for r in (*holders, *changed))
         for other in holders:
             keys.update(self._storage(t) for t in _held_tensors(other.value))
             _make_private(other, record)
+        for other in changed:
+            _make_private(other, record)
+        if not spread:
+            return
         for other in (*self.store.peer_records(), *self.store.owner_records()):
             if other is record or _covered(other, record):
                 continue

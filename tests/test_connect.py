@@ -408,7 +408,7 @@ async def test_scientist_times_out_when_the_owner_never_confirms(server_url: str
     assert elapsed < 5, elapsed
     assert len(announced) == 1
     assert announced[0] in str(info.value)
-    assert "did the owner confirm" in str(info.value)
+    assert "has not yet confirmed your Client ID" in str(info.value)
 
 
 # -- 5. the synchronous API inside running event loops (as in Jupyter) ------------------------

@@ -139,7 +139,9 @@ def test_ops_that_grow_beyond_their_inputs() -> None:
     v = owner.host(torch.ones(100))
     refused(owner.run("torch.Tensor.diag_embed", v), "would exceed")
     refused(owner.run("torch.Tensor.diag", v), "would exceed")
-    refused(owner.run("torch.diag", None, owner.host(torch.ones(1)), diagonal=10**5), "would exceed")
+    refused(
+        owner.run("torch.diag", None, owner.host(torch.ones(1)), diagonal=10**5), "would exceed"
+    )
     refused(owner.run("torch.cartesian_prod", None, v, v), "would exceed")
     refused(owner.run("torch.outer", None, v, v), "would exceed")
     assert owner.value(owner.ok("torch.Tensor.diag", owner.host(torch.ones(30)))).numel() == 900

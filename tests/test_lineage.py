@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,29 +137,21 @@ def test_failed_op_lineage_names_the_op(pair: Any) -> None:
 def test_render_call_forms() -> None:
     names = {"x" * 32: "data", "y" * 32: "w"}
     x, y = ObjectRef("x" * 32), ObjectRef("y" * 32)
-    assert lineage.render_call("torch.Tensor.__add__", x, [y], {}, names) == "(data + w)"
-    assert lineage.render_call("torch.Tensor.__rsub__", x, [2], {}, names) == "(2 - data)"
-    assert lineage.render_call("torch.Tensor.__getitem__", x, [(Ellipsis, None)], {}, names) == (
-        "data[..., None]"
-    )
-    assert lineage.render_call("torch.Tensor.__getitem__", x, [slice(None, None, 2)], {}, names) == (
-        "data[::2]"
-    )
-    assert lineage.render_call("torch.Tensor.__getitem__", x, [slice(y, None)], {}, names) == (
-        "data[w:]"
-    )
-    assert lineage.render_call("torch.cat", None, [[x, y]], {"dim": 0}, names) == (
-        "torch.cat([data, w], dim=0)"
-    )
-    assert lineage.render_call("torch.Tensor.to", x, [torch.float64], {}, names) == (
-        "data.to(torch.float64)"
-    )
-    assert lineage.render_call("torch.Tensor.shape", x, [], {}, names, attribute=True) == (
-        "data.shape"
-    )
-    assert lineage.render_call("torch.nn.Module.__call__", x, [y], {}, names) == "data(w)"
-    unknown = ObjectRef("z" * 32)
-    assert lineage.render_call("torch.Tensor.sum", unknown, [], {}, names) == "obj_zzzzzzzz.sum()"
+
+    def render(op: str, target: Any, *args: Any, **kwargs: Any) -> str:
+        return lineage.render_call(op, target, list(args), kwargs, names)
+
+    assert render("torch.Tensor.__add__", x, y) == "(data + w)"
+    assert render("torch.Tensor.__rsub__", x, 2) == "(2 - data)"
+    assert render("torch.Tensor.__getitem__", x, (Ellipsis, None)) == "data[..., None]"
+    assert render("torch.Tensor.__getitem__", x, slice(None, None, 2)) == "data[::2]"
+    assert render("torch.Tensor.__getitem__", x, slice(y, None)) == "data[w:]"
+    assert render("torch.cat", None, [x, y], dim=0) == "torch.cat([data, w], dim=0)"
+    assert render("torch.Tensor.to", x, torch.float64) == "data.to(torch.float64)"
+    assert render("torch.nn.Module.__call__", x, y) == "data(w)"
+    assert render("torch.Tensor.sum", ObjectRef("z" * 32)) == "obj_zzzzzzzz.sum()"
+    shape = lineage.render_call("torch.Tensor.shape", x, [], {}, names, attribute=True)
+    assert shape == "data.shape"
 
 
 def test_render_value_bounds() -> None:

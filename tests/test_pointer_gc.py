@@ -29,7 +29,7 @@ def _peer_objects(owner: sy.Duet) -> int:
     return owner._core.store.peer_object_count()
 
 
-def _settled(owner: sy.Duet, scientist: sy.Duet, expected: int) -> bool:
+def _settled(owner: sy.Duet, expected: int) -> bool:
     """Whether the owner holds ``expected`` peer objects once queued work is done."""
     return _wait_for(lambda: _peer_objects(owner) == expected)
 
@@ -40,7 +40,7 @@ def test_dropped_intermediates_are_freed(duet_pair: tuple[sy.Duet, sy.Duet]) -> 
     owner.requests.add_handler(action="accept")
     data = scientist.store["data"]
     assert data.sum().item().get(timeout_secs=TIMEOUT, delete=True) == 6.0
-    assert _settled(owner, scientist, 0)
+    assert _settled(owner, 0)
 
     pointers = [data + i for i in range(1000)]
     assert _wait_for(lambda: _peer_objects(owner) == 1000), _peer_objects(owner)
@@ -49,7 +49,7 @@ def test_dropped_intermediates_are_freed(duet_pair: tuple[sy.Duet, sy.Duet]) -> 
 
     del pointers
     gc.collect()
-    assert _settled(owner, scientist, 0), _peer_objects(owner)
+    assert _settled(owner, 0), _peer_objects(owner)
     assert owner._core.store.peer_bytes == 0
 
 
@@ -61,7 +61,7 @@ def test_temporaries_in_chains_are_freed_and_results_kept(
     data = scientist.store["data"]
     kept = [((data * i) + 1).sum() for i in range(300)]  # two temporaries each
     gc.collect()
-    assert _settled(owner, scientist, 300), _peer_objects(owner)
+    assert _settled(owner, 300), _peer_objects(owner)
     values = [p.get(timeout_secs=TIMEOUT).item() for p in kept[:3]]
     assert values == [3.0, 6.0, 9.0]
     assert kept[-1].get(timeout_secs=TIMEOUT).item() == 3.0 * 299 + 3.0
@@ -83,7 +83,7 @@ def test_deletes_never_overtake_the_actions_that_use_them(
         del temporary
         if i % 50 == 0:
             time.sleep(0.001)  # let the loop thread interleave
-    assert _settled(owner, scientist, len(results)), _peer_objects(owner)
+    assert _settled(owner, len(results)), _peer_objects(owner)
     store = owner._core.store
     failed = [p.id for p in results if (r := store.get(p.id)) is None or r.error is not None]
     assert failed == []
@@ -124,17 +124,24 @@ def test_get_with_delete_frees_the_result(duet_pair: tuple[sy.Duet, sy.Duet]) ->
     owner, scientist = duet_pair
     owner.store.send(torch.ones(2), tags=["data"], public=True)
     result = scientist.store["data"] * 3
-    assert _settled(owner, scientist, 1)
+    assert _settled(owner, 1)
     assert torch.equal(result.get(timeout_secs=TIMEOUT, delete=True), torch.full((2,), 3.0))
-    assert _settled(owner, scientist, 0)
+    assert _settled(owner, 0)
 
 
-def test_closing_the_session_flushes_deletes(duet_pair: tuple[sy.Duet, sy.Duet]) -> None:
+def test_closing_the_session_sends_pending_deletes(
+    duet_pair: tuple[sy.Duet, sy.Duet], monkeypatch: pytest.MonkeyPatch
+) -> None:
     owner, scientist = duet_pair
+    monkeypatch.setattr(scientist_module, "DELETE_INTERVAL", 60.0)  # only close sends them
     owner.store.send(torch.ones(2), tags=["data"], public=True)
     data = scientist.store["data"]
+    time.sleep(0.6)  # let the periodic loop start its long sleep
     pointers = [data + i for i in range(10)]
-    assert _settled(owner, scientist, 10)
+    assert _settled(owner, 10)
     del pointers
     gc.collect()
-    assert _settled(owner, scientist, 0)
+    time.sleep(0.2)
+    assert _peer_objects(owner) == 10  # dropped, not yet sent
+    scientist.close()
+    assert _settled(owner, 0)

@@ -97,9 +97,10 @@ def assert_same(remote: Any, local: Any) -> None:
         assert isinstance(remote, torch.Tensor), f"expected a tensor, got {type(remote)}"
         assert remote.dtype == local.dtype
         assert remote.shape == local.shape
-        assert torch.allclose(remote, local, equal_nan=True, atol=1e-5) if (
-            local.is_floating_point()
-        ) else torch.equal(remote, local)
+        if local.is_floating_point():
+            assert torch.allclose(remote, local, equal_nan=True, atol=1e-5)
+        else:
+            assert torch.equal(remote, local)
     elif isinstance(local, (tuple, list)):  # torch.Size, named tuples (sort, qr) included
         assert isinstance(remote, (tuple, list)), f"expected a sequence, got {type(remote)}"
         assert len(remote) == len(local)
