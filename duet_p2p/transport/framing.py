@@ -3,6 +3,11 @@
 A message is split into a START frame (carrying the message's total length) and as many
 CONT frames as needed, each no larger than the channel's max message size. Control frames
 (credit, ping, pong, close) may come between the frames of a message.
+
+Small frames sent together travel as one BATCH frame (each inner frame preceded by its
+u32 length): aiortc sends every data-channel message as its own packet and answers each
+with an acknowledgement, so a hundred small messages would cost a hundred round trips'
+worth of work on both sides.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ CREDIT = 0x10
 PING = 0x20
 PONG = 0x21
 CLOSE = 0x30
+BATCH = 0x40
 
 _U64 = struct.Struct("!Q")
+_U32 = struct.Struct("!I")
 START_HEADER = 1 + _U64.size
 CONT_HEADER = 1
+BATCH_ITEM_HEADER = _U32.size
 _CONT_BYTE = bytes((CONT,))
+_BATCH_BYTE = bytes((BATCH,))
 
 
 def control_frame(kind: int, value: int = 0) -> bytes:
@@ -35,6 +44,35 @@ def read_u64(frame: bytes, offset: int = 1) -> int:
     if len(frame) < offset + _U64.size:
         raise ProtocolError("truncated frame")
     return _U64.unpack_from(frame, offset)[0]
+
+
+def batch_frame(frames: Sequence[bytes]) -> bytes:
+    """One BATCH frame carrying ``frames`` (none of them a batch), in order."""
+    pieces: list[bytes] = [_BATCH_BYTE]
+    for frame in frames:
+        pieces.append(_U32.pack(len(frame)))
+        pieces.append(frame)
+    return b"".join(pieces)
+
+
+def split_batch(frame: bytes) -> Iterator[memoryview]:
+    """The frames inside a BATCH frame (views into it); refuses nesting and bad lengths."""
+    view = memoryview(frame)
+    end = view.nbytes
+    offset = 1
+    if offset == end:
+        raise ProtocolError("an empty batch frame")
+    while offset < end:
+        if offset + BATCH_ITEM_HEADER > end:
+            raise ProtocolError("truncated batch frame")
+        (length,) = _U32.unpack_from(view, offset)
+        offset += BATCH_ITEM_HEADER
+        if length == 0 or offset + length > end:
+            raise ProtocolError("a batch item is empty or longer than the batch")
+        if view[offset] == BATCH:
+            raise ProtocolError("a batch inside a batch")
+        yield view[offset : offset + length]
+        offset += length
 
 
 def split_message(parts: Sequence[Buffer], max_frame: int) -> Iterator[bytes]:

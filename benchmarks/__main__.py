@@ -1,0 +1,302 @@
+"""`make bench`: every benchmark, a table on stdout, benchmarks/results.json and BENCHMARKS.md.
+
+Each benchmark starts its own peer processes (two, on loopback) and measures its baseline
+in the same run. The training benchmark (benchmarks/training.py) is included when present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results.json"
+RESULTS_LARGE = HERE / "results_large.json"
+REPORT = ROOT / "BENCHMARKS.md"
+MB = 1_000_000
+
+
+def _machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), "")
+    except OSError:
+        pass
+    versions = {}
+    for name in ("aiortc", "aioice", "torch", "uvloop", "pydantic", "cryptography"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": versions,
+        "load_average_at_start": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def _run(name: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    print(f"-- {name} ...", flush=True)
+    started = time.perf_counter()
+    try:
+        result = step()
+    except Exception as exc:  # noqa: BLE001 - one failed benchmark must not hide the others
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    result["benchmark_seconds"] = time.perf_counter() - started
+    print(f"   done in {result['benchmark_seconds']:.0f} s", flush=True)
+    return result
+
+
+def _training() -> dict[str, Any] | None:
+    """benchmarks/training.py's run(), if that module exists."""
+    try:
+        module = importlib.import_module("benchmarks.training")
+    except ImportError:
+        return None
+    run = getattr(module, "run", None)
+    return run() if callable(run) else None
+
+
+def run_all() -> dict[str, Any]:
+    from benchmarks import channel, connect, gets, ops
+
+    results: dict[str, Any] = {"machine": _machine()}
+    results["connect"] = _run("connect", connect.run_benchmark)
+    results["channel"] = _run("channel", channel.run_benchmark)
+    results["ops"] = _run("ops", ops.run_benchmark)
+    results["gets"] = _run("gets", gets.run_benchmark)
+    training = _run("training", lambda: _training() or {"skipped": "no benchmarks/training.py"})
+    results["training"] = training
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    return results
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def _f(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "—"
+
+
+def _met(flag: Any) -> str:
+    return {True: "yes", False: "**no**"}.get(flag, "—")
+
+
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    """[what, duet_p2p, baseline, ratio, goal, met, PySyft 0.5] per line of the table."""
+    out: list[list[str]] = []
+    c = results.get("connect", {})
+    if "join_s" in c:
+        out.append([
+            f"1. Connect: `join_duet()` call to open session (median of {c['rounds']})",
+            f"{c['join_s'] * 1e3:.0f} ms (channel open {c['open_s'] * 1e3:.0f} ms)",
+            f"raw aiortc setup {c['raw_s'] * 1e3:.0f} ms",
+            f"{c['ratio']:.2f}x time", "<= 250 ms", _met(c["goal_met"]),
+            "join 1.70 s, both connected 3.10 s",
+        ])  # fmt: skip
+    ch = results.get("channel", {})
+    if "raw" in ch:
+        raw, ours = ch["raw"], ch["ours"]
+        out.append([
+            "2. Channel round trip (16 B echo, median of 300)",
+            f"{ours['rtt_ms']:.2f} ms", f"plain aiortc {raw['rtt_ms']:.2f} ms",
+            f"{ch['rtt_ratio']:.2f}x time", "—", "—", "—",
+        ])  # fmt: skip
+        out.append([
+            f"2. Channel bulk, {ch['bulk_bytes'] // 2**20} MiB (median of "
+            f"{len(ours['bulk_samples'])})",
+            f"{ours['bulk_mib_s']:.1f} MiB/s", f"plain aiortc {raw['bulk_mib_s']:.1f} MiB/s",
+            f"{ch['bulk_ratio']:.2f}x", "—", "—", "—",
+        ])  # fmt: skip
+        out.append([
+            "2. Small messages sent back to back (5,000 x 16 B)",
+            f"{ours['msgs_per_s']:,.0f} msg/s", f"plain aiortc {raw['msgs_per_s']:,.0f} msg/s",
+            f"{ch['rate_ratio']:.1f}x", "—", "—", "—",
+        ])  # fmt: skip
+    o = results.get("ops", {})
+    if "chain_ops_per_s" in o:
+        out.append([
+            f"3. Chain of {o['chain_length']:,} `p = p + 1`, then one get (median of "
+            f"{o['chain_runs']})",
+            f"{o['chain_ops_per_s']:,.0f} ops/s ({o['chain_total_s'] * 1e3:.0f} ms; issued in "
+            f"{o['chain_issue_s'] * 1e3:.0f} ms)",
+            f"raw channel {o['raw_msgs_per_s']:,.0f} msg/s",
+            f"{o['chain_ratio_to_raw_rate']:.1f}x", ">= 5,000 ops/s", _met(o["chain_goal_met"]),
+            "100 ops took 338 ms just to issue",
+        ])  # fmt: skip
+        out.append([
+            "4. op + get round trip, accepting handler (median of 100)",
+            f"{o['op_rtt_s'] * 1e3:.2f} ms", f"raw aiortc ping {o['raw_rtt_s'] * 1e3:.2f} ms",
+            f"{o['op_rtt_ratio']:.1f}x time", "<= 5 ms", _met(o["op_rtt_goal_met"]), "1,116 ms",
+        ])  # fmt: skip
+    g = results.get("gets", {})
+    for row in g.get("rows", []):
+        size = row["bytes"] // MB
+        out.append([
+            f"5. get of {size} MB (median of {row['repeats']})",
+            f"{row['get_mib_s']:.1f} MiB/s ({row['get_s']:.2f} s)",
+            f"raw aiortc {row['raw_mib_s']:.1f} MiB/s ({row['raw_s']:.2f} s)",
+            f"{row['ratio']:.2f}x", ">= 0.85x raw", _met(row["ratio"] >= 0.85),
+            "3.5 MB/s for 100 MB" if size == 100 else "—",
+        ])  # fmt: skip
+    if g.get("rows"):
+        big = g["rows"][-1]
+        size = big["bytes"] // MB
+        for side in ("owner", "scientist"):
+            ratio = big.get(f"{side}_peak_ratio")
+            out.append([
+                f"6. Peak RSS above idle during a {size} MB get, {side}",
+                f"{_f(big.get(f'{side}_peak_above_idle_bytes', 0) / MB, '.0f')} MB "
+                f"({_f(ratio, '.2f')}x payload)",
+                "—", "—", "<= 1.5x payload", _met(ratio is not None and ratio <= 1.5), "~13x",
+            ])  # fmt: skip
+    t = results.get("training", {})
+    if "ratio_remote_to_local" in t:
+        out.append([
+            "Training steps/s, remote vs local (benchmarks/training.py)",
+            f"{t['remote_steps_per_s']:.1f} steps/s", f"local {t['local_steps_per_s']:.1f} steps/s",
+            f"{t['ratio_remote_to_local']:.2f}x", f">= {t.get('goal_ratio', 0.5)}x",
+            _met(t.get("goal_met")), "—",
+        ])  # fmt: skip
+    return out
+
+
+HEADER = ["Benchmark", "duet_p2p", "Baseline, same run", "Ratio", "Goal", "Met", "PySyft 0.5"]
+
+
+def markdown_table(table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def text_table(table: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [HEADER, *table]) for i in range(len(HEADER))]
+    widths[0] = min(widths[0], 60)
+    lines = []
+    for row in [HEADER, *table]:
+        lines.append("  ".join(cell[: widths[i]].ljust(widths[i]) for i, cell in enumerate(row)))
+    return "\n".join(lines)
+
+
+def _large_section() -> str:
+    if not RESULTS_LARGE.exists():
+        return "`make bench-large` has not been run on this machine yet.\n"
+    data = json.loads(RESULTS_LARGE.read_text(encoding="utf-8"))
+    row, big = data["get_1000mb"], data["get_3gib"]
+    gib = 1024**3
+    return (
+        f"- 1000 MB get: {row['get_s']:.1f} s ({row['get_mib_s']:.1f} MiB/s) against raw "
+        f"aiortc's {row['raw_s']:.1f} s ({row['raw_mib_s']:.1f} MiB/s): "
+        f"{row['ratio']:.2f}x.\n"
+        f"- 3 GiB tensor get: transferred in {big['seconds']:.0f} s ({big['mib_s']:.1f} MiB/s). "
+        f"Peak RSS above idle: owner {big['owner_peak_above_idle_bytes'] / gib:.2f} GiB "
+        f"({big['owner_peak_ratio']:.2f}x the payload), scientist "
+        f"{big['scientist_peak_above_idle_bytes'] / gib:.2f} GiB "
+        f"({big['scientist_peak_ratio']:.2f}x, the received tensor included). "
+        "PySyft 0.5 fails at 2 GB.\n"
+    )
+
+
+NOTES = """\
+## Where the time goes, and what was changed
+
+- **aiortc sets the ceiling.** Its SCTP stack is pure Python: every 1,200-byte chunk is a
+  packet, a DTLS record and a datagram, and the receiver acknowledges every packet. That
+  costs about 35-45 ms of CPU per MiB on *each* side, so two processes on two cores top
+  out near 10-25 MiB/s, and anything else running on the machine shows up directly. A
+  cProfile of a bulk transfer shows no duet_p2p function near the top on either side.
+- **Frames are 64 KiB** (was a 256 KiB default, which the channel never used: the frame
+  size was fixed before the remote's max message size was known, so it fell back to
+  64 KiB; it is now read after negotiation). Measured with plain aiortc in 16 MB
+  transfers: 64 KiB messages cost 37 ms/MiB sending and 36 receiving; 256 KiB cost 44 and
+  50, because aiortc rescans the chunks of a message under reassembly as each arrives.
+- **Small frames are batched.** aiortc neither bundles nor delays (the opposite of Nagle):
+  5,000 sends of 16 B are 5,000 packets and 5,000 acknowledgements. The transport now
+  holds frames under 8 KiB until the event loop turns and sends them as one BATCH frame;
+  back-to-back messages go from about 2-3 thousand per second to over 100 thousand.
+  Our framing, credit window and event loop were not the limit (a few microseconds per
+  message); one-at-a-time sends are bounded by the ~0.4 ms loopback round trip.
+- **Executor pre-check.** The meta-device size check cost ~100 us of each 137 us op;
+  Python operators (`+`, `*`, `@`, comparisons; not indexing with lists) are now bounded
+  by the product of their inputs' sizes like arithmetic, so `p + 1` skips it
+  (137 -> 37 us per op). That took the chain from ~3,500 to ~8,500 ops/s on a quiet
+  machine.
+- **Copies.** A get copies the value once on the owner (the encoded snapshot that is
+  hashed for the audit log and cannot change while it is sent) and once per 64 KiB frame;
+  the scientist reassembles into one growing buffer and decodes tensors in place from it
+  (no second copy). Hashing (SHA-256) is ~1.2 ms/MiB, ~3% of the owner's CPU.
+- **Credit window** stays 4 MiB, acknowledged every 1 MiB: it bounds what is buffered
+  per direction and never limited loopback throughput (aiortc's congestion window stays
+  far below it).
+- **uvloop** is active in every peer process (reported by each peer at start).
+- Left alone: pydantic validation (~2 us per action), CBOR decode of a 1,000-action
+  batch (~10 ms), the audit log's flush per action (~10 us), and aiortc itself.
+"""
+
+
+def report(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    v = m["versions"]
+    loops = sorted(set(results.get("connect", {}).get("loop", [])))
+    load0 = ", ".join(f"{x:.1f}" for x in m["load_average_at_start"])
+    load1 = ", ".join(f"{x:.1f}" for x in m.get("load_average_at_end", ()))
+    return f"""# Benchmarks
+
+Generated by `make bench` (`python -m benchmarks`, about 3-4 minutes). **All numbers are
+from one run** on {m['cpu'] or 'an unnamed CPU'}, {m['cores']} cores, {m['system']},
+Python {m['python']}, aiortc {v.get('aiortc')}, torch {v.get('torch')}, event loop
+{', '.join(loops) or 'unknown'}, {m['date']}. Load average at start: {load0}; at end: {load1}.
+
+Every benchmark runs two peers as separate OS processes on loopback (127.0.0.1 host
+candidates only) and measures its baseline between the same two processes in the same run.
+The machine is shared with other work: on two cores, anything else running shifts
+throughput by tens of percent from run to run; ratios from the same run are the figures
+to compare. Raw JSON: `benchmarks/results.json`.
+
+{markdown_table(rows(results))}
+
+Ratios: for times (connect, round trips) ours divided by the baseline; for rates and
+throughput ours divided by the baseline (above 1 is faster). A get's time includes the
+request, the owner's accept handler, encoding, hashing for the audit log, the transfer and
+decoding; the raw baseline is only the transfer.
+
+## `make bench-large`
+
+{_large_section()}
+{NOTES}"""
+
+
+def main() -> int:
+    results = run_all()
+    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    table = rows(results)
+    print()
+    print(text_table(table))
+    REPORT.write_text(report(results), encoding="utf-8")
+    print(f"\nwrote {RESULTS.relative_to(ROOT)} and {REPORT.relative_to(ROOT)}")
+    failed = [name for name, value in results.items() if isinstance(value, dict) and "error" in value]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
