@@ -415,9 +415,7 @@ class RawLink:
 
         return run(go())
 
-    def answer(
-        self, sdp: str, framed: bool = False, options: dict[str, Any] | None = None
-    ) -> str:
+    def answer(self, sdp: str, framed: bool = False, options: dict[str, Any] | None = None) -> str:
         from aiortc import RTCSessionDescription
 
         async def go() -> str:
@@ -527,7 +525,9 @@ class DuetPeer:
 
         kind = getattr(torch, dtype)
         count = max(1, nbytes // torch.empty((), dtype=kind).element_size())
-        value = torch.rand(count).to(kind) if kind.is_floating_point else torch.zeros(count, dtype=kind)
+        value = (
+            torch.rand(count).to(kind) if kind.is_floating_point else torch.zeros(count, dtype=kind)
+        )
         self.objects[tag] = value
         self.duet.send(value, tags=(tag,))
         return value.numel() * value.element_size()

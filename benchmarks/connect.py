@@ -36,9 +36,13 @@ def run_benchmark(rounds: int = ROUNDS) -> dict[str, Any]:
     raw: list[float] = []
     joins: list[float] = []
     opens: list[float] = []
-    with signaling_server() as url, peers(
-        ("benchmarks.connect:peer", "owner"), ("benchmarks.connect:peer", "scientist")
-    ) as (owner, scientist):
+    with (
+        signaling_server() as url,
+        peers(("benchmarks.connect:peer", "owner"), ("benchmarks.connect:peer", "scientist")) as (
+            owner,
+            scientist,
+        ),
+    ):
         loops = sorted({owner.call("loop"), scientist.call("loop")})
         connect_raw(owner, scientist)  # warm-up: imports, first-use costs
         owner.call("raw_close")

@@ -73,7 +73,10 @@ def raw_transfer(owner: Peer, scientist: Peer, nbytes: int) -> float:
 def timed_get(owner: Peer, scientist: Peer, tag: str, nbytes: int, rss: bool) -> dict[str, Any]:
     """One get; with ``rss``, also the peak RSS above idle on both sides."""
     if rss:
-        idle = {"owner": owner.call("reset_peak_rss"), "scientist": scientist.call("reset_peak_rss")}
+        idle = {
+            "owner": owner.call("reset_peak_rss"),
+            "scientist": scientist.call("reset_peak_rss"),
+        }
     seconds = scientist.call("get", tag=tag, nbytes=nbytes, timeout=3600)
     result: dict[str, Any] = {"seconds": seconds}
     if rss:
@@ -86,9 +89,13 @@ def timed_get(owner: Peer, scientist: Peer, tag: str, nbytes: int, rss: bool) ->
 
 def run_benchmark(sizes: tuple[tuple[int, int], ...] = SIZES) -> dict[str, Any]:
     rows = []
-    with signaling_server() as url, peers(
-        ("benchmarks.gets:peer", "owner"), ("benchmarks.gets:peer", "scientist")
-    ) as (owner, scientist):
+    with (
+        signaling_server() as url,
+        peers(("benchmarks.gets:peer", "owner"), ("benchmarks.gets:peer", "scientist")) as (
+            owner,
+            scientist,
+        ),
+    ):
         connect_raw(owner, scientist)
         connect_duet(owner, scientist, url)
         owner.call("accept_all")

@@ -21,9 +21,13 @@ GIB = 1024**3
 
 def three_gib_get(nbytes: int = LARGE_BYTES) -> dict[str, Any]:
     """One get of a ``nbytes`` float32 tensor between two processes; time and peak RSS."""
-    with signaling_server() as url, peers(
-        ("benchmarks.gets:peer", "owner"), ("benchmarks.gets:peer", "scientist")
-    ) as (owner, scientist):
+    with (
+        signaling_server() as url,
+        peers(("benchmarks.gets:peer", "owner"), ("benchmarks.gets:peer", "scientist")) as (
+            owner,
+            scientist,
+        ),
+    ):
         connect_duet(owner, scientist, url)
         owner.call("accept_all")
         started = time.perf_counter()

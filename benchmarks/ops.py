@@ -68,9 +68,13 @@ def peer() -> Handlers:
 
 
 def run_benchmark() -> dict[str, Any]:
-    with signaling_server() as url, peers(
-        ("benchmarks.ops:peer", "owner"), ("benchmarks.ops:peer", "scientist")
-    ) as (owner, scientist):
+    with (
+        signaling_server() as url,
+        peers(("benchmarks.ops:peer", "owner"), ("benchmarks.ops:peer", "scientist")) as (
+            owner,
+            scientist,
+        ),
+    ):
         # Baselines: the plain aiortc channel between the same two processes.
         connect_raw(scientist, owner)
         owner.call("serve", mode="echo")

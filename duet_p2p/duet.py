@@ -20,6 +20,7 @@ from duet_p2p import config
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake, join
 from duet_p2p.errors import DuetError
+from duet_p2p.executor import warm_up
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import OwnerCore
 from duet_p2p.permissions import AuditLog
@@ -148,10 +149,15 @@ class Duet:
 # -- launching (owner) ------------------------------------------------------------------
 
 
-def _owner_settings(
-    allowlist: Allowlist | None, limits: OwnerLimits | None, audit_path: Any
-) -> tuple[Allowlist, OwnerLimits, AuditLog]:
-    return allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits(), AuditLog(audit_path)
+def _prepare_owner(
+    options: ConnectOptions, allowlist: Allowlist | None, limits: OwnerLimits | None,
+    audit_path: Any,
+) -> tuple[Allowlist, OwnerLimits, AuditLog]:  # fmt: skip
+    """The owner's settings; caps incoming messages and warms up the executor meanwhile."""
+    settings = allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits(), AuditLog(audit_path)
+    _cap_owner_messages(options, settings[1])
+    warm_up()
+    return settings
 
 
 def _cap_owner_messages(options: ConnectOptions, limits: OwnerLimits) -> None:
@@ -195,8 +201,7 @@ def launch_duet(
     ``client_id=`` if given, else ``client_id_callback(duet_id)``, else typed at a prompt.
     """
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
-    settings = _owner_settings(allowlist, limits, audit_path)
-    _cap_owner_messages(options, settings[1])
+    settings = _prepare_owner(options, allowlist, limits, audit_path)
     runtime = get_runtime()
     handshake = OwnerHandshake(options)
     runtime.run(handshake.start())
@@ -265,8 +270,7 @@ async def launch_duet_async(
 ) -> Duet:
     """``launch_duet`` on the caller's asyncio loop; the callback may be async."""
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
-    settings = _owner_settings(allowlist, limits, audit_path)
-    _cap_owner_messages(options, settings[1])
+    settings = _prepare_owner(options, allowlist, limits, audit_path)
     handshake = OwnerHandshake(options)
     await handshake.start()
     try:

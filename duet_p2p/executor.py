@@ -13,6 +13,7 @@ import copy
 import inspect
 import logging
 import math
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -40,6 +41,21 @@ _GROWING = frozenset({"diag", "diag_embed", "cartesian_prod", "block_diag", "__g
 (a tensor index is bounded, and checked by ``_tensor_index``; a list index is not)."""
 _MODULE_RECEIVERS = ("torch.nn.Module", "torch.optim.Optimizer")
 _STORAGE_CACHE_SIZE = 100_000
+
+
+_warmed = threading.Event()
+
+
+def warm_up() -> None:
+    """Load what the first size prediction on the meta device imports (about a second),
+    so the peer's first op does not pay for it. Safe to call more than once."""
+    if not _warmed.is_set():
+        _warmed.set()
+        threading.Thread(target=_meta_add, name="duet-warm-up", daemon=True).start()
+
+
+def _meta_add() -> None:
+    torch.ones(1, device="meta") + 1
 
 
 class ActionFailed(DuetError):
