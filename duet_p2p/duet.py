@@ -93,6 +93,18 @@ class Duet:
             raise DuetError("no_grad marks the scientist's remote ops; the owner uses torch's")
         return self._core.no_grad()
 
+    def plan(self, function: Callable[..., Any], name: str | None = None) -> Any:
+        """Scientist: record ``function``'s remote ops once; the owner replays them per call.
+
+        ``step = duet.plan(lambda x, y: ...)`` runs ``function`` on placeholder pointers
+        (its arguments) and sends the recorded ops; ``step(x_ptr, y_ptr)`` then runs them
+        all from one action, ``step.map(batches, ...)`` once per item of a remote sequence.
+        See ``duet_p2p.plans``.
+        """
+        if isinstance(self._core, OwnerCore):
+            raise DuetError("plans are recorded by the scientist")
+        return self._core.plan(function, name)
+
     @property
     def connected(self) -> bool:
         return not self._closed and not self._connection.transport.closed

@@ -15,13 +15,12 @@ import logging
 import math
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from duet_p2p import lineage
+from duet_p2p import lineage, plans
 from duet_p2p.allowlist import AllowedOp, Allowlist, ReturnKind, check_path_syntax
 from duet_p2p.errors import DuetError, OperationNotAllowed, RemoteError
 from duet_p2p.limits import OwnerLimits
@@ -40,7 +39,7 @@ _GROWING = frozenset({"diag", "diag_embed", "cartesian_prod", "block_diag", "__g
 """Ops of those categories whose result can hold more elements than their inputs together
 (a tensor index is bounded, and checked by ``_tensor_index``; a list index is not)."""
 _MODULE_RECEIVERS = ("torch.nn.Module", "torch.optim.Optimizer")
-_STORAGE_CACHE_SIZE = 100_000
+_MAX_CLEAN = 1_000_000
 
 
 _warmed = threading.Event()
@@ -84,7 +83,10 @@ class Executor:
         self.limits = limits
         self.actions_run = 0
         self.actions_failed = 0
-        self._storages: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        self._entries: dict[str, AllowedOp] = {}
+        self._clean: dict[int, tuple[float, frozenset[str]]] = {}
+        """Storage address -> (aggregation, tags) that every record holding that memory is
+        known to be at least as restrictive as (all private); see ``_taint``."""
 
     def run(self, action: Action) -> StoredObject:
         """Run one action and store its result or its error; returns the stored record."""
@@ -107,26 +109,36 @@ class Executor:
 
     # -- the steps ---------------------------------------------------------------------
 
-    def _run(self, action: Action) -> StoredObject:
+    def _run(self, action: Action, env: dict[str, StoredObject] | None = None) -> StoredObject:
+        """Run one action; inside a plan's replay, ``env`` holds the plan's own values (the
+        result goes there, not into the store)."""
         op = action.op
-        if self.store.get(action.result) is not None:
-            existing = self.store.get(action.result)
-            if existing is not None and existing.origin == "owner":
-                raise ActionFailed(_refusal(op, "the result ID is taken by an owner object"))
-        if self.store.peer_object_count() >= self.limits.max_peer_objects:
-            raise ActionFailed(_refusal(op, "too many objects held for the peer; free some"))
+        if env is None:
+            if self.store.get(action.result) is not None:
+                existing = self.store.get(action.result)
+                if existing is not None and existing.origin == "owner":
+                    raise ActionFailed(_refusal(op, "the result ID is taken by an owner object"))
+            if self.store.peer_object_count() >= self.limits.max_peer_objects:
+                raise ActionFailed(_refusal(op, "too many objects held for the peer; free some"))
+            if op in plans.PLAN_OPS:
+                return self._plan(action)
         entry = self._entry(op)
         inputs = _Inputs([])
-        target = self._resolve(action.target, inputs, op)
-        args = self._resolve(action.args, inputs, op)
-        kwargs = self._resolve(action.kwargs, inputs, op)
+        target = self._resolve(action.target, inputs, op, env)
+        args = self._resolve(action.args, inputs, op, env)
+        kwargs = self._resolve(action.kwargs, inputs, op, env)
         self._check_kwargs(op, kwargs)
         module_bytes = 0
         if entry is not None:
             self._check_mutation(entry, target, args, kwargs, inputs)
             self._check_size(entry, target, args, kwargs, inputs)
             module_bytes = self._check_module_size(entry, args, kwargs, inputs)
-        watched = _versions([target, args, kwargs]) if inputs.private else []
+        watched = _watch(inputs.records) if inputs.private else []
+        if inputs.private and entry is not None and entry.name == "backward":
+            grads_before = {id(leaf): leaf.grad for leaf in _graph_leaves(target)}
+        else:
+            grads_before = {}
+        args = self._shield_owner_inputs(entry, target, args)
         started = time.perf_counter()
         try:
             with torch.no_grad() if action.no_grad else contextlib.nullcontext():
@@ -146,23 +158,34 @@ class Executor:
         # a module method returns the module itself: only a constructor's new tensors count
         nbytes = module_bytes if isinstance(value, torch.nn.Module) else value_nbytes(value)
         self._check_result(op, value, nbytes, inputs)
-        record = self._record(action, entry, target, args, kwargs, value, nbytes, inputs)
-        self._taint(entry, target, args, kwargs, inputs, record, watched)
+        record = self._record(action, entry, value, nbytes, inputs, render=env is None)
+        if self._clean:
+            self._unclean(value)  # a new holder of that memory, not yet checked
+        self._taint(entry, target, args, kwargs, record, watched, grads_before, env)
         return record
 
     def _entry(self, op: str) -> AllowedOp | None:
         if op == INDEX_OP:
             return None
+        entry = self._entries.get(op)
+        if entry is not None:
+            return entry
         try:
             check_path_syntax(op)
-            return self.allowlist.get(op)
+            entry = self.allowlist.get(op)
         except OperationNotAllowed as exc:
             raise ActionFailed(error_info(exc, op=op[:200])) from None
+        self._entries[op] = entry  # the allowlist never changes; only its paths are kept
+        return entry
 
-    def _resolve(self, value: Any, inputs: _Inputs, op: str) -> Any:
-        """Swap ObjectRefs for stored values (collecting the records)."""
+    def _resolve(
+        self, value: Any, inputs: _Inputs, op: str, env: dict[str, StoredObject] | None = None
+    ) -> Any:
+        """Swap ObjectRefs for stored values (or a plan's own values; collecting the records)."""
         if isinstance(value, ObjectRef):
-            record = self.store.get(value.id)
+            record = env.get(value.id) if env is not None else None
+            if record is None:
+                record = self.store.get(value.id)
             if record is None:
                 raise ActionFailed(
                     {"code": "not_found", "type": "KeyError", "op": op,
@@ -173,16 +196,100 @@ class Executor:
             inputs.records.append(record)
             return record.value
         if isinstance(value, list):
-            return [self._resolve(v, inputs, op) for v in value]
+            return [self._resolve(v, inputs, op, env) for v in value]
         if isinstance(value, tuple):
-            return tuple(self._resolve(v, inputs, op) for v in value)
+            return tuple(self._resolve(v, inputs, op, env) for v in value)
         if isinstance(value, dict):
-            return {k: self._resolve(v, inputs, op) for k, v in value.items()}
+            return {k: self._resolve(v, inputs, op, env) for k, v in value.items()}
         if isinstance(value, slice):
-            return slice(
-                *(self._resolve(p, inputs, op) for p in (value.start, value.stop, value.step))
-            )
+            parts = (value.start, value.stop, value.step)
+            return slice(*(self._resolve(p, inputs, op, env) for p in parts))
         return value
+
+    # -- plans ---------------------------------------------------------------------------
+
+    def _plan(self, action: Action) -> StoredObject:
+        """Define a plan, or run one (once, or once per item of a sequence)."""
+        if action.op == plans.DEFINE_OP:
+            try:
+                spec = plans.parse_plan(list(action.args))
+            except DuetError as exc:
+                raise ActionFailed(error_info(exc, op=action.op)) from None
+            for step in spec.steps:  # refuse an op off the allowlist now, not at a call
+                self._entry(step.op)
+            return StoredObject(
+                id=action.result, value=spec, origin="peer", private=False,
+                expression=spec.name, ops=(action.op,),
+            )  # fmt: skip
+        inputs = _Inputs([])
+        spec = self._resolve(action.target, inputs, action.op)
+        if not isinstance(spec, plans.PlanSpec):
+            raise ActionFailed(_refusal(action.op, "its target is not a plan"))
+        if len(action.args) != len(spec.inputs) or action.kwargs:
+            raise ActionFailed(
+                _refusal(action.op, f"plan {spec.name} takes {len(spec.inputs)} inputs")
+            )
+        bound = [
+            self._bind(pid, arg, action.op)
+            for pid, arg in zip(spec.inputs, action.args, strict=True)
+        ]
+        if action.op == plans.RUN_OP:
+            value, meta = self._replay(spec, bound)
+            return _output_record(action.result, value, meta, f"{spec.name}({_names(bound)})")
+        sequence = bound[0]
+        items = sequence.value
+        if not isinstance(items, (list, tuple)) or len(items) > plans.MAX_MAP_ITEMS:
+            raise ActionFailed(
+                _refusal(action.op, f"map runs over a tuple of at most {plans.MAX_MAP_ITEMS}")
+            )
+        values, metas = [], []
+        for index, item in enumerate(items):
+            element = _derived(sequence, spec.inputs[0], item, f"[{index}]")
+            value, meta = self._replay(spec, [element, *bound[1:]])
+            values.append(value)
+            metas.append(meta)
+        meta = _combined(metas) if metas else sequence
+        expression = f"{spec.name}.map({_names(bound)})"
+        return _output_record(action.result, tuple(values), meta, expression)
+
+    def _bind(self, plan_id: str, argument: Any, op: str) -> StoredObject:
+        """A plan input: the stored record a reference names, or a literal as public data."""
+        if isinstance(argument, ObjectRef):
+            inputs = _Inputs([])
+            self._resolve(argument, inputs, op)
+            return inputs.records[0]
+        value = self._resolve(argument, _Inputs([]), op)
+        return StoredObject(id=plan_id, value=value, origin="peer", private=False,
+                            expression=lineage.render_value(argument, {}))  # fmt: skip
+
+    def _replay(self, spec: plans.PlanSpec, bound: list[StoredObject]) -> tuple[Any, StoredObject]:
+        """Run every step of ``spec``; its values live in an environment dropped afterwards."""
+        env: dict[str, StoredObject] = dict(zip(spec.inputs, bound, strict=True))
+        held = 0
+        for number, step in enumerate(spec.steps):
+            try:
+                record = self._run(step, env)
+            except ActionFailed as failure:
+                info = dict(failure.info)
+                info["message"] = f"plan {spec.name}, step {number}: {info.get('message', '')}"
+                raise ActionFailed(info) from None
+            held += record.nbytes
+            if self.store.peer_bytes + held > self.limits.max_peer_bytes:
+                raise ActionFailed(
+                    _refusal(step.op, f"plan {spec.name} needs more than the peer's memory budget")
+                )
+            env[step.result] = record
+        outputs = []
+        for output in spec.outputs:
+            record = env.get(output) or self.store.get(output)
+            if record is None or record.error is not None:
+                raise ActionFailed(_refusal(plans.RUN_OP, f"plan {spec.name} lost an output"))
+            outputs.append(record)
+        if len(outputs) == 1:
+            return outputs[0].value, outputs[0]
+        meta = _combined(outputs) if outputs else StoredObject(id="", value=None, origin="peer",
+                                                               private=False)  # fmt: skip
+        return tuple(r.value for r in outputs), meta
 
     def _check_kwargs(self, op: str, kwargs: dict[str, Any]) -> None:
         for name, value in kwargs.items():
@@ -210,6 +317,9 @@ class Executor:
         if _updates_running_stats(entry, args, kwargs):
             mutated.extend(args[1:3])
             mutated.extend(v for k, v in kwargs.items() if k in ("running_mean", "running_var"))
+        if entry.category == "nn.functional" and self._inplace_requested(entry, args, kwargs):
+            mutated.extend(args[:1])  # F.relu(x, inplace=True) and the like
+            mutated.extend(v for k, v in kwargs.items() if k == "input")
         for value in mutated:
             candidates = value if isinstance(value, (list, tuple)) else [value]
             for candidate in list(candidates)[:100_000]:
@@ -224,6 +334,38 @@ class Executor:
                 raise ActionFailed(
                     _refusal(entry.path, "it would modify an object the owner hosts")
                 )
+
+    def _inplace_requested(self, entry: AllowedOp, args: list[Any], kwargs: dict[str, Any]) -> bool:
+        """Whether a functional op was asked to write into its input (``inplace=True``)."""
+        if kwargs.get("inplace") is True:
+            return True
+        if not any(a is True for a in args):
+            return False
+        try:
+            bound = inspect.signature(self.allowlist.resolve(entry.path)).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            return True  # cannot tell: assume it writes
+        return bound.arguments.get("inplace") is True
+
+    def _shield_owner_inputs(
+        self, entry: AllowedOp | None, target: Any, args: list[Any]
+    ) -> list[Any]:
+        """A module with an in-place layer (``ReLU(inplace=True)``) may write into its input:
+        give it a copy of any input that is (or views) an object the owner hosts."""
+        if (
+            entry is None
+            or self.limits.allow_inplace_on_owner_objects
+            or entry.receiver != "torch.nn.Module"
+            or entry.name not in ("__call__", "forward")
+            or not isinstance(target, torch.nn.Module)
+        ):
+            return args
+        exposed = [isinstance(a, torch.Tensor) and self.store.shares_owner_memory(a) for a in args]
+        if not any(exposed) or not any(
+            getattr(m, "inplace", False) is True for m in target.modules()
+        ):
+            return args
+        return [a.clone() if hit else a for a, hit in zip(args, exposed, strict=True)]
 
     def _check_size(
         self,
@@ -334,16 +476,19 @@ class Executor:
             )
 
     def _record(
-        self, action: Action, entry: AllowedOp | None, target: Any, args: list[Any],
-        kwargs: dict[str, Any], value: Any, nbytes: int, inputs: _Inputs,
+        self, action: Action, entry: AllowedOp | None, value: Any, nbytes: int,
+        inputs: _Inputs, *, render: bool = True,
     ) -> StoredObject:  # fmt: skip
-        names = {}
-        for ref, record in zip(action_refs(action), inputs.records, strict=False):
-            names[ref.id] = record.expression or f"obj_{ref.id[:8]}"
-        expression = lineage.render_call(
-            action.op, action.target, action.args, action.kwargs, names,
-            attribute=bool(entry and entry.attribute),
-        )  # fmt: skip
+        """The result's record; ``render=False`` (a plan's inner step) skips the expression."""
+        expression = ""
+        if render:
+            names = {}
+            for ref, record in zip(action_refs(action), inputs.records, strict=False):
+                names[ref.id] = record.expression or f"obj_{ref.id[:8]}"
+            expression = lineage.render_call(
+                action.op, action.target, action.args, action.kwargs, names,
+                attribute=bool(entry and entry.attribute),
+            )  # fmt: skip
         private = bool(inputs.private)
         aggregation = math.inf
         if private:
@@ -373,9 +518,10 @@ class Executor:
         target: Any,
         args: list[Any],
         kwargs: dict[str, Any],
-        inputs: _Inputs,
         record: StoredObject,
         watched: list[tuple[torch.Tensor, int]],
+        grads_before: dict[int, torch.Tensor | None],
+        env: dict[str, StoredObject] | None = None,
     ) -> None:
         """Mutations carry privacy: what a private op changed becomes private, and so does
         every object sharing its memory (a view, ``.data``, the module holding a parameter).
@@ -383,59 +529,104 @@ class Executor:
         Changes are found by the tensors' version counters, so ops that write into an
         argument (``copy_``, ``__setitem__``, ``nn.init.*``) count too; running statistics
         (which torch updates without a version bump) are named explicitly; ``backward``
-        writes into the gradients of everything trainable. A module evaluated on private
-        data (eval mode, or no buffers) is not changed by it and stays as it was.
+        writes into the gradients of the leaves its graph reaches. A module evaluated on
+        private data (eval mode, or no buffers) is not changed by it and stays as it was.
 
-        Every record sharing memory with a record R is at least as restrictive as R (an
-        alias is made from R, or R's change was spread to it here), so when everything the
-        op changed was already at least as restrictive as its result, there is nothing to
-        spread and the store is not scanned (the common case in a training loop).
+        The store is scanned only when an op on private data wrote into memory, so most
+        ops (everything that makes a new tensor) cost nothing here. After a scan, the memory
+        it covered is remembered as clean (every holder at least as restrictive as the
+        source) until a new record holding it is made; writing again into clean memory from
+        a source no more restrictive (a training loop's steps) needs no scan. A gradient
+        that ``backward`` creates is new memory: only the holders of its parameter hold it.
         """
         if entry is None or not record.private:
             return
-        holders: list[StoredObject] = []
-        if target is not None and (entry.inplace or _updates_buffers(entry, target)):
-            holders.extend(self.store.records_holding(target))
-        if entry.name == "backward":
-            holders.extend(r for r in self.store.peer_records() if _trainable(r.value))
         mutated = [t for t, version in watched if t._version != version]
-        mutated.extend(_running_stats(entry, args, kwargs))
-        if not holders and not mutated:
+        mutated.extend(_running_stats(entry, args, kwargs))  # changed without a version bump
+        if _updates_buffers(entry, target):
+            mutated.extend(target.buffers())
+        if entry.name == "backward" and isinstance(target, torch.Tensor):
+            for leaf in _graph_leaves(target):  # their gradients were written
+                mutated.append(leaf)
+                grad = leaf.grad
+                if grad is not None and grads_before.get(id(leaf)) is grad:  # accumulated
+                    mutated.append(grad)
+        if not mutated:
             return
-        keys = {self._storage(t) for t in mutated}
-        changed = [
-            r for r in inputs.records
-            if any(self._storage(t) in keys for t in _held_tensors(r.value))
-        ]  # fmt: skip
-        spread = not all(_covered(r, record) for r in (*holders, *changed))
-        for other in holders:
-            keys.update(self._storage(t) for t in _held_tensors(other.value))
-            _make_private(other, record)
-        for other in changed:
-            _make_private(other, record)
-        if not spread:
+        keys = {_storage_of(t) for t in mutated}
+        owners = self.store.owner_records()  # not made here: always looked at
+        if all(_restricts(self._clean.get(key), record) for key in keys):
+            for other in owners:
+                if not _covered(other, record) and _holds(other, keys):
+                    _make_private(other, record)
             return
-        for other in (*self.store.peer_records(), *self.store.owner_records()):
-            if other is record or _covered(other, record):
-                continue
-            if any(self._storage(t) in keys for t in _held_tensors(other.value)):
+        local = env.values() if env else ()  # a plan's values, while it runs
+        for other in (*self.store.peer_records(), *owners, *local):
+            if other is not record and not _covered(other, record) and _holds(other, keys):
                 _make_private(other, record)
+        for key in keys:
+            known = self._clean.get(key)
+            tags = record.lineage_tags | known[1] if known else record.lineage_tags
+            aggregation = min(record.aggregation, known[0]) if known else record.aggregation
+            self._clean[key] = (aggregation, tags)
+        if len(self._clean) > _MAX_CLEAN:
+            self._clean.clear()
 
-    def _storage(self, tensor: torch.Tensor) -> int:
-        """The address of the memory ``tensor`` lives in (cached: a tensor keeps its storage)."""
-        cached = self._storages.get(id(tensor))
-        if cached is not None and cached[0]() is tensor:
-            return cached[1]
-        try:
-            key = tensor.untyped_storage().data_ptr()
-        except RuntimeError:
-            key = id(tensor)
-        if len(self._storages) >= _STORAGE_CACHE_SIZE:  # forget the tensors that are gone
-            self._storages = {k: v for k, v in self._storages.items() if v[0]() is not None}
-            if len(self._storages) >= _STORAGE_CACHE_SIZE // 2:
-                self._storages.clear()
-        self._storages[id(tensor)] = (weakref.ref(tensor), key)
-        return key
+    def _unclean(self, value: Any) -> None:
+        for tensor in _held_tensors(value):
+            self._clean.pop(_storage_of(tensor), None)
+
+
+def _combined(records: list[StoredObject]) -> StoredObject:
+    """What is known of a value made from all of ``records`` (for a plan's outputs)."""
+    private = [r for r in records if r.private]
+    tags: set[str] = set()
+    for r in records:
+        tags.update(r.lineage_tags)
+    return StoredObject(
+        id="", value=None, origin="peer", private=bool(private),
+        ops=lineage.merge_ops(*(r.ops for r in records)),
+        lineage_tags=frozenset(list(tags)[:64]),
+        aggregation=min((r.aggregation for r in private), default=math.inf),
+    )  # fmt: skip
+
+
+def _derived(source: StoredObject, plan_id: str, value: Any, suffix: str) -> StoredObject:
+    """An item of ``source`` (a plan's input while mapping): the same privacy and lineage."""
+    return StoredObject(
+        id=plan_id, value=value, origin="peer", private=source.private,
+        expression=f"{source.expression}{suffix}", ops=lineage.merge_ops(source.ops, (INDEX_OP,)),
+        lineage_tags=source.lineage_tags, aggregation=source.aggregation,
+        nbytes=0,
+    )  # fmt: skip
+
+
+def _output_record(result: str, value: Any, meta: StoredObject, expression: str) -> StoredObject:
+    """The stored result of a plan run, with the lineage of what it was made from."""
+    return StoredObject(
+        id=result, value=value, origin="peer", private=meta.private,
+        expression=_clip_expression(expression), ops=meta.ops, lineage_tags=meta.lineage_tags,
+        aggregation=meta.aggregation,
+        nbytes=0 if isinstance(value, torch.nn.Module) else value_nbytes(value),
+    )  # fmt: skip
+
+
+def _clip_expression(text: str) -> str:
+    return text if len(text) <= lineage.MAX_EXPRESSION_CHARS else text[:1999] + "…"
+
+
+def _names(records: list[StoredObject]) -> str:
+    return ", ".join(r.expression or f"obj_{r.id[:8]}" for r in records[:16])
+
+
+def _restricts(known: tuple[float, frozenset[str]] | None, source: StoredObject) -> bool:
+    """Whether a clean memory's holders are known to be at least as restrictive as
+    ``source`` (a private record)."""
+    return known is not None and known[0] <= source.aggregation and known[1] >= source.lineage_tags
+
+
+def _holds(record: StoredObject, keys: set[int]) -> bool:
+    return any(_storage_of(t) in keys for t in _held_tensors(record.value))
 
 
 def _covered(record: StoredObject, source: StoredObject) -> bool:
@@ -457,11 +648,6 @@ def _tensor_index(entry: AllowedOp, args: list[Any]) -> bool:
     return len(parts) <= 64 and not any(isinstance(part, (list, tuple)) for part in parts)
 
 
-_RUNNING_STATS_OPS = frozenset(
-    {"torch.nn.functional.batch_norm", "torch.nn.functional.instance_norm"}
-)
-
-
 def _updates_buffers(entry: AllowedOp, target: Any) -> bool:
     """Whether calling a module may write into its buffers (batch-norm statistics)."""
     return (
@@ -475,24 +661,11 @@ def _updates_buffers(entry: AllowedOp, target: Any) -> bool:
 
 def _running_stats(entry: AllowedOp, args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
     """The running statistics a functional normalisation updates in place."""
-    if entry.path not in _RUNNING_STATS_OPS:
+    if not _updates_running_stats(entry, args, kwargs):
         return []
     found = [a for a in args[1:3] if isinstance(a, torch.Tensor)]
     found += [kwargs[k] for k in ("running_mean", "running_var") if k in kwargs]
     return [t for t in found if isinstance(t, torch.Tensor)]
-
-
-def _trainable(value: Any) -> bool:
-    """Whether ``backward`` may write into gradients ``value`` holds (leaves only: it
-    writes nothing into intermediate results)."""
-    if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
-        return True
-    if isinstance(value, torch.Tensor):
-        return value.requires_grad and value.is_leaf
-    if isinstance(value, (list, tuple, dict)):
-        items = value.values() if isinstance(value, dict) else value
-        return any(_trainable(v) for v in list(items)[:10_000])
-    return False
 
 
 def _held_tensors(value: Any, limit: int = 100_000) -> list[torch.Tensor]:
@@ -523,9 +696,41 @@ def _held_tensors(value: Any, limit: int = 100_000) -> list[torch.Tensor]:
     return found
 
 
-def _versions(value: Any) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, version counter) of every tensor ``value`` holds, to spot in-place writes."""
-    return [(t, t._version) for t in _held_tensors(value)]
+def _watch(records: list[StoredObject]) -> list[tuple[torch.Tensor, int]]:
+    """The version counter of every tensor the input records hold, to spot in-place writes
+    (a gradient appearing on a parameter counts as a write to the parameter's holders)."""
+    seen: set[int] = set()
+    watched = []
+    for record in records:
+        if id(record) not in seen:
+            seen.add(id(record))
+            watched.extend((t, t._version) for t in _held_tensors(record.value))
+    return watched
+
+
+def _graph_leaves(tensor: torch.Tensor, limit: int = 100_000) -> list[torch.Tensor]:
+    """The leaf tensors ``tensor.backward()`` accumulates gradients into."""
+    leaves: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [tensor.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    """The address of the memory ``tensor`` lives in (shared by its views and aliases)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return id(tensor)
 
 
 def _meta_arguments(value: Any, reused: set[int]) -> Any:

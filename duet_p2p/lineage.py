@@ -22,6 +22,7 @@ _REFLECTED = {f"__r{name[2:]}": symbol for name, symbol in _BINARY.items()}
 _UNARY = {"__neg__": "-", "__pos__": "+", "__invert__": "~", "__abs__": "abs"}
 _PLAIN_CONVERSIONS = frozenset(
     "item tolist float double half int long bool clone detach contiguous to cpu".split()
+    + ["index"]  # duet.index: an item of a tuple is named after the op that made the tuple
 )
 
 

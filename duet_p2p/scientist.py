@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from duet_p2p import plans
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, ReturnKind
 from duet_p2p.connect import Connection
 from duet_p2p.errors import (
@@ -162,6 +163,12 @@ class ScientistCore:
                 "this blocking call would stall the event loop the session runs on; "
                 "use the async form (await ptr.get_async(...))"
             )
+        if plans.current_recording() is not None:
+            coro.close()
+            raise DuetError(
+                "a plan runs without round trips: get values and look up the store "
+                "outside the plan function"
+            )
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
@@ -182,13 +189,22 @@ class ScientistCore:
         return [p for p in self._allowlist if p.startswith(prefix)]
 
     def run(
-        self, op: str, *, target: Pointer | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        op: str,
+        *,
+        target: Pointer | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: str | None = None,
     ) -> Pointer:
-        """Queue ``op`` and return the pointer to its result at once."""
-        entry = None if op == INDEX_OP else self.allowed(op)
-        if op != INDEX_OP and entry is None:
+        """Queue ``op`` (or record it, inside a plan) and return its result's pointer at once."""
+        internal = op == INDEX_OP or op in plans.PLAN_OPS
+        entry = None if internal else self.allowed(op)
+        if not internal and entry is None:
             raise OperationNotAllowed(f"{op} is not on the owner's allowlist")
-        kind = "auto" if entry is None or op == "torch.nn.Module.__call__" else str(entry.returns)
+        if kind is None:
+            auto = entry is None or op == "torch.nn.Module.__call__"
+            kind = "auto" if auto else str(entry.returns)  # type: ignore[union-attr]
         wire_args = [_to_wire(a) for a in args]
         wire_kwargs = {k: _to_wire(v) for k, v in kwargs.items()}
         try:  # refuse here: an argument that cannot be sent would lose the whole batch
@@ -212,8 +228,20 @@ class ScientistCore:
             kwargs=wire_kwargs,
             no_grad=_NO_GRAD.get(),
         )
+        recording = plans.current_recording()
+        if recording is not None:  # a plan's step: its result lives only while the plan runs
+            if op in plans.PLAN_OPS:
+                raise OperationNotAllowed("a plan cannot define or run another plan")
+            recording.actions.append(action)
+            return pointer_class(kind)(
+                self, result_id, expression=expression, kind=kind, owned=False
+            )
         self._queue(action)
         return pointer_class(kind)(self, result_id, expression=expression, kind=kind, owned=True)
+
+    def plan(self, function: Any, name: str | None = None) -> plans.RemotePlan:
+        """Record ``function``'s remote ops once as a plan the owner replays per call."""
+        return plans.record_plan(self, function, name)
 
     @contextlib.contextmanager
     def no_grad(self) -> Iterator[None]:

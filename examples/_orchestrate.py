@@ -108,7 +108,9 @@ class Demo:
 
     def start_signaling(self, timeout: float = 20.0) -> str:
         """Start a signaling server on a free loopback port; returns its URL."""
-        server = self.start("signaling", ["-m", "signaling_server", "--port", "0"])
+        server = self.start(
+            "signaling", ["-m", "signaling_server", "--port", "0", "--log-level", "WARNING"]
+        )
         return server.wait_for(URL, "the signaling server's URL", timeout)[1]
 
     def connect(

@@ -349,3 +349,90 @@ def test_decision_arriving_before_its_handle_is_kept(duet_pair: Pair) -> None:
 
     assert get_runtime().run(decision_first(), timeout=5) == 7
     assert "r" * 32 not in core._decisions
+
+
+def test_writing_through_an_alias_reaches_every_holder(data_pair: Pair) -> None:
+    """An alias made private by its creation (view_as a private tensor) must not hide the
+    write from the public tensor it views."""
+    _, scientist = data_pair
+    x = scientist.store["x"]
+    mine = torch.zeros(16, 8).send(scientist)
+    alias = mine.view_as(x[:16])  # private (it depends on x's shape), same memory as mine
+    alias.add_(x[:16])
+    assert mine.request(reason="mine").wait(0.5) == "pending"
+
+
+def test_inplace_layers_never_write_into_the_owners_data(data_pair: Pair) -> None:
+    owner, scientist = data_pair
+    hosted = owner.store[0].clone()
+    x = scientist.store["x"]
+    model_ptr = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 2)).send(scientist)
+    out = model_ptr(x)
+    refused = scientist.torch.nn.functional.relu(x, inplace=True)
+    owner.requests.add_handler("accept")
+    assert out.get(timeout_secs=WAIT).shape == (256, 2)
+    with pytest.raises(sy.OperationNotAllowed, match="modify an object the owner hosts"):
+        refused.get(timeout_secs=WAIT)
+    assert torch.equal(owner.store[0], hosted)
+
+
+# -- plans --------------------------------------------------------------------------------
+
+
+def _train_step_plan(scientist: sy.Duet, model_ptr: sy.Pointer, lr: float = 0.05) -> object:
+    x, y = scientist.store["x"], scientist.store["y"]
+    optimizer = scientist.torch.optim.Adam(model_ptr.parameters(), lr=lr)
+    cross_entropy = scientist.torch.nn.functional.cross_entropy
+
+    def train_step(index: sy.Pointer) -> sy.Pointer:
+        optimizer.zero_grad()
+        loss = cross_entropy(model_ptr(x[index]), y[index])
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return scientist.plan(train_step)
+
+
+def test_plan_runs_a_training_step_per_call_and_per_batch(data_pair: Pair) -> None:
+    owner, scientist = data_pair
+    model_ptr = _mlp().send(scientist)
+    step = _train_step_plan(scientist, model_ptr)
+    first = step(scientist.torch.arange(64))
+    for _ in range(5):
+        losses = step.map(scientist.torch.randperm(256).split(32))  # 8 steps, one action
+    last = losses[-1]
+    assert first.request(reason="loss").wait(0.5) == "pending"  # private, like any result
+    owner.requests.add_handler("accept", op="cross_entropy", tags=["x", "y"], max_elements=1)
+    assert owner.requests.all()[0].lineage.startswith("train_step(")
+    assert last.get(timeout_secs=WAIT).item() < 0.5 * first.get(timeout_secs=WAIT).item()
+    assert model_ptr.request(reason="weights").wait(0.5) == "pending"  # trained on x, y
+
+
+def test_plan_refusals(data_pair: Pair) -> None:
+    owner, scientist = data_pair
+    x = scientist.store["x"]
+    with pytest.raises(sy.DuetError, match="without round trips"):
+        scientist.plan(lambda t: (t + 1).get())
+    with pytest.raises(sy.OperationNotAllowed, match="no remote ops"):
+        scientist.plan(lambda t: None)
+    step = scientist.plan(lambda t: x[t].sum())
+    with pytest.raises(TypeError, match="takes 1 inputs"):
+        step(x, x)
+    failing = step(scientist.torch.tensor([10_000]))  # out of range: fails in the owner
+    owner.requests.add_handler("accept")
+    with pytest.raises(sy.RemoteError, match="plan plan, step 0"):
+        failing.get(timeout_secs=WAIT)
+
+
+def test_plan_writes_make_holders_private(data_pair: Pair) -> None:
+    _, scientist = data_pair
+    x = scientist.store["x"]
+    model_ptr = _mlp().send(scientist)
+    weight = model_ptr.parameters()[0]
+
+    def overwrite(rows: sy.Pointer) -> None:
+        weight.data.copy_(x[rows])
+
+    scientist.plan(overwrite)(scientist.torch.arange(16))
+    assert model_ptr.request(reason="weights").wait(0.5) == "pending"

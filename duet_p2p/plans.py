@@ -1,0 +1,219 @@
+"""Plans: a sequence of allowlisted ops recorded once by the scientist, replayed by the owner.
+
+A training step is a handful of small ops; sent one action each, the per-message cost
+dominates. A plan records them once (``duet.plan(step)``), the owner checks every op of it
+against the allowlist when it arrives, and each call then runs the whole sequence from one
+action (``step(batch)``), or once per item of a sequence (``step.map(batches)``). Every op
+of a replay passes the same checks and caps as a single action, and privacy follows the
+same rules; the intermediate results live only while the replay runs.
+
+Wire form: ``Action(op=DEFINE_OP, result=<plan id>, args=[name, input ids, output ids,
+steps])`` where each step is an Action as a map; ``Action(op=RUN_OP | MAP_OP, target=<plan
+ref>, args=[inputs...])`` runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from duet_p2p.errors import DuetError, OperationNotAllowed, ProtocolError
+from duet_p2p.rpc.messages import MAX_ARGS, Action, to_wire
+
+if TYPE_CHECKING:
+    from duet_p2p.pointer import Pointer
+    from duet_p2p.scientist import ScientistCore
+
+log = logging.getLogger(__name__)
+
+DEFINE_OP = "duet.plan.define"
+RUN_OP = "duet.plan.run"
+MAP_OP = "duet.plan.map"
+PLAN_OPS = frozenset({DEFINE_OP, RUN_OP, MAP_OP})
+MAX_STEPS = 1000
+"""Most ops in one plan."""
+MAX_MAP_ITEMS = 100_000
+"""Most items one ``map`` runs the plan over."""
+MAX_NAME_CHARS = 100
+
+
+# -- the owner's side ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """A checked plan, as stored in the owner's process (it holds no data)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    """Plan-local IDs the caller's arguments are bound to, in order."""
+    outputs: tuple[str, ...]
+    """IDs of what a run returns: plan-local results, inputs, or stored objects."""
+    steps: tuple[Action, ...]
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(step.op for step in self.steps)
+
+    def __repr__(self) -> str:
+        return f"<plan {self.name}: {len(self.steps)} ops>"
+
+
+def parse_plan(args: list[Any]) -> PlanSpec:
+    """Check a peer's plan definition; ProtocolError (naming the step) if malformed."""
+    if len(args) != 4:
+        raise ProtocolError("a plan is defined by [name, inputs, outputs, steps]")
+    name, inputs, outputs, raw_steps = args
+    if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME_CHARS:
+        raise ProtocolError("a plan's name must be a Python identifier")
+    inputs = _ids(inputs, "inputs")
+    outputs = _ids(outputs, "outputs")
+    if not isinstance(raw_steps, list) or not 0 < len(raw_steps) <= MAX_STEPS:
+        raise ProtocolError(f"a plan has 1 to {MAX_STEPS} steps")
+    steps: list[Action] = []
+    local = set(inputs)
+    if len(local) != len(inputs):
+        raise ProtocolError("a plan's inputs must be distinct")
+    for number, raw in enumerate(raw_steps):
+        try:
+            step = Action.model_validate(raw)
+        except ValidationError as exc:
+            where = ".".join(str(p) for p in exc.errors()[0].get("loc", ()))
+            raise ProtocolError(f"plan step {number}: invalid {where or 'step'}") from None
+        if step.op in PLAN_OPS:
+            raise ProtocolError(f"plan step {number}: plans cannot define or run plans")
+        if step.result in local:
+            raise ProtocolError(f"plan step {number}: its result ID is used twice")
+        local.add(step.result)
+        steps.append(step)
+    return PlanSpec(name, inputs, outputs, tuple(steps))
+
+
+def _ids(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_ARGS:
+        raise ProtocolError(f"a plan's {what} are a list of at most {MAX_ARGS} IDs")
+    for item in value:
+        if not isinstance(item, str) or not 0 < len(item) <= 64 or not item.isalnum():
+            raise ProtocolError(f"a plan's {what} must be object IDs")
+    return tuple(value)
+
+
+# -- the scientist's side -----------------------------------------------------------------
+
+
+@dataclass
+class Recording:
+    """The actions issued while a plan function runs, in order."""
+
+    actions: list[Action]
+
+
+_RECORDING: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
+    "duet_plan_recording", default=None
+)
+
+
+def current_recording() -> Recording | None:
+    """The plan being recorded in this thread, if any."""
+    return _RECORDING.get()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Recording]:
+    if _RECORDING.get() is not None:
+        raise DuetError("a plan cannot be recorded while another one is being recorded")
+    record = Recording([])
+    token = _RECORDING.set(record)
+    try:
+        yield record
+    finally:
+        _RECORDING.reset(token)
+
+
+class RemotePlan:
+    """A recorded plan: call it with pointers to run it in the owner's process.
+
+    ``plan(*pointers)`` runs it once and returns a pointer to what the function returned
+    (a tuple pointer if it returned several). ``plan.map(sequence)`` runs it once per item
+    of a remote sequence (a tuple of tensors, e.g. ``order.split(64)``) bound to its first
+    input, the other inputs fixed, and returns a pointer to the tuple of the results.
+    Neither waits for the owner.
+    """
+
+    def __init__(
+        self, core: ScientistCore, pointer: Pointer, name: str, arity: int, kind: str
+    ) -> None:
+        self._core = core
+        self._pointer = pointer
+        self.name = name
+        self.arity = arity
+        self._kind = kind
+
+    def __call__(self, *args: Any) -> Pointer:
+        self._check_arity(len(args))
+        return self._core.run(RUN_OP, target=self._pointer, args=args, kwargs={}, kind=self._kind)
+
+    def map(self, sequence: Pointer, *rest: Any) -> Pointer:
+        """Run the plan once per item of ``sequence`` (its first input); one action."""
+        self._check_arity(1 + len(rest))
+        return self._core.run(
+            MAP_OP, target=self._pointer, args=(sequence, *rest), kwargs={}, kind="tuple"
+        )
+
+    def _check_arity(self, count: int) -> None:
+        if count != self.arity:
+            raise TypeError(f"plan {self.name} takes {self.arity} inputs, got {count}")
+
+    def __repr__(self) -> str:
+        return f"<RemotePlan {self.name}({self.arity} inputs)>"
+
+
+def record_plan(core: ScientistCore, function: Callable[..., Any], name: str | None) -> RemotePlan:
+    """Run ``function`` on placeholder tensor pointers, recording its ops, and send the plan.
+
+    The function may use any pointer it can reach (a model, an optimizer, hosted data);
+    its arguments stand for the pointers each call passes. Getting a value inside it is
+    refused: a plan runs without round trips.
+    """
+    from duet_p2p.pointer import Pointer, TensorPointer
+
+    name = name or getattr(function, "__name__", "plan")
+    if not name.isidentifier():
+        name = "plan"
+    parameters = list(inspect.signature(function).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        raise TypeError("a plan function takes a fixed number of arguments")
+    placeholders = [
+        TensorPointer(core, uuid.uuid4().hex, expression=p.name, kind="tensor", owned=False)
+        for p in parameters
+    ]
+    with recording() as record:
+        returned = function(*placeholders)
+    if not record.actions:
+        raise OperationNotAllowed(f"plan {name} ran no remote ops; nothing to record")
+    outputs = returned if isinstance(returned, tuple) else (returned,)
+    if returned is None:
+        outputs = ()
+    if not all(isinstance(p, Pointer) for p in outputs):
+        raise TypeError("a plan function returns pointers (one, a tuple of them, or None)")
+    if len(record.actions) > MAX_STEPS:
+        raise OperationNotAllowed(f"plan {name} has {len(record.actions)} ops; at most {MAX_STEPS}")
+    kind = outputs[0]._kind if len(outputs) == 1 else "tuple" if outputs else "none"
+    definition = [
+        name,
+        [p.id for p in placeholders],
+        [p.id for p in outputs],
+        [to_wire(action) for action in record.actions],
+    ]
+    pointer = core.run(DEFINE_OP, target=None, args=tuple(definition), kwargs={}, kind="plan")
+    pointer._expression = name
+    log.debug("recorded plan %s: %d ops", name, len(record.actions))
+    return RemotePlan(core, pointer, name, len(placeholders), kind)
