@@ -371,13 +371,13 @@ class RawLink:
 
     def sctp_stats(self) -> dict[str, int]:
         """aiortc's SCTP congestion state (to explain what a measurement saw)."""
-        sctp = self.pc.sctp.transport if False else self.pc.sctp
+        sctp = self.pc.sctp
         return {
             "cwnd": sctp._cwnd,
+            "ssthresh": sctp._ssthresh,
             "flight_size": sctp._flight_size,
             "sent_queue": len(sctp._sent_queue),
             "outbound_queue": len(sctp._outbound_queue),
-            "peer_rwnd": getattr(sctp, "_ssthresh", 0),
         }
 
     def _new(self, framed: bool, options: dict[str, Any] | None = None) -> None:

@@ -47,10 +47,13 @@ _warmed = threading.Event()
 
 def warm_up() -> None:
     """Load what the first size prediction on the meta device imports (about a second),
-    so the peer's first op does not pay for it. Safe to call more than once."""
+    so the peer's first op does not pay for it. Safe to call more than once.
+
+    Not a daemon thread: one killed inside torch at interpreter exit aborts the process.
+    """
     if not _warmed.is_set():
         _warmed.set()
-        threading.Thread(target=_meta_add, name="duet-warm-up", daemon=True).start()
+        threading.Thread(target=_meta_add, name="duet-warm-up").start()
 
 
 def _meta_add() -> None:
@@ -133,11 +136,12 @@ class Executor:
             self._check_mutation(entry, target, args, kwargs, inputs)
             self._check_size(entry, target, args, kwargs, inputs)
             module_bytes = self._check_module_size(entry, args, kwargs, inputs)
-        watched = _watch(inputs.records) if inputs.private else []
-        if inputs.private and entry is not None and entry.name == "backward":
-            grads_before = {id(leaf): leaf.grad for leaf in _graph_leaves(target)}
+        watched = _watch(inputs.records, _forward_of(entry, target)) if inputs.private else []
+        backward = entry is not None and entry.name == "backward"
+        if inputs.private and backward and isinstance(target, torch.Tensor):
+            grads_before = [(leaf, leaf.grad) for leaf in _graph_leaves(target)]
         else:
-            grads_before = {}
+            grads_before = []
         args = self._shield_owner_inputs(entry, target, args)
         started = time.perf_counter()
         try:
@@ -235,17 +239,21 @@ class Executor:
         ]
         if action.op == plans.RUN_OP:
             value, meta = self._replay(spec, bound)
-            return _output_record(action.result, value, meta, f"{spec.name}({_names(bound)})")
+            record = _output_record(action.result, value, meta, f"{spec.name}({_names(bound)})")
+            self._check_result(action.op, value, record.nbytes, _Inputs(bound))
+            return record
         sequence = bound[0]
         items = sequence.value
         if not isinstance(items, (list, tuple)) or len(items) > plans.MAX_MAP_ITEMS:
             raise ActionFailed(
                 _refusal(action.op, f"map runs over a tuple of at most {plans.MAX_MAP_ITEMS}")
             )
-        values, metas = [], []
+        values, metas, held = [], [], 0
         for index, item in enumerate(items):
             element = _derived(sequence, spec.inputs[0], item, f"[{index}]")
             value, meta = self._replay(spec, [element, *bound[1:]])
+            held += value_nbytes(value) if not isinstance(value, torch.nn.Module) else 0
+            self._check_result(action.op, values, held, _Inputs(bound))
             values.append(value)
             metas.append(meta)
         meta = _combined(metas) if metas else sequence
@@ -253,14 +261,18 @@ class Executor:
         return _output_record(action.result, tuple(values), meta, expression)
 
     def _bind(self, plan_id: str, argument: Any, op: str) -> StoredObject:
-        """A plan input: the stored record a reference names, or a literal as public data."""
+        """A plan input: the stored record a reference names, or a value (a literal, or a
+        container of references) known as what it was made from."""
+        inputs = _Inputs([])
+        value = self._resolve(argument, inputs, op)
         if isinstance(argument, ObjectRef):
-            inputs = _Inputs([])
-            self._resolve(argument, inputs, op)
             return inputs.records[0]
-        value = self._resolve(argument, _Inputs([]), op)
-        return StoredObject(id=plan_id, value=value, origin="peer", private=False,
-                            expression=lineage.render_value(argument, {}))  # fmt: skip
+        meta = _combined(inputs.records)
+        return StoredObject(
+            id=plan_id, value=value, origin="peer", private=meta.private, ops=meta.ops,
+            lineage_tags=meta.lineage_tags, aggregation=meta.aggregation, support=meta.support,
+            expression=lineage.render_value(argument, {}),
+        )  # fmt: skip
 
     def _replay(self, spec: plans.PlanSpec, bound: list[StoredObject]) -> tuple[Any, StoredObject]:
         """Run every step of ``spec``; its values live in an environment dropped afterwards."""
@@ -490,13 +502,9 @@ class Executor:
                 attribute=bool(entry and entry.attribute),
             )  # fmt: skip
         private = bool(inputs.private)
-        aggregation = math.inf
+        aggregation = support = math.inf
         if private:
-            aggregation = min(r.aggregation for r in inputs.private)
-            if entry is not None and entry.reduction:
-                numel_in = max((_numel(r.value) for r in inputs.private), default=1)
-                numel_out = max(1, _numel(value))
-                aggregation *= max(1.0, numel_in / numel_out)
+            aggregation, support = _aggregation(entry, inputs.private, value)
         tags: set[str] = set()
         for record in inputs.records:
             tags.update(record.lineage_tags)
@@ -509,6 +517,7 @@ class Executor:
             ops=lineage.merge_ops(*(r.ops for r in inputs.records), (action.op,)),
             lineage_tags=frozenset(list(tags)[:64]),
             aggregation=aggregation,
+            support=support,
             nbytes=nbytes,
         )
 
@@ -520,7 +529,7 @@ class Executor:
         kwargs: dict[str, Any],
         record: StoredObject,
         watched: list[tuple[torch.Tensor, int]],
-        grads_before: dict[int, torch.Tensor | None],
+        grads_before: list[tuple[torch.Tensor, torch.Tensor | None]],
         env: dict[str, StoredObject] | None = None,
     ) -> None:
         """Mutations carry privacy: what a private op changed becomes private, and so does
@@ -545,12 +554,10 @@ class Executor:
         mutated.extend(_running_stats(entry, args, kwargs))  # changed without a version bump
         if _updates_buffers(entry, target):
             mutated.extend(target.buffers())
-        if entry.name == "backward" and isinstance(target, torch.Tensor):
-            for leaf in _graph_leaves(target):  # their gradients were written
-                mutated.append(leaf)
-                grad = leaf.grad
-                if grad is not None and grads_before.get(id(leaf)) is grad:  # accumulated
-                    mutated.append(grad)
+        for leaf, before in grads_before:  # backward wrote into their gradients
+            mutated.append(leaf)
+            if before is not None and leaf.grad is before:  # accumulated in place
+                mutated.append(before)
         if not mutated:
             return
         keys = {_storage_of(t) for t in mutated}
@@ -588,6 +595,7 @@ def _combined(records: list[StoredObject]) -> StoredObject:
         ops=lineage.merge_ops(*(r.ops for r in records)),
         lineage_tags=frozenset(list(tags)[:64]),
         aggregation=min((r.aggregation for r in private), default=math.inf),
+        support=sum((r.support for r in private), 0.0) if private else math.inf,
     )  # fmt: skip
 
 
@@ -597,7 +605,7 @@ def _derived(source: StoredObject, plan_id: str, value: Any, suffix: str) -> Sto
         id=plan_id, value=value, origin="peer", private=source.private,
         expression=f"{source.expression}{suffix}", ops=lineage.merge_ops(source.ops, (INDEX_OP,)),
         lineage_tags=source.lineage_tags, aggregation=source.aggregation,
-        nbytes=0,
+        support=min(source.support, max(1, _numel(value))), nbytes=0,
     )  # fmt: skip
 
 
@@ -606,7 +614,7 @@ def _output_record(result: str, value: Any, meta: StoredObject, expression: str)
     return StoredObject(
         id=result, value=value, origin="peer", private=meta.private,
         expression=_clip_expression(expression), ops=meta.ops, lineage_tags=meta.lineage_tags,
-        aggregation=meta.aggregation,
+        aggregation=meta.aggregation, support=meta.support,
         nbytes=0 if isinstance(value, torch.nn.Module) else value_nbytes(value),
     )  # fmt: skip
 
@@ -696,13 +704,25 @@ def _held_tensors(value: Any, limit: int = 100_000) -> list[torch.Tensor]:
     return found
 
 
-def _watch(records: list[StoredObject]) -> list[tuple[torch.Tensor, int]]:
-    """The version counter of every tensor the input records hold, to spot in-place writes
-    (a gradient appearing on a parameter counts as a write to the parameter's holders)."""
+def _forward_of(entry: AllowedOp | None, target: Any) -> Any:
+    """The module a forward pass runs: it writes into nothing of its own but its buffers
+    (see ``_updates_buffers``), so its tensors need no watching."""
+    if (
+        entry is not None
+        and entry.receiver == "torch.nn.Module"
+        and entry.name in ("__call__", "forward")
+    ):
+        return target
+    return None
+
+
+def _watch(records: list[StoredObject], skip: Any = None) -> list[tuple[torch.Tensor, int]]:
+    """The version counter of every tensor the input records hold (but ``skip``'s), to spot
+    in-place writes."""
     seen: set[int] = set()
     watched = []
     for record in records:
-        if id(record) not in seen:
+        if id(record) not in seen and (skip is None or record.value is not skip):
             seen.add(id(record))
             watched.extend((t, t._version) for t in _held_tensors(record.value))
     return watched
@@ -769,6 +789,26 @@ def _make_private(record: StoredObject, source: StoredObject) -> None:
     record.private = True
     record.aggregation = min(record.aggregation, source.aggregation)
     record.lineage_tags = record.lineage_tags | source.lineage_tags
+
+
+def _aggregation(
+    entry: AllowedOp | None, private: list[StoredObject], value: Any
+) -> tuple[float, float]:
+    """(aggregation, support) of a result computed from ``private`` inputs.
+
+    Aggregation: the fewest private elements each value summarises. Support: roughly how
+    many distinct private elements the result can depend on; it caps the aggregation a
+    later reduction may claim, so broadcasting one private element over many (``x[0] *
+    ones(1000)``) and then averaging still counts as one element, not a thousand.
+    """
+    aggregation = min(r.aggregation for r in private)
+    support = sum(r.support for r in private)
+    numel_out = max(1, _numel(value))
+    if entry is not None and entry.reduction:
+        numel_in = max(_numel(r.value) for r in private)
+        summarised = aggregation * max(1.0, numel_in / numel_out)
+        return min(summarised, max(1.0, support / numel_out)), support
+    return aggregation, min(support, numel_out)
 
 
 def _refusal(op: str, why: str) -> dict[str, Any]:

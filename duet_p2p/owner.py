@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from duet_p2p import lineage
@@ -152,6 +153,7 @@ class OwnerCore:
             expression=label if label and label.isidentifier() else "",
             lineage_tags=frozenset(tags),
             aggregation=float("inf") if public else 1.0,
+            support=float("inf") if public else _elements(value),
             nbytes=value_nbytes(value),
         )
         if not record.expression:
@@ -165,7 +167,9 @@ class OwnerCore:
     def _notify_store_changed(self) -> None:
         asyncio.ensure_future(self._send_quietly(StoreChanged()))
 
-    async def _send_quietly(self, message: Message, attachment: bytes | None = None) -> None:
+    async def _send_quietly(
+        self, message: Message, attachment: bytes | memoryview | None = None
+    ) -> None:
         with contextlib.suppress(PeerClosed, ProtocolError):
             await self.endpoint.send(message, attachment)
 
@@ -342,7 +346,10 @@ class OwnerCore:
         else:
             encoded, digest = _encode_and_hash(payload_value)
         self.audit.release(
-            object_id=record.id, request_id=request.request_id, nbytes=len(encoded), sha256=digest
+            object_id=record.id,
+            request_id=request.request_id,
+            nbytes=memoryview(encoded).nbytes,
+            sha256=digest,
         )
         self._show_locally(request, value)
         del value, payload_value
@@ -380,8 +387,22 @@ class OwnerCore:
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
 
 
-def _encode_and_hash(value: Any) -> tuple[bytes, str]:
-    encoded = codec.encode(value)
+def _encode_and_hash(value: Any) -> tuple[bytes | memoryview, str]:
+    """The encoded value as one snapshot (later in-place ops cannot change what leaves),
+    and its SHA-256. Large payloads are copied by numpy, which releases the GIL: a
+    ``bytes`` join of gigabytes would stall the event loop past the heartbeat timeout."""
+    parts = codec.encode_parts(value)
+    total = sum(memoryview(part).nbytes for part in parts)
+    if total < ATTACHMENT_IN_THREAD_BYTES:
+        encoded: bytes | memoryview = b"".join(parts)
+    else:
+        snapshot = np.empty(total, np.uint8)
+        offset = 0
+        for part in parts:
+            size = memoryview(part).nbytes
+            snapshot[offset : offset + size] = np.frombuffer(part, np.uint8)
+            offset += size
+        encoded = memoryview(snapshot)
     return encoded, hashlib.sha256(encoded).hexdigest()
 
 

@@ -44,6 +44,8 @@ class StoredObject:
     """Tags of the owner's objects this value derives from."""
     aggregation: float = math.inf
     """The fewest private elements each value here summarises (inf: no private data)."""
+    support: float = math.inf
+    """About how many distinct private elements the value can depend on (caps aggregation)."""
     error: dict[str, Any] | None = None
     """Set when the op that should have made this object failed (safe to send)."""
     nbytes: int = 0

@@ -24,11 +24,13 @@ class Owner:
         self.store = OwnerStore()
         self.executor = Executor(self.store, DEFAULT_ALLOWLIST, OwnerLimits(**limits))
 
-    def host(self, value: Any, *, private: bool = True, tag: str = "data") -> ObjectRef:
+    def host(
+        self, value: Any, *, private: bool = True, tag: str = "data", support: float = math.inf
+    ) -> ObjectRef:
         record = StoredObject(
             id=new_object_id(), value=value, origin="owner", private=private, tags=(tag,),
             expression=tag, lineage_tags=frozenset({tag}),
-            aggregation=1.0 if private else math.inf,
+            aggregation=1.0 if private else math.inf, support=support,
         )  # fmt: skip
         self.store.put(record)
         return ObjectRef(record.id)
@@ -395,3 +397,12 @@ def test_taint_through_module_training() -> None:
     owner.ok("torch.optim.Optimizer.step", optimizer)
     assert owner.record(model).private
     assert owner.record(params).private
+
+
+def test_broadcasting_one_private_element_does_not_inflate_aggregation() -> None:
+    owner = Owner()
+    data = owner.host(torch.arange(12.0).reshape(3, 4), support=12)
+    one = owner.ok("torch.Tensor.__getitem__", data, (0, 1))
+    spread = owner.ok("torch.Tensor.__mul__", one, owner.ok("torch.ones", None, 1000))
+    assert owner.run("torch.Tensor.mean", spread).aggregation == 1
+    assert owner.run("torch.Tensor.mean", data).aggregation == 12

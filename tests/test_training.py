@@ -79,7 +79,7 @@ def _accept_next(owner: sy.Duet) -> threading.Thread:
 def _pending_then_accept(owner: sy.Duet, pointer: sy.Pointer, reason: str) -> object:
     """Request ``pointer``; it must wait for the owner; then the owner accepts it."""
     handle = pointer.request(reason=reason)
-    assert handle.wait(0.5) == "pending", f"{reason} left without a decision"
+    assert handle.wait(0.3) == "pending", f"{reason} left without a decision"
     request = owner.requests.wait(timeout=WAIT)
     assert request is not None
     request.accept()
@@ -436,3 +436,12 @@ def test_plan_writes_make_holders_private(data_pair: Pair) -> None:
 
     scientist.plan(overwrite)(scientist.torch.arange(16))
     assert model_ptr.request(reason="weights").wait(0.5) == "pending"
+
+
+def test_plan_inputs_inside_containers_stay_private(data_pair: Pair) -> None:
+    _, scientist = data_pair
+    x = scientist.store["x"]
+    total = scientist.plan(lambda parts: scientist.torch.cat(parts).sum())
+    assert total([x, x]).request(reason="sum").wait(0.5) == "pending"
+    mine = torch.ones(3).send(scientist)
+    assert total([mine, mine]).get(timeout_secs=WAIT).item() == 6.0  # public stays public

@@ -40,6 +40,7 @@ __all__ = [
     "ObjectRef",
     "decode",
     "encode",
+    "encode_parts",
     "TAG_MULTIDIM_ARRAY",
     "TAG_TORCH",
     "TAG_OBJECT_REF",
@@ -279,6 +280,17 @@ def encode(obj: object) -> bytes:
     enc = _Encoder()
     enc.item(obj, 0)
     return enc.getvalue()
+
+
+def encode_parts(obj: object) -> list[bytes | bytearray | memoryview]:
+    """``encode(obj)`` as buffers whose concatenation is the message, without joining them.
+
+    Large tensor and array payloads are views of the values' own memory: the caller copies
+    them (or sends them before they can change). The same errors as ``encode``.
+    """
+    enc = _Encoder()
+    enc.item(obj, 0)
+    return [*enc._parts, enc._buf]
 
 
 @_encodes(type(None))

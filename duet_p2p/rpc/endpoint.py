@@ -87,7 +87,7 @@ class Endpoint:
             )
         return self.peer_hello
 
-    async def send(self, message: Message, attachment: bytes | None = None) -> None:
+    async def send(self, message: Message, attachment: bytes | memoryview | None = None) -> None:
         """Encode and send one message; ``attachment`` is an already encoded ``value``.
 
         A large value travels as an attachment so that it is encoded once (and can be

@@ -5,6 +5,12 @@ code). Every training step runs in the owner's process: the scientist only sends
 actions, without waiting for replies. Then it asks for one number, the test accuracy
 (one request), and for the trained weights (one more request).
 
+Each step here is 8 small actions. For speed, record the step once as a plan and let the
+owner replay it (see ``duet_p2p.plans``)::
+
+    step = duet.plan(lambda index: ...)      # the body of the inner loop, returning loss
+    losses = step.map(duet.torch.randperm(n_train).split(BATCH))   # a whole epoch
+
 Usage: ``python scientist.py DUET_ID SIGNALING_URL``
 """
 
