@@ -168,9 +168,12 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             ])  # fmt: skip
     t = results.get("training", {})
     if "ratio_remote_to_local" in t:
+        mode = t.get("best_mode")
+        remote = t.get("remote_steps_per_s") or t.get(mode or "", {}).get("steps_per_s")
+        label = f" ({mode})" if mode else ""
         out.append([
-            "Training steps/s, remote vs local (benchmarks/training.py)",
-            f"{t['remote_steps_per_s']:.1f} steps/s", f"local {t['local_steps_per_s']:.1f} steps/s",
+            f"Training steps/s, remote{label} vs local (benchmarks/training.py)",
+            f"{_f(remote, '.0f')} steps/s", f"local {_f(t.get('local_steps_per_s'), '.0f')} steps/s",
             f"{t['ratio_remote_to_local']:.2f}x", f">= {t.get('goal_ratio', 0.5)}x",
             _met(t.get("goal_met")), "—",
         ])  # fmt: skip

@@ -132,11 +132,12 @@ class ChannelPeer(RawLink):
         async def go() -> float:
             self._ensure_attached()
             assert self._inbox is not None
+            payload = memoryview(bytearray(total)) if self.transport is not None else None
             started = time.perf_counter()
-            if self.transport is None:
+            if payload is None:
                 await self._raw_bulk(total, message_size)
             else:
-                await self.transport.send(memoryview(bytearray(total)))
+                await self.transport.send(payload)
             await asyncio.wait_for(self._inbox.get(), 600)
             return time.perf_counter() - started
 
