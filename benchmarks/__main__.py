@@ -125,7 +125,7 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             f"{ch['bulk_ratio']:.2f}x", "—", "—", "—",
         ])  # fmt: skip
         out.append([
-            "2. Small messages sent back to back (5,000 x 16 B)",
+            "2. Small messages sent back to back (5,000 x 16 B, best of 3)",
             f"{ours['msgs_per_s']:,.0f} msg/s", f"plain aiortc {raw['msgs_per_s']:,.0f} msg/s",
             f"{ch['rate_ratio']:.1f}x", "—", "—", "—",
         ])  # fmt: skip
@@ -191,7 +191,7 @@ def markdown_table(table: list[list[str]]) -> str:
 
 def text_table(table: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [HEADER, *table]) for i in range(len(HEADER))]
-    widths[0] = min(widths[0], 60)
+    widths[0] = min(widths[0], 66)
     lines = []
     for row in [HEADER, *table]:
         lines.append("  ".join(cell[: widths[i]].ljust(widths[i]) for i, cell in enumerate(row)))
@@ -201,10 +201,12 @@ def text_table(table: list[list[str]]) -> str:
 def _large_section() -> str:
     if not RESULTS_LARGE.exists():
         return "`make bench-large` has not been run on this machine yet.\n"
+    stamp = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(RESULTS_LARGE.stat().st_mtime))
     data = json.loads(RESULTS_LARGE.read_text(encoding="utf-8"))
     row, big = data["get_1000mb"], data["get_3gib"]
     gib = 1024**3
     return (
+        f"From its own run ({stamp}, `benchmarks/results_large.json`):\n\n"
         f"- 1000 MB get: {row['get_s']:.1f} s ({row['get_mib_s']:.1f} MiB/s) against raw "
         f"aiortc's {row['raw_s']:.1f} s ({row['raw_mib_s']:.1f} MiB/s): "
         f"{row['ratio']:.2f}x.\n"
@@ -222,35 +224,50 @@ NOTES = """\
 
 - **aiortc sets the ceiling.** Its SCTP stack is pure Python: every 1,200-byte chunk is a
   packet, a DTLS record and a datagram, and the receiver acknowledges every packet. That
-  costs about 35-45 ms of CPU per MiB on *each* side, so two processes on two cores top
-  out near 10-25 MiB/s, and anything else running on the machine shows up directly. A
-  cProfile of a bulk transfer shows no duet_p2p function near the top on either side.
-- **Frames are 64 KiB** (was a 256 KiB default, which the channel never used: the frame
-  size was fixed before the remote's max message size was known, so it fell back to
-  64 KiB; it is now read after negotiation). Measured with plain aiortc in 16 MB
-  transfers: 64 KiB messages cost 37 ms/MiB sending and 36 receiving; 256 KiB cost 44 and
-  50, because aiortc rescans the chunks of a message under reassembly as each arrives.
-- **Small frames are batched.** aiortc neither bundles nor delays (the opposite of Nagle):
-  5,000 sends of 16 B are 5,000 packets and 5,000 acknowledgements. The transport now
-  holds frames under 8 KiB until the event loop turns and sends them as one BATCH frame;
-  back-to-back messages go from about 2-3 thousand per second to over 100 thousand.
+  costs about 32-45 ms of CPU per MiB on *each* side, so two processes on two cores top
+  out near 30 MiB/s, and anything else running on the machine shows up directly. A
+  cProfile of a bulk transfer shows no duet_p2p function near the top on either side; on
+  a quiet machine our transport moves 95-100% of plain aiortc's bytes per second.
+- **Frames are 64 KiB.** The 256 KiB default was never used: the frame size was fixed
+  before the remote's max message size was known, and fell back to 64 KiB; it is now read
+  after negotiation, and 64 KiB is the default on purpose. Measured with plain aiortc
+  (16 MB, median of 4): 64 KiB messages cost 37 ms/MiB sending and 36 receiving, 256 KiB
+  cost 44 and 50, because aiortc rescans the chunks of a message being reassembled as
+  each one arrives; 16 KiB is no better than 64.
+- **Small frames are batched.** aiortc neither bundles nor delays (the opposite of
+  Nagle): 5,000 sends of 16 B are 5,000 packets and 5,000 acknowledgements. Its rate
+  swings between ~1,500 and ~20,000 messages per second with the state of its congestion
+  window (for every send its sender rescans all chunks in flight, and each 16 B message
+  is a chunk of its own); one at a time, the ~0.4 ms round trip bounds it to ~2,500.
   Our framing, credit window and event loop were not the limit (a few microseconds per
-  message); one-at-a-time sends are bounded by the ~0.4 ms loopback round trip.
-- **Executor pre-check.** The meta-device size check cost ~100 us of each 137 us op;
+  message; the 1,000/s measured before was aiortc). The transport now
+  holds frames under 8 KiB until the event loop turns and sends them together as one
+  BATCH frame: back-to-back messages reach well over 100,000 per second. A single message
+  waits one loop turn, which no round trip measured could tell from noise (echo within
+  0.1 ms of plain aiortc either way; op + get 1.34 ms batched, 1.43 ms unbatched, A/B).
+- **Executor pre-check.** The meta-device size check took ~100 us of each 137 us op.
   Python operators (`+`, `*`, `@`, comparisons; not indexing with lists) are now bounded
-  by the product of their inputs' sizes like arithmetic, so `p + 1` skips it
-  (137 -> 37 us per op). That took the chain from ~3,500 to ~8,500 ops/s on a quiet
-  machine.
-- **Copies.** A get copies the value once on the owner (the encoded snapshot that is
-  hashed for the audit log and cannot change while it is sent) and once per 64 KiB frame;
-  the scientist reassembles into one growing buffer and decodes tensors in place from it
-  (no second copy). Hashing (SHA-256) is ~1.2 ms/MiB, ~3% of the owner's CPU.
-- **Credit window** stays 4 MiB, acknowledged every 1 MiB: it bounds what is buffered
-  per direction and never limited loopback throughput (aiortc's congestion window stays
-  far below it).
-- **uvloop** is active in every peer process (reported by each peer at start).
-- Left alone: pydantic validation (~2 us per action), CBOR decode of a 1,000-action
-  batch (~10 ms), the audit log's flush per action (~10 us), and aiortc itself.
+  by the product of their inputs' sizes, as arithmetic already was, so `p + 1` skips it:
+  37 us per op, and the chain went from ~3,500 to 8,000-11,000 ops/s on a quiet machine.
+  Two recursive closures in the executor (`action_refs`, `_tensors`) were reference
+  cycles, so every op left garbage (and the tensors it found) for the cyclic collector,
+  whose full passes paused the owner ~150 ms every second or third chain; they are plain
+  functions now and an op leaves no cyclic garbage. What remains per op is spread thin
+  (lineage, taint tracking, one audit line each).
+- **Copies and memory.** A get copies the value once on the owner: a snapshot (later
+  in-place ops cannot change what leaves) that is hashed for the audit log. It used to be
+  a `bytes` join that held the GIL, which for 3 GiB stalled the event loop past the 6 s
+  heartbeat timeout and broke the transfer; numpy now makes the copy without the GIL.
+  Each 64 KiB frame is copied once more (aiortc wants `bytes`). The scientist appends
+  frames to one growing buffer (it never reserves what the peer merely announces) and
+  decodes tensors in place from it. SHA-256 costs ~1.2 ms/MiB, ~3% of the owner's CPU.
+- **Credit window** stays 4 MiB, acknowledged every 1 MiB: it bounds what is buffered per
+  direction; 1, 4 and 16 MiB windows gave the same loopback throughput (aiortc's own
+  congestion window stays far below them), and 4 MiB leaves room for long round trips.
+- **uvloop** is the event loop in every peer process (each peer reports it).
+- Left alone: pydantic validation (~2 us per action), CBOR decoding of a 1,000-action
+  batch (~10 ms), the audit log's flush per entry (~10 us), `ptr.get()` crossing into the
+  event loop twice (request, then result), and aiortc itself.
 """
 
 
@@ -262,7 +279,7 @@ def report(results: dict[str, Any]) -> str:
     load1 = ", ".join(f"{x:.1f}" for x in m.get("load_average_at_end", ()))
     return f"""# Benchmarks
 
-Generated by `make bench` (`python -m benchmarks`, about 3-4 minutes). **All numbers are
+Generated by `make bench` (`python -m benchmarks`, about two minutes). **All numbers are
 from one run** on {m["cpu"] or "an unnamed CPU"}, {m["cores"]} cores, {m["system"]},
 Python {m["python"]}, aiortc {v.get("aiortc")}, torch {v.get("torch")}, event loop
 {", ".join(loops) or "unknown"}, {m["date"]}. Load average at start: {load0}; at end: {load1}.

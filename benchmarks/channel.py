@@ -20,6 +20,7 @@ WARMUP_BYTES = 2 * 1024 * 1024
 RAW_MESSAGE_SIZES = (16 * 1024, 64 * 1024, 256 * 1024)
 RAW_BULK_MESSAGE = 64 * 1024
 BURST_MESSAGES = 5000
+BURST_TRIES = 3
 RAW_HIGH_WATER = 4 * 1024 * 1024
 RAW_LOW_WATER = 1024 * 1024
 DONE = b"done"
@@ -183,6 +184,17 @@ def peer() -> Handlers:
     return ChannelPeer().handlers()
 
 
+def best_burst_rate(sender: Peer, receiver: Peer, tries: int = BURST_TRIES) -> float:
+    """Messages per second of a burst, the best of ``tries``: plain aiortc's rate swings
+    several-fold with the state of its congestion window, so each side gets its best."""
+    rates = []
+    for _ in range(tries):
+        receiver.call("serve", mode="count", target=BURST_MESSAGES * 16)
+        seconds = sender.call("burst", count=BURST_MESSAGES, size=16, timeout=300)
+        rates.append(BURST_MESSAGES / seconds)
+    return max(rates)
+
+
 def _measure(sender: Peer, receiver: Peer, framed: bool, first: bool) -> dict[str, Any]:
     """One connection: round trip and message rate (first round only), then bulk."""
     connect_raw(sender, receiver, framed=framed)
@@ -193,9 +205,7 @@ def _measure(sender: Peer, receiver: Peer, framed: bool, first: bool) -> dict[st
         receiver.call("serve", mode="echo")
         sender.call("rtt", rounds=30)  # warm-up
         result["rtt_ms"] = sender.call("rtt")["median"] * 1e3
-        receiver.call("serve", mode="count", target=BURST_MESSAGES * 16)
-        seconds = sender.call("burst", count=BURST_MESSAGES, size=16, timeout=300)
-        result["msgs_per_s"] = BURST_MESSAGES / seconds
+        result["msgs_per_s"] = best_burst_rate(sender, receiver)
     receiver.call("serve", mode="count", target=BULK_BYTES)
     sizes = (RAW_BULK_MESSAGE,) if framed or not first else RAW_MESSAGE_SIZES
     for size in sizes:

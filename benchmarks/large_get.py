@@ -2,7 +2,10 @@
 
 PySyft 0.5 could not move 2 GB at all. Here the 3 GiB value crosses in 64 KiB frames
 under the credit window; the time and each side's peak RSS above idle are printed.
-Takes about ten minutes (aiortc's pure-Python SCTP moves roughly 10 MiB/s on loopback).
+Takes about five minutes on a quiet two-core machine (aiortc's pure-Python SCTP moves
+15-30 MiB/s on loopback), and needs ~10 GB of free memory (the owner holds the tensor and
+its snapshot, the scientist the received copy). Writes benchmarks/results_large.json,
+which `make bench` puts into BENCHMARKS.md.
 """
 
 from __future__ import annotations
