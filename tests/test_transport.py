@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from duet_p2p.errors import PeerClosed, ProtocolError
 from duet_p2p.transport import framing
-from duet_p2p.transport.channel import ChannelOptions, DataChannelTransport
+from duet_p2p.transport.channel import SMALL_FRAME_BYTES, ChannelOptions, DataChannelTransport
 from duet_p2p.transport.peer import new_peer_connection, restrict_host_addresses, wait_open
 
 MiB = 1024 * 1024
@@ -291,3 +291,217 @@ async def test_oversize_message_from_the_peer_is_refused(channel_pair: PairFacto
     await a.send(b"x" * 1001)
     with pytest.raises(ProtocolError, match="1001-byte message"):
         await recv(b, 10)
+
+
+# -- batches of small frames ---------------------------------------------------------------
+
+
+def batch_items(frame: bytes) -> list[bytes]:
+    items = list(framing.split_batch(frame))
+    assert all(isinstance(item, memoryview) for item in items)
+    return [bytes(item) for item in items]
+
+
+def some_frames(count: int) -> list[bytes]:
+    """``count`` frames of every kind a batch may carry: whole messages, the first and
+    further frames of a split one, and control frames."""
+    long_message = list(framing.split_message([os.urandom(300)], 64))
+    kinds = [
+        lambda i: next(framing.split_message([os.urandom(i % 50)], 1024)),
+        lambda i: long_message[0],
+        lambda i: long_message[1 + i % (len(long_message) - 1)],
+        lambda i: framing.control_frame(framing.CREDIT, i),
+        lambda i: framing.control_frame(framing.PING, i),
+        lambda i: framing.control_frame(framing.PONG, i),
+        lambda i: framing.control_frame(framing.CLOSE),
+        lambda i: bytes((framing.CONT,)),  # the smallest frame: a type byte alone
+    ]
+    return [kinds[i % len(kinds)](i) for i in range(count)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8, 100, 1000])
+def test_batch_round_trip(count: int) -> None:
+    frames = some_frames(count)
+    batch = framing.batch_frame(frames)
+    assert batch[0] == framing.BATCH
+    assert len(batch) == 1 + sum(framing.BATCH_ITEM_HEADER + len(f) for f in frames)
+    assert batch_items(batch) == frames
+
+
+def test_batch_items_at_boundary_sizes() -> None:
+    for size in (1, 2, 255, 256, 65535, 65536, SMALL_FRAME_BYTES - 1, SMALL_FRAME_BYTES):
+        frame = bytes((framing.CONT,)) + os.urandom(size - 1)
+        assert batch_items(framing.batch_frame([frame])) == [frame], size
+        assert batch_items(framing.batch_frame([frame, b"\x10", frame])) == [
+            frame,
+            b"\x10",
+            frame,
+        ], size
+    # a batch exactly as large as the channel's frames, as the sender fills them
+    max_frame = 64 * 1024
+    item = bytes((framing.CONT,)) + os.urandom(1000)
+    frames = [item] * ((max_frame - 1) // (framing.BATCH_ITEM_HEADER + len(item)))
+    room = max_frame - len(framing.batch_frame(frames)) - framing.BATCH_ITEM_HEADER
+    frames.append(bytes((framing.CONT,)) + os.urandom(room - 1))
+    batch = framing.batch_frame(frames)
+    assert len(batch) == max_frame
+    assert batch_items(batch) == frames
+
+
+def test_batch_items_are_views_into_the_batch() -> None:
+    batch = framing.batch_frame([b"\x02abc", b"\x02de"])
+    first, second = framing.split_batch(batch)
+    assert first.obj is batch and second.obj is batch
+    assert bytes(first) == b"\x02abc" and bytes(second) == b"\x02de"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.binary(min_size=1, max_size=300).filter(lambda f: f[0] != framing.BATCH),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_batch_round_trip_property(frames: list[bytes]) -> None:
+    assert batch_items(framing.batch_frame(frames)) == frames
+
+
+def item(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        (framing.batch_frame([]), "empty batch"),
+        (bytes((framing.BATCH,)) + b"\x00", "truncated batch"),
+        (bytes((framing.BATCH,)) + b"\x00\x00\x00", "truncated batch"),
+        (framing.batch_frame([b"\x02ok"]) + b"\x00\x00", "truncated batch"),
+        (bytes((framing.BATCH,)) + (5).to_bytes(4, "big") + b"\x02abc", "longer than the batch"),
+        (bytes((framing.BATCH,)) + (2**32 - 1).to_bytes(4, "big") + b"\x02", "longer than"),
+        (framing.batch_frame([b"\x02ok"])[:-1], "longer than the batch"),
+        (framing.batch_frame([b"\x02ok", b""]), "empty"),
+        (framing.batch_frame([b""]), "empty"),
+        (framing.batch_frame([framing.batch_frame([b"\x02x"])]), "batch inside a batch"),
+        (framing.batch_frame([b"\x02ok", bytes((framing.BATCH,))]), "batch inside a batch"),
+    ],
+    ids=[
+        "no-items",
+        "1-byte-length",
+        "3-byte-length",
+        "trailing-partial-length",
+        "length-past-end",
+        "huge-length",
+        "last-item-cut",
+        "empty-item-after-good",
+        "empty-item",
+        "nested-batch",
+        "bare-nested-batch",
+    ],
+)
+def test_malformed_batches_are_refused(batch: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        list(framing.split_batch(batch))
+
+
+def test_batch_refusal_stops_at_the_bad_item() -> None:
+    # items before a bad one come out first; nothing after it is read
+    batch = framing.batch_frame([b"\x02one", b"\x02two"]) + item(b"") + item(b"\x02three")
+    items = framing.split_batch(batch)
+    assert bytes(next(items)) == b"\x02one"
+    assert bytes(next(items)) == b"\x02two"
+    with pytest.raises(ProtocolError):
+        next(items)
+
+
+class SendCounter:
+    """Wraps a channel's ``send`` to count the data-channel messages it is handed."""
+
+    def __init__(self, channel: object) -> None:
+        self.kinds: list[int] = []
+        self.sizes: list[int] = []
+        self._send = channel.send  # type: ignore[attr-defined]
+        channel.send = self  # type: ignore[attr-defined]
+
+    def __call__(self, data: bytes | str) -> None:
+        if isinstance(data, bytes):
+            self.kinds.append(data[0])
+            self.sizes.append(len(data))
+        self._send(data)
+
+
+async def send_all(transport: DataChannelTransport, payloads: list[bytes]) -> None:
+    """Send back to back, one timeout for all: on Python 3.11 ``wait_for`` around each
+    send would run it as its own task, so the loop would turn (and flush) between sends."""
+    for payload in payloads:
+        await transport.send(payload)
+
+
+async def test_many_small_messages_travel_in_few_channel_messages(
+    channel_pair: PairFactory,
+) -> None:
+    a, b = await channel_pair()
+    counter = SendCounter(a._channel)
+    count = 5000
+    payloads = [i.to_bytes(4, "big") + os.urandom(i % 200) for i in range(count)]
+    payloads[7] = b""  # an empty message is a frame too
+
+    async def receive() -> list[bytes]:
+        return [await recv(b, 10) for _ in range(count)]
+
+    receiver = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait_for(send_all(a, payloads), 20)
+        received = await asyncio.wait_for(receiver, 20)
+    finally:
+        receiver.cancel()
+    assert len(received) == count
+    assert received == payloads
+    assert b.messages_received == count
+    assert a.protocol_errors == 0 and b.protocol_errors == 0
+    sent = len(counter.kinds)
+    assert sent < count // 50, f"{sent} data-channel messages for {count} messages"
+    assert framing.BATCH in counter.kinds
+    assert max(counter.sizes) <= a.max_frame_bytes
+    # still usable both ways afterwards
+    await asyncio.wait_for(b.send(b"back"), 5)
+    assert await recv(a, 10) == b"back"
+
+
+async def test_small_and_large_messages_keep_their_order(channel_pair: PairFactory) -> None:
+    a, b = await channel_pair()
+    counter = SendCounter(a._channel)
+    # START frames around the size at which a frame stops waiting for a batch
+    edge = SMALL_FRAME_BYTES - framing.BATCH_ITEM_HEADER - framing.START_HEADER
+    sizes = [10, edge - 1, 20, edge, 30, edge + 1, 40, 3 * a.max_frame_bytes, 50, 0, 60]
+    payloads = [bytes((i,)) + os.urandom(max(0, n - 1)) for i, n in enumerate(sizes * 20)]
+
+    async def receive() -> list[bytes]:
+        return [await recv(b, 10) for _ in payloads]
+
+    receiver = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait_for(send_all(a, payloads), 20)
+        received = await asyncio.wait_for(receiver, 20)
+    finally:
+        receiver.cancel()
+    assert [len(m) for m in received] == [len(p) for p in payloads]
+    assert received == payloads
+    assert max(counter.sizes) <= a.max_frame_bytes
+    assert framing.BATCH in counter.kinds
+    assert a.protocol_errors == 0 and b.protocol_errors == 0
+
+
+async def test_malformed_batch_from_the_peer_ends_the_connection(
+    channel_pair: PairFactory,
+) -> None:
+    a, b = await channel_pair()
+    hello = next(framing.split_message([b"hello"], 1024))
+    nested = framing.batch_frame([hello, framing.batch_frame([hello])])
+    a._channel.send(nested)
+    assert await recv(b, 10) == b"hello"  # the good item before the bad one arrived
+    with pytest.raises(ProtocolError, match="batch inside a batch"):
+        await recv(b, 10)
+    assert b.protocol_errors == 1
+    assert b.closed
