@@ -103,8 +103,8 @@ def check_module_size(
         bound = inspect.signature(cls).bind(*args, **kwargs)
         if "device" in bound.arguments:
             bound.arguments["device"] = "meta"
-        meta_args = _meta_arguments(list(bound.args), reused)
-        meta_kwargs = _meta_arguments(dict(bound.kwargs), reused)
+        meta_args = _to_meta(list(bound.args), reused=reused)
+        meta_kwargs = _to_meta(dict(bound.kwargs), reused=reused)
         with torch.device("meta"):
             meta = cls(*meta_args, **meta_kwargs)
     except Exception as exc:  # noqa: BLE001 - the real constructor would fail the same way
@@ -138,29 +138,6 @@ def _tensor_index(entry: AllowedOp, args: list[Any]) -> bool:
     return len(parts) <= 64 and not any(isinstance(part, (list, tuple)) for part in parts)
 
 
-def _meta_arguments(value: Any, reused: set[int]) -> Any:
-    """Constructor arguments with every tensor and module moved to the meta device;
-    ``reused`` collects the ids of the meta tensors standing for existing ones."""
-    if isinstance(value, torch.nn.Module):
-        memo: dict[int, Any] = {}
-        for tensor in (*value.parameters(), *value.buffers()):
-            meta = torch.empty_like(tensor, device="meta")
-            if isinstance(tensor, torch.nn.Parameter):
-                meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
-            memo[id(tensor)] = meta
-            reused.add(id(meta))
-        return copy.deepcopy(value, memo)
-    if isinstance(value, torch.Tensor):
-        return torch.empty_like(value, device="meta")
-    if isinstance(value, list):
-        return [_meta_arguments(v, reused) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_meta_arguments(v, reused) for v in value)
-    if isinstance(value, dict):
-        return {k: _meta_arguments(v, reused) for k, v in value.items()}
-    return value
-
-
 # The walker below is a module-level function that takes the result list: a nested
 # recursive closure is a reference cycle, which left every op's garbage (and the tensors
 # it had found) to the cyclic collector, whose full passes then paused the owner ~150 ms.
@@ -190,18 +167,31 @@ def numel(value: Any) -> int:
     return 1
 
 
-def _to_meta(value: Any, scalars: bool = False) -> Any:
-    """Tensors as meta tensors; with ``scalars``, one-element 0-d tensors as numbers."""
+def _to_meta(value: Any, scalars: bool = False, reused: set[int] | None = None) -> Any:
+    """Tensors as meta tensors; with ``scalars``, one-element 0-d tensors as numbers.
+
+    With ``reused`` (constructor arguments), modules too: copies whose parameters and
+    buffers are meta tensors, whose ids ``reused`` collects (they stand for existing ones).
+    """
+    if reused is not None and isinstance(value, torch.nn.Module):
+        memo: dict[int, Any] = {}
+        for tensor in (*value.parameters(), *value.buffers()):
+            meta = torch.empty_like(tensor, device="meta")
+            if isinstance(tensor, torch.nn.Parameter):
+                meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = meta
+            reused.add(id(meta))
+        return copy.deepcopy(value, memo)
     if isinstance(value, torch.Tensor):
         if scalars and value.dim() == 0 and value.device.type != "meta":
             return value.item()
         return torch.empty_like(value, device="meta")
     if isinstance(value, list):
-        return [_to_meta(v, scalars) for v in value]
+        return [_to_meta(v, scalars, reused) for v in value]
     if isinstance(value, tuple):
-        return tuple(_to_meta(v, scalars) for v in value)
+        return tuple(_to_meta(v, scalars, reused) for v in value)
     if isinstance(value, dict):
-        return {k: _to_meta(v, scalars) for k, v in value.items()}
+        return {k: _to_meta(v, scalars, reused) for k, v in value.items()}
     return value
 
 

@@ -129,6 +129,29 @@ class Demo:
         owner.type_line(client_id)
         return owner, scientist
 
+    def run(
+        self,
+        label: str,
+        owner_argv: list[str],
+        scientist_argv: list[str],
+        *,
+        scientist_timeout: float,
+        owner_timeout: float,
+    ) -> Process | None:
+        """Connect the two (see ``connect``) and wait for both to exit; the scientist's
+        process, or None after printing ``<label> failed: ...`` when either failed."""
+        try:
+            owner, scientist = self.connect(owner_argv, scientist_argv)
+            scientist_rc = scientist.wait(timeout=scientist_timeout)
+            owner_rc = owner.wait(timeout=owner_timeout)
+        except DemoFailed as exc:
+            print(f"{label} failed: {exc}")
+            return None
+        if scientist_rc or owner_rc:
+            print(f"{label} failed: owner exit {owner_rc}, scientist exit {scientist_rc}")
+            return None
+        return scientist
+
     def __enter__(self) -> Demo:
         return self
 

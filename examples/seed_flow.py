@@ -13,22 +13,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _orchestrate import Demo, DemoFailed  # noqa: E402
+from _orchestrate import Demo  # noqa: E402
 
 
 def main() -> int:
     with Demo() as demo:
-        try:
-            owner, scientist = demo.connect(
-                [str(HERE / "seed_owner.py")], [str(HERE / "seed_scientist.py")]
-            )
-            scientist_rc = scientist.wait(timeout=90)
-            owner_rc = owner.wait(timeout=90)
-        except DemoFailed as exc:
-            print(f"demo failed: {exc}")
-            return 1
-        if scientist_rc or owner_rc:
-            print(f"demo failed: owner exit {owner_rc}, scientist exit {scientist_rc}")
+        scientist = demo.run(
+            "demo",
+            [str(HERE / "seed_owner.py")],
+            [str(HERE / "seed_scientist.py")],
+            scientist_timeout=90,
+            owner_timeout=90,
+        )
+        if scientist is None:
             return 1
         result = scientist.lines[-1].strip() if scientist.lines else ""
         print(f"\nThe scientist got {result}; the data never left the owner's process.")

@@ -6,8 +6,11 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -18,6 +21,7 @@ from signaling_server.app import ServerConfig, start_server
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "tests" / "peers"
 os.environ.setdefault("DUET_ICE_HOST_ADDRESSES", "127.0.0.1")
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +33,14 @@ def signaling_url() -> Iterator[str]:
     runtime.run(server.close(), timeout=10)
 
 
-async def _pair(url: str, audit_path: Path, **owner_options: object) -> tuple[sy.Duet, sy.Duet]:
+async def launch_owner_with(
+    url: str,
+    audit_path: Path,
+    join_scientist: Callable[[str, Callable[[str], None]], Awaitable[T]],
+    **owner_options: Any,
+) -> tuple[sy.Duet, T]:
+    """Launch an owner and connect a scientist to it: ``join_scientist(duet_id,
+    on_client_id)`` joins (it must also do whatever the owner's start waits for)."""
     loop = asyncio.get_running_loop()
     duet_id: asyncio.Future[str] = loop.create_future()
     client_id: asyncio.Future[str] = loop.create_future()
@@ -44,14 +55,19 @@ async def _pair(url: str, audit_path: Path, **owner_options: object) -> tuple[sy
         )
     )
     try:
-        scientist = await sy.join_duet_async(
-            await asyncio.wait_for(duet_id, 10), url, on_client_id=client_id.set_result
-        )
+        scientist = await join_scientist(await asyncio.wait_for(duet_id, 10), client_id.set_result)
         owner = await asyncio.wait_for(owner_task, 20)
     except BaseException:
         owner_task.cancel()
         raise
     return owner, scientist
+
+
+async def _pair(url: str, audit_path: Path, **owner_options: object) -> tuple[sy.Duet, sy.Duet]:
+    def join(duet_id: str, on_client_id: Callable[[str], None]) -> Awaitable[sy.Duet]:
+        return sy.join_duet_async(duet_id, url, on_client_id=on_client_id)
+
+    return await launch_owner_with(url, audit_path, join, **owner_options)
 
 
 def make_pair(url: str, audit_path: Path, **owner_options: object) -> tuple[sy.Duet, sy.Duet]:
@@ -71,6 +87,29 @@ def duet_pair(signaling_url: str, tmp_path: Path) -> Iterator[tuple[sy.Duet, sy.
     owner, scientist = make_pair(signaling_url, tmp_path / "audit.jsonl")
     yield owner, scientist
     close_pair(scientist, owner)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` every 20 ms for up to ``timeout`` s; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def accept_next(owner: sy.Duet, timeout: float) -> threading.Thread:
+    """Accept the next request from a thread (as the owner at the keyboard would)."""
+
+    def accept() -> None:
+        request = owner.requests.wait(timeout=timeout)
+        if request is not None:
+            request.accept()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return thread
 
 
 def run_peer(script: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 
 import duet_p2p as sy
 from duet_p2p.rpc import codec
-from tests.conftest import close_pair, make_pair
+from tests.conftest import accept_next, close_pair, make_pair
 
 WAIT = 10.0
 SECRET = torch.tensor([[123457.25, 2.0], [3.0, 4.0]])
@@ -39,17 +38,6 @@ def sha256_of(value: Any) -> str:
     return hashlib.sha256(codec.encode(value)).hexdigest()
 
 
-def accept_next(owner: sy.Duet) -> threading.Thread:
-    def run() -> None:
-        request = owner.requests.wait(timeout=WAIT)
-        if request is not None:
-            request.accept()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.fixture
 def session(signaling_url: str, tmp_path: Path):
     path = tmp_path / "audit.jsonl"
@@ -64,7 +52,7 @@ def test_each_event_is_one_line_with_a_matching_hash(session) -> None:
     data = scientist.store.refresh()["data"]
 
     doubled = data * 2
-    decider = accept_next(owner)
+    decider = accept_next(owner, WAIT)
     received = doubled.get(reason="to check the audit", timeout_secs=WAIT)
     decider.join(WAIT)
     assert torch.equal(received, SECRET * 2)

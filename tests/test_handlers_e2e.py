@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from duet_p2p.rpc import codec
 from duet_p2p.rpc.endpoint import Endpoint
 from duet_p2p.rpc.messages import PROTOCOL_VERSION, Action, Actions, GetRequest, Hello
 from duet_p2p.runtime import get_runtime
-from tests.conftest import close_pair, make_pair
+from tests.conftest import close_pair, launch_owner_with, make_pair
 
 Pair = tuple[sy.Duet, sy.Duet]
 WAIT = 10.0
@@ -138,30 +139,18 @@ def test_print_local_and_log_local(
 
 async def _raw_session(url: str, audit: Path) -> tuple[sy.Duet, Connection, Endpoint]:
     """An owner session and a bare scientist endpoint (no ScientistCore, no pointers)."""
-    loop = asyncio.get_running_loop()
-    duet_id: asyncio.Future[str] = loop.create_future()
-    client_id: asyncio.Future[str] = loop.create_future()
 
-    async def confirm(announced: str) -> str:
-        duet_id.set_result(announced)
-        return await client_id
-
-    owner_task = asyncio.ensure_future(
-        sy.launch_duet_async(url, client_id_callback=confirm, audit_path=audit)
-    )
-    try:
-        options = ConnectOptions.resolve(url)
-        connection = await join(
-            await asyncio.wait_for(duet_id, 10), options, on_client_id=client_id.set_result
-        )
+    async def join_raw(
+        duet_id: str, on_client_id: Callable[[str], None]
+    ) -> tuple[Connection, Endpoint]:
+        connection = await join(duet_id, ConnectOptions.resolve(url), on_client_id=on_client_id)
         endpoint = Endpoint(connection.transport, role="scientist")
         endpoint.on("store_changed", lambda _message: None)
         hello = Hello(version=PROTOCOL_VERSION, role="scientist", max_message_bytes=1 << 20)
         await endpoint.start(hello)
-        owner = await asyncio.wait_for(owner_task, 20)
-    except BaseException:
-        owner_task.cancel()
-        raise
+        return connection, endpoint
+
+    owner, (connection, endpoint) = await launch_owner_with(url, audit, join_raw)
     return owner, connection, endpoint
 
 

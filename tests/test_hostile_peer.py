@@ -15,7 +15,7 @@ import os
 import resource
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from duet_p2p.rpc.messages import PROTOCOL_VERSION
 from duet_p2p.runtime import get_runtime
 from duet_p2p.store import new_object_id
 from duet_p2p.transport import framing
+from tests.conftest import launch_owner_with
 
 TIMEOUT = 10.0
 UPLOAD_LIMIT = 1 << 20  # the owner's max_upload_bytes in these tests
@@ -193,29 +194,13 @@ class RawScientist:
 
 
 async def _owner_and_raw(url: str, audit: Path, **owner_options: Any) -> tuple[sy.Duet, Any]:
-    loop = asyncio.get_running_loop()
-    duet_id: asyncio.Future[str] = loop.create_future()
-    client_id: asyncio.Future[str] = loop.create_future()
-
-    async def confirm(announced: str) -> str:
-        duet_id.set_result(announced)
-        return await client_id
-
-    owner_task = asyncio.ensure_future(
-        sy.launch_duet_async(url, client_id_callback=confirm, audit_path=audit, **owner_options)
-    )
-    try:
-        options = ConnectOptions.resolve(url)
-        connection = await join(
-            await asyncio.wait_for(duet_id, 10), options, on_client_id=client_id.set_result
-        )
+    async def join_raw(duet_id: str, on_client_id: Callable[[str], None]) -> RawScientist:
+        connection = await join(duet_id, ConnectOptions.resolve(url), on_client_id=on_client_id)
         raw = RawScientist(connection)
         await raw.start()  # the owner's start waits for this hello
-        owner = await asyncio.wait_for(owner_task, 20)
-    except BaseException:
-        owner_task.cancel()
-        raise
-    return owner, raw
+        return raw
+
+    return await launch_owner_with(url, audit, join_raw, **owner_options)
 
 
 @dataclass

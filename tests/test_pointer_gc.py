@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 
 import pytest
 import torch
 
 import duet_p2p as sy
 from duet_p2p import scientist as scientist_module
+from tests.conftest import wait_for
 
 TIMEOUT = 10.0
 GC_WAIT = 5.0  # deletes go out every 0.5 s or per 512
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = GC_WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _peer_objects(owner: sy.Duet) -> int:
@@ -31,7 +22,7 @@ def _peer_objects(owner: sy.Duet) -> int:
 
 def _settled(owner: sy.Duet, expected: int) -> bool:
     """Whether the owner holds ``expected`` peer objects once queued work is done."""
-    return _wait_for(lambda: _peer_objects(owner) == expected)
+    return wait_for(lambda: _peer_objects(owner) == expected, GC_WAIT)
 
 
 def test_dropped_intermediates_are_freed(duet_pair: tuple[sy.Duet, sy.Duet]) -> None:
@@ -43,7 +34,7 @@ def test_dropped_intermediates_are_freed(duet_pair: tuple[sy.Duet, sy.Duet]) -> 
     assert _settled(owner, 0)
 
     pointers = [data + i for i in range(1000)]
-    assert _wait_for(lambda: _peer_objects(owner) == 1000), _peer_objects(owner)
+    assert wait_for(lambda: _peer_objects(owner) == 1000, GC_WAIT), _peer_objects(owner)
     held_bytes = owner._core.store.peer_bytes
     assert held_bytes == 1000 * 4 * 4
 

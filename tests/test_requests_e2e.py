@@ -12,6 +12,7 @@ import torch
 
 import duet_p2p as sy
 from duet_p2p.permissions import RequestStatus
+from tests.conftest import wait_for
 
 Pair = tuple[sy.Duet, sy.Duet]
 WAIT = 10.0
@@ -49,15 +50,6 @@ def join_ok(thread: threading.Thread) -> None:
         raise failures[0]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def test_denial_carries_the_owners_reason(duet_pair: Pair) -> None:
     owner, scientist = duet_pair
     data = host(owner, scientist, torch.tensor([[0, 0], [0, 1]]), "data")
@@ -79,7 +71,7 @@ def test_timeout_without_decision_cancels_the_request(duet_pair: Pair) -> None:
         data.mean().get(reason="nobody is there", timeout_secs=0.5)
     assert 0.5 <= time.monotonic() - started < 5
     [request] = owner.requests.all()
-    assert wait_until(lambda: request.status is RequestStatus.CANCELLED)
+    assert wait_for(lambda: request.status is RequestStatus.CANCELLED, WAIT)
     assert request.decided_by == "requester"
     assert len(owner.requests) == 0
     with pytest.raises(sy.DuetError, match="already cancelled"):
@@ -93,7 +85,7 @@ def test_non_blocking_request_polled_until_accepted(duet_pair: Pair) -> None:
     assert handle.status == "pending"
     assert owner.requests[0].request_id == handle.request_id
     decider = owner_decides(owner, lambda r: r.accept())
-    assert wait_until(lambda: handle.status != "pending"), "no decision arrived"
+    assert wait_for(lambda: handle.status != "pending", WAIT), "no decision arrived"
     join_ok(decider)
     assert handle.status == "accepted"
     assert torch.equal(handle.result(timeout=WAIT), torch.tensor(6.0))
@@ -131,7 +123,7 @@ def test_get_with_delete_frees_the_owners_object(duet_pair: Pair) -> None:
 
     freed = data + 1
     assert torch.equal(freed.get(timeout_secs=WAIT, delete=True), torch.tensor([2, 3, 4]))
-    assert wait_until(lambda: store.get(freed.id) is None)
+    assert wait_for(lambda: store.get(freed.id) is None, WAIT)
     with pytest.raises(sy.RemoteError, match="no object"):
         freed.get(timeout_secs=WAIT)
 

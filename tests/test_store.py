@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import torch
 
 import duet_p2p as sy
 from duet_p2p.pointer import Pointer
+from tests.conftest import wait_for
 
 TIMEOUT = 10.0
 UID = r"<UID:[0-9a-f]{32}>"
-
-
-def _wait_for(predicate, timeout: float = 5.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _host_seed_data(owner: sy.Duet) -> None:
@@ -105,12 +96,12 @@ def test_tag_lookup_errors(duet_pair: tuple[sy.Duet, sy.Duet]) -> None:
 def test_listing_refreshes_when_the_owner_adds_objects(duet_pair: tuple[sy.Duet, sy.Duet]) -> None:
     owner, scientist = duet_pair
     owner.store.send(torch.ones(2), tags=["first"])
-    assert _wait_for(lambda: scientist._core.store_version >= 1)
+    assert wait_for(lambda: scientist._core.store_version >= 1)
     assert len(scientist.store) == 1
     version = scientist._core.store_version
     owner.store.send(torch.ones(3), tags=["second"])
     # the owner's StoreChanged notice makes the next look fetch the listing again
-    assert _wait_for(lambda: scientist._core.store_version > version)
+    assert wait_for(lambda: scientist._core.store_version > version)
     assert len(scientist.store) == 2
     assert scientist.store["second"].id == scientist.store[1].id
     assert "[second]" in repr(scientist.store)
@@ -123,10 +114,10 @@ def test_listing_refreshes_when_the_owner_removes_objects(
     kept = owner.store.send(torch.ones(2), tags=["kept"])
     gone = owner.store.send(torch.ones(2), tags=["gone"])
     # both notices have arrived, so the listing below is cached and fresh
-    assert _wait_for(lambda: scientist._core.store_version >= 2)
+    assert wait_for(lambda: scientist._core.store_version >= 2)
     assert len(scientist.store) == 2
     owner.store.remove(gone.id)
-    assert _wait_for(lambda: len(scientist.store) == 1)
+    assert wait_for(lambda: len(scientist.store) == 1)
     assert scientist.store[0].id == kept.id
     with pytest.raises(KeyError):
         scientist.store["gone"]

@@ -9,7 +9,6 @@ import importlib.util
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +23,7 @@ from duet_p2p.rpc import codec
 from duet_p2p.rpc.messages import Decision
 from duet_p2p.runtime import get_runtime
 from duet_p2p.scientist import RequestHandle
-from tests.conftest import ROOT, close_pair, make_pair
+from tests.conftest import ROOT, accept_next, close_pair, make_pair
 
 Pair = tuple[sy.Duet, sy.Duet]
 WAIT = 20.0
@@ -61,19 +60,6 @@ def data_pair(duet_pair: Pair) -> Pair:
     owner.store.send(y, tags=["y"], show_metadata=True)
     scientist.store.refresh()
     return owner, scientist
-
-
-def _accept_next(owner: sy.Duet) -> threading.Thread:
-    """Accept the next request from a thread (as the owner at the keyboard would)."""
-
-    def accept() -> None:
-        request = owner.requests.wait(timeout=WAIT)
-        if request is not None:
-            request.accept()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    return thread
 
 
 def _pending_then_accept(owner: sy.Duet, pointer: sy.Pointer, reason: str) -> object:
@@ -323,7 +309,7 @@ def test_released_weights_match_the_audit_log(data_pair: Pair) -> None:
         opt.zero_grad()
         scientist.torch.nn.functional.cross_entropy(model_ptr(x), y).backward()
         opt.step()
-    decider = _accept_next(owner)
+    decider = accept_next(owner, WAIT)
     trained = model_ptr.get(reason="the weights", timeout_secs=WAIT)
     decider.join(WAIT)
     assert not torch.equal(trained[0].weight, _mlp()[0].weight)

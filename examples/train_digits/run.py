@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _orchestrate import Demo, DemoFailed  # noqa: E402
+from _orchestrate import Demo  # noqa: E402
 
 ACCURACY = re.compile(r"test accuracy: (\d\.\d+)")
 
@@ -25,17 +25,14 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp, Demo() as demo:
         audit = str(Path(tmp) / "owner_audit.jsonl")
-        try:
-            owner, scientist = demo.connect(
-                [str(HERE / "owner.py"), "--audit", audit], [str(HERE / "scientist.py")]
-            )
-            scientist_rc = scientist.wait(timeout=110)
-            owner_rc = owner.wait(timeout=20)
-        except DemoFailed as exc:
-            print(f"demo-train failed: {exc}")
-            return 1
-        if scientist_rc or owner_rc:
-            print(f"demo-train failed: owner exit {owner_rc}, scientist exit {scientist_rc}")
+        scientist = demo.run(
+            "demo-train",
+            [str(HERE / "owner.py"), "--audit", audit],
+            [str(HERE / "scientist.py")],
+            scientist_timeout=110,
+            owner_timeout=20,
+        )
+        if scientist is None:
             return 1
         found = [m for line in scientist.lines if (m := ACCURACY.search(line))]
         if not found:

@@ -17,36 +17,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from duet_common import ice_servers, report, wait_text, write_text
+from duet_common import parser as common_parser
 
 import duet_p2p as sy
 
 TAG = "data"
 _confirmed_at: list[float] = []  # when the Client ID was confirmed: the open timeout starts
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically so the other process never reads half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def wait_text(path: Path, timeout: float) -> str:
-    """The content of a file the other process writes, within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        time.sleep(0.02)
-    raise TimeoutError(f"{path.name} did not appear within {timeout:g} s")
 
 
 def make_data(size_mb: float, seed: int = 0) -> torch.Tensor:
@@ -70,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         confirmed_at.append(time.perf_counter())
         return client_id
 
-    ice = json.loads(args.ice_servers) if args.ice_servers else None
+    ice = ice_servers(args)
     started = time.perf_counter()
     duet = sy.launch_duet(
         args.signaling_url,
@@ -109,32 +92,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("signaling_url")
-    parser.add_argument("--dir", required=True, type=Path, help="directory shared with the peer")
-    parser.add_argument("--ice-servers", help="JSON list passed as ice_servers= (default: None)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="launch_duet(timeout=...)")
+    parser = common_parser(__doc__.splitlines()[0], "launch_duet")
     parser.add_argument("--size-mb", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=1, help="gets the scientist will make")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    try:
-        result = run(args)
-    except (sy.DuetError, TimeoutError) as exc:
-        report = {
-            "ok": False,
-            "role": "owner",
-            "error_type": type(exc).__name__,
-            "error": str(exc),
-            "seconds": round(time.perf_counter() - started, 3),
-            "wait_seconds": (
-                round(time.perf_counter() - _confirmed_at[0], 3) if _confirmed_at else None
-            ),
-        }
-        print(json.dumps(report), flush=True)
-        return 3
-    print(json.dumps(result), flush=True)
-    return 0
+    return report("owner", run, args, _confirmed_at)
 
 
 if __name__ == "__main__":

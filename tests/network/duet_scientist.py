@@ -15,34 +15,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from duet_common import ice_servers, report, wait_text, write_text
+from duet_common import parser as common_parser
 
 import duet_p2p as sy
 
 TAG = "data"
 _join_started: list[float] = []  # when join_duet was called: the open timeout starts
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically so the other process never reads half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def wait_text(path: Path, timeout: float) -> str:
-    """The content of a file the other process writes, within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        time.sleep(0.02)
-    raise TimeoutError(f"{path.name} did not appear within {timeout:g} s")
 
 
 def wait_stored(duet: sy.Duet, timeout: float) -> None:
@@ -57,7 +40,7 @@ def wait_stored(duet: sy.Duet, timeout: float) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     duet_id = wait_text(args.dir / "duet_id", args.timeout + 30)
-    ice = json.loads(args.ice_servers) if args.ice_servers else None
+    ice = ice_servers(args)
     started = time.perf_counter()
     _join_started.append(started)
     duet = sy.join_duet(
@@ -98,31 +81,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("signaling_url")
-    parser.add_argument("--dir", required=True, type=Path, help="directory shared with the peer")
-    parser.add_argument("--ice-servers", help="JSON list passed as ice_servers= (default: None)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="join_duet(timeout=...)")
+    parser = common_parser(__doc__.splitlines()[0], "join_duet")
     parser.add_argument("--repeats", type=int, default=1, help="how many times to get the result")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    try:
-        result = run(args)
-    except (sy.DuetError, TimeoutError) as exc:
-        report = {
-            "ok": False,
-            "role": "scientist",
-            "error_type": type(exc).__name__,
-            "error": str(exc),
-            "seconds": round(time.perf_counter() - started, 3),
-            "wait_seconds": (
-                round(time.perf_counter() - _join_started[0], 3) if _join_started else None
-            ),
-        }
-        print(json.dumps(report), flush=True)
-        return 3
-    print(json.dumps(result), flush=True)
-    return 0
+    return report("scientist", run, args, _join_started)
 
 
 if __name__ == "__main__":
