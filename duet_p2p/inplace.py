@@ -15,7 +15,7 @@ import torch
 from duet_p2p.actions import ActionFailed, Inputs, refusal
 from duet_p2p.allowlist import AllowedOp, Allowlist
 from duet_p2p.limits import OwnerLimits
-from duet_p2p.privacy import updates_running_stats
+from duet_p2p.privacy import graph_leaves, updates_running_stats
 from duet_p2p.store import OwnerStore
 
 
@@ -44,6 +44,10 @@ def check_mutation(
     if entry.category == "nn.functional" and _inplace_requested(entry, allowlist, args, kwargs):
         mutated.extend(args[:1])  # F.relu(x, inplace=True) and the like
         mutated.extend(v for k, v in kwargs.items() if k == "input")
+    if entry.name == "backward" and isinstance(target, torch.Tensor):
+        mutated.extend(graph_leaves(target))  # gradients accumulate into the leaves
+    if _updates_module_statistics(entry, target):
+        mutated.append(target)
     for value in mutated:
         candidates = value if isinstance(value, (list, tuple)) else [value]
         for candidate in list(candidates)[:100_000]:
@@ -54,6 +58,16 @@ def check_mutation(
     for record in inputs.records:
         if record.origin == "owner" and entry.inplace and record.value is target:
             raise ActionFailed(refusal(entry.path, "it would modify an object the owner hosts"))
+
+
+def _updates_module_statistics(entry: AllowedOp, target: Any) -> bool:
+    """Whether calling ``target`` updates running statistics (BatchNorm in training mode)."""
+    return (
+        entry.receiver == "torch.nn.Module"
+        and entry.name in ("__call__", "forward")
+        and isinstance(target, torch.nn.Module)
+        and any(m.training and getattr(m, "track_running_stats", False) for m in target.modules())
+    )
 
 
 def _inplace_requested(

@@ -37,11 +37,12 @@ def warm_up() -> None:
     """Load what the first size prediction on the meta device imports (about a second),
     so the peer's first op does not pay for it. Safe to call more than once.
 
-    Not a daemon thread: one killed inside torch at interpreter exit aborts the process.
+    Not a daemon thread (said explicitly: a thread started from the daemon I/O thread would
+    inherit that), since one killed inside torch at interpreter exit aborts the process.
     """
     if not _warmed.is_set():
         _warmed.set()
-        threading.Thread(target=_meta_add, name="duet-warm-up").start()
+        threading.Thread(target=_meta_add, name="duet-warm-up", daemon=False).start()
 
 
 def _meta_add() -> None:

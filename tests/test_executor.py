@@ -406,3 +406,22 @@ def test_broadcasting_one_private_element_does_not_inflate_aggregation() -> None
     spread = owner.ok("torch.Tensor.__mul__", one, owner.ok("torch.ones", None, 1000))
     assert owner.run("torch.Tensor.mean", spread).aggregation == 1
     assert owner.run("torch.Tensor.mean", data).aggregation == 12
+
+
+def test_training_mode_call_of_an_owner_module_is_refused() -> None:
+    owner = Owner()
+    model = owner.host(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)))
+    stats_before = owner.value(model)[1].running_mean.clone()
+    x = owner.host(torch.randn(8, 3), tag="x")
+    record = owner.run("torch.nn.Module.__call__", model, x)
+    assert "modify an object the owner hosts" in refused(record)
+    assert torch.equal(owner.value(model)[1].running_mean, stats_before)
+
+
+def test_backward_into_owner_parameters_is_refused() -> None:
+    owner = Owner()
+    weights = owner.host(torch.ones(3, requires_grad=True), tag="weights")
+    total = owner.ok("torch.Tensor.sum", owner.ok("torch.Tensor.__mul__", weights, 2.0))
+    record = owner.run("torch.Tensor.backward", total)
+    assert "modify an object the owner hosts" in refused(record)
+    assert owner.value(weights).grad is None

@@ -154,3 +154,11 @@ def test_exit_with_open_duets_is_quiet(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
     audit = (tmp_path / "audit.jsonl").read_text()
     assert '"disconnected"' in audit, "the owner's session was not closed at exit"
+
+
+def test_exit_right_after_closing_is_clean(tmp_path: Path) -> None:
+    """Exiting while threads the session started are still busy must not abort."""
+    result = _cycle("exit-fast", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CLOSED" in result.stdout
+    assert "terminate called" not in result.stderr, result.stderr[-3000:]
