@@ -10,15 +10,16 @@ left over after both sessions closed (compared with before the first connect).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import queue
 import sys
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("DUET_ICE_HOST_ADDRESSES", "127.0.0.1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for conftest
 
 import torch  # noqa: E402
 
@@ -99,27 +100,11 @@ def exit_open(audit_path: str) -> None:
 def exit_fast(audit_path: str) -> None:
     """Connect with the async API on duet_p2p's own loop, close, and exit at once (while
     threads the session started may still be busy)."""
+    from conftest import make_pair
+
     runtime = get_runtime()
     server = runtime.run(start_server(ServerConfig(rate=1000, burst=5000)), timeout=10)
-
-    async def pair() -> tuple[sy.Duet, sy.Duet]:
-        loop = asyncio.get_running_loop()
-        duet_id: asyncio.Future[str] = loop.create_future()
-        client_id: asyncio.Future[str] = loop.create_future()
-
-        async def confirm(announced: str) -> str:
-            duet_id.set_result(announced)
-            return await client_id
-
-        owner = asyncio.ensure_future(
-            sy.launch_duet_async(server.url, client_id_callback=confirm, audit_path=audit_path)
-        )
-        scientist = await sy.join_duet_async(
-            await duet_id, server.url, on_client_id=client_id.set_result
-        )
-        return await owner, scientist
-
-    owner, scientist = runtime.run(pair(), timeout=20)
+    owner, scientist = make_pair(server.url, Path(audit_path))
     scientist.close()
     owner.close()
     runtime.run(server.close(), timeout=10)
