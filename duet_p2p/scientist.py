@@ -208,7 +208,7 @@ class ScientistCore:
         wire_args = [_to_wire(a) for a in args]
         wire_kwargs = {k: _to_wire(v) for k, v in kwargs.items()}
         try:  # refuse here: an argument that cannot be sent would lose the whole batch
-            codec.encode([wire_args, wire_kwargs])
+            codec.encode_parts([wire_args, wire_kwargs])  # checks; large payloads not copied
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{op}: an argument cannot be sent to the owner: {exc}") from None
         result_id = uuid.uuid4().hex

@@ -112,16 +112,15 @@ def accept_next(owner: sy.Duet, timeout: float) -> threading.Thread:
     return thread
 
 
-def run_peer(script: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+def run_peer(script: str, *args: str, stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     """Start tests/peers/<script> as a separate OS process (text pipes, unbuffered)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, str(PEERS / script), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         env=env,
         cwd=str(ROOT),
-        **kwargs,  # type: ignore[arg-type]
     )

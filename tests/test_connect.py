@@ -32,9 +32,9 @@ from duet_p2p.errors import ConnectionTimeout, PeerClosed, PeerVerificationError
 from duet_p2p.transport.peer import new_peer_connection
 from signaling_server.app import ServerConfig, create_app
 from signaling_server.state import InMemoryState
+from tests.conftest import run_peer
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ROOT / "tests" / "peers"
 MiB = 1024 * 1024
 PEER_ENV = {
     **os.environ,
@@ -93,15 +93,7 @@ class Peer:
     def __init__(self, script: str, args: list[str], log_dir: Path) -> None:
         self.stderr_path = log_dir / f"{Path(script).stem}-{time.monotonic_ns()}.stderr"
         self._stderr = self.stderr_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(PEERS / script), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env=PEER_ENV,
-            cwd=str(ROOT),
-        )
+        self.proc = run_peer(script, *args, stderr=self._stderr)
         assert self.proc.stdout is not None
         self.lines = Lines(self.proc.stdout)
 
@@ -323,8 +315,10 @@ async def test_scientist_refuses_a_swapped_offer(tampering_server: Any) -> None:
         await owner.abort()
 
 
-async def test_owner_refuses_a_swapped_answer(tampering_server: Any) -> None:
-    url, _ = await tampering_server("answer")
+@contextlib.asynccontextmanager
+async def owner_with_joining_scientist(url: str) -> AsyncIterator[tuple[OwnerHandshake, str]]:
+    """An owner whose offer is posted and a scientist joining it; yields (owner, the Client
+    ID the scientist announced). Both are released afterwards."""
     owner = OwnerHandshake(options(url, timeout=5))
     await owner.start()
     client_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -332,13 +326,18 @@ async def test_owner_refuses_a_swapped_answer(tampering_server: Any) -> None:
         join(owner.duet_id, options(url, timeout=10), on_client_id=client_id.set_result)
     )
     try:
-        confirmed = await asyncio.wait_for(client_id, 15)
-        with pytest.raises(PeerVerificationError, match="scientist's description does not match"):
-            await asyncio.wait_for(owner.complete(confirmed), 15)
+        yield owner, await asyncio.wait_for(client_id, 15)
     finally:
         scientist.cancel()
         await asyncio.gather(scientist, return_exceptions=True)
         await owner.abort()
+
+
+async def test_owner_refuses_a_swapped_answer(tampering_server: Any) -> None:
+    url, _ = await tampering_server("answer")
+    async with owner_with_joining_scientist(url) as (owner, confirmed):
+        with pytest.raises(PeerVerificationError, match="scientist's description does not match"):
+            await asyncio.wait_for(owner.complete(confirmed), 15)
 
 
 async def test_owner_refuses_a_wrong_client_id(server_url: str) -> None:
@@ -347,21 +346,10 @@ async def test_owner_refuses_a_wrong_client_id(server_url: str) -> None:
     wrong_id = ids.fingerprint_id(stranger.localDescription.sdp)
     await stranger.close()
 
-    owner = OwnerHandshake(options(server_url, timeout=5))
-    await owner.start()
-    client_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    scientist = asyncio.ensure_future(
-        join(owner.duet_id, options(server_url, timeout=10), on_client_id=client_id.set_result)
-    )
-    try:
-        real_id = await asyncio.wait_for(client_id, 15)
+    async with owner_with_joining_scientist(server_url) as (owner, real_id):
         assert real_id != wrong_id
         with pytest.raises(PeerVerificationError, match=wrong_id):
             await asyncio.wait_for(owner.complete(wrong_id), 15)
-    finally:
-        scientist.cancel()
-        await asyncio.gather(scientist, return_exceptions=True)
-        await owner.abort()
 
 
 async def test_owner_refuses_a_malformed_client_id(server_url: str) -> None:

@@ -438,6 +438,22 @@ async def send_all(transport: DataChannelTransport, payloads: list[bytes]) -> No
         await transport.send(payload)
 
 
+async def send_and_receive(
+    a: DataChannelTransport, b: DataChannelTransport, payloads: list[bytes]
+) -> list[bytes]:
+    """Send ``payloads`` back to back from ``a`` while ``b`` receives them all."""
+
+    async def receive() -> list[bytes]:
+        return [await recv(b, 10) for _ in payloads]
+
+    receiver = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait_for(send_all(a, payloads), 20)
+        return await asyncio.wait_for(receiver, 20)
+    finally:
+        receiver.cancel()
+
+
 async def test_many_small_messages_travel_in_few_channel_messages(
     channel_pair: PairFactory,
 ) -> None:
@@ -447,15 +463,7 @@ async def test_many_small_messages_travel_in_few_channel_messages(
     payloads = [i.to_bytes(4, "big") + os.urandom(i % 200) for i in range(count)]
     payloads[7] = b""  # an empty message is a frame too
 
-    async def receive() -> list[bytes]:
-        return [await recv(b, 10) for _ in range(count)]
-
-    receiver = asyncio.ensure_future(receive())
-    try:
-        await asyncio.wait_for(send_all(a, payloads), 20)
-        received = await asyncio.wait_for(receiver, 20)
-    finally:
-        receiver.cancel()
+    received = await send_and_receive(a, b, payloads)
     assert len(received) == count
     assert received == payloads
     assert b.messages_received == count
@@ -477,15 +485,7 @@ async def test_small_and_large_messages_keep_their_order(channel_pair: PairFacto
     sizes = [10, edge - 1, 20, edge, 30, edge + 1, 40, 3 * a.max_frame_bytes, 50, 0, 60]
     payloads = [bytes((i,)) + os.urandom(max(0, n - 1)) for i, n in enumerate(sizes * 20)]
 
-    async def receive() -> list[bytes]:
-        return [await recv(b, 10) for _ in payloads]
-
-    receiver = asyncio.ensure_future(receive())
-    try:
-        await asyncio.wait_for(send_all(a, payloads), 20)
-        received = await asyncio.wait_for(receiver, 20)
-    finally:
-        receiver.cancel()
+    received = await send_and_receive(a, b, payloads)
     assert [len(m) for m in received] == [len(p) for p in payloads]
     assert received == payloads
     assert max(counter.sizes) <= a.max_frame_bytes
