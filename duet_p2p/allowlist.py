@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from duet_p2p import allowlist_data
+from duet_p2p.allowlist_effects import (
+    COUNTING_REDUCTIONS,
+    ELEMENTWISE,
+    Effect,
+    draws_randomness,
+    effect_of,
+)
 from duet_p2p.errors import ConfigurationError, OperationNotAllowed
 
 logger = logging.getLogger(__name__)
@@ -112,9 +119,17 @@ class AllowedOp:
     """An attribute read on a receiver (``tensor.shape``), not a call."""
     notes: str = ""
     """Anything the executor or the owner must know about the arguments or result."""
+    effect: Effect = Effect.UNKNOWN
+    """What it may write into or alias (see ``allowlist_effects``); entries the owner adds
+    default to ``UNKNOWN``, the safe answer."""
+    elementwise: bool = False
+    """Each output element depends only on the same position of each input."""
+    counts: bool = False
+    """A reduction that summarises every record it runs over (sum, mean, count, ...)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "returns", ReturnKind(self.returns))
+        object.__setattr__(self, "effect", Effect(self.effect))
         if self.attribute and self.receiver is None:
             raise ConfigurationError(
                 f"{self.path!r}: attributes must be read on one of {', '.join(RECEIVER_CLASSES)}"
@@ -124,6 +139,11 @@ class AllowedOp:
     def name(self) -> str:
         """The last path segment: the function, method or attribute name."""
         return self.path.rpartition(".")[2]
+
+    @property
+    def draws(self) -> bool:
+        """Whether it may draw from (and advance) the session's random generator."""
+        return draws_randomness(self.path, self.random)
 
     @property
     def receiver(self) -> str | None:
@@ -211,18 +231,25 @@ def _entries_from_data() -> list[AllowedOp]:
     entries = []
     for group in allowlist_data.GROUPS:
         under = str(group["under"])
+        category, returns = str(group["category"]), str(group["returns"])
+        inplace = bool(group.get("inplace", False))
+        on_tensors = under in ("torch", "torch.Tensor", "torch.nn.functional")
         for name in str(group["names"]).split():
             path = f"{under}.{name}"
+            effect = effect_of(path, category, returns, inplace)
             entries.append(
                 AllowedOp(
                     path=path,
-                    returns=ReturnKind(group["returns"]),
-                    category=str(group["category"]),
-                    inplace=bool(group.get("inplace", False)),
+                    returns=ReturnKind(returns),
+                    category=category,
+                    inplace=inplace,
                     random=bool(group.get("random", False)),
                     reduction=bool(group.get("reduction", False)),
                     attribute=bool(group.get("attribute", False)),
                     notes=allowlist_data.NOTES.get(path, ""),
+                    effect=effect,
+                    elementwise=on_tensors and name in ELEMENTWISE and not inplace,
+                    counts=on_tensors and name in COUNTING_REDUCTIONS,
                 )
             )
     return entries
@@ -345,6 +372,7 @@ __all__ = [
     "RECEIVER_CLASSES",
     "AllowedOp",
     "Allowlist",
+    "Effect",
     "ReturnKind",
     "check_path_syntax",
 ]

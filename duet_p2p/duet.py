@@ -20,9 +20,10 @@ from duet_p2p import config
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake, join
 from duet_p2p.errors import DuetError
-from duet_p2p.executor import warm_up
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import OwnerCore
+from duet_p2p.owner.session import new_supervisor
+from duet_p2p.owner.worker import WorkerSupervisor
 from duet_p2p.permissions import AuditLog
 from duet_p2p.remote_torch import RemoteNamespace
 from duet_p2p.runtime import get_runtime
@@ -161,15 +162,29 @@ class Duet:
 # -- launching (owner) ------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _OwnerSettings:
+    allowlist: Allowlist
+    limits: OwnerLimits
+    audit: AuditLog
+    supervisor: WorkerSupervisor
+
+
 def _prepare_owner(
     options: ConnectOptions, allowlist: Allowlist | None, limits: OwnerLimits | None,
     audit_path: Any,
-) -> tuple[Allowlist, OwnerLimits, AuditLog]:  # fmt: skip
-    """The owner's settings; caps incoming messages and warms up the executor meanwhile."""
-    settings = allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits(), AuditLog(audit_path)
-    _cap_owner_messages(options, settings[1])
-    warm_up()
-    return settings
+) -> _OwnerSettings:  # fmt: skip
+    """The owner's settings; caps incoming messages. Start the worker with ``prestart()``
+    on the session's loop, so importing torch there overlaps the connection setup."""
+    allowlist, limits = allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits()
+    _cap_owner_messages(options, limits)
+    return _OwnerSettings(
+        allowlist, limits, AuditLog(audit_path), new_supervisor(allowlist, limits)
+    )
+
+
+async def _prestart(settings: _OwnerSettings) -> None:
+    settings.supervisor.prestart()
 
 
 def _cap_owner_messages(options: ConnectOptions, limits: OwnerLimits) -> None:
@@ -215,15 +230,18 @@ def launch_duet(
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
     settings = _prepare_owner(options, allowlist, limits, audit_path)
     runtime = get_runtime()
+    runtime.run(_prestart(settings))
     handshake = OwnerHandshake(options)
-    runtime.run(handshake.start())
     try:
+        runtime.run(handshake.start())
         _announce_owner(handshake, signaling_url)
         confirmed = _confirm_client_id(handshake.duet_id, client_id, client_id_callback)
         connection = runtime.run(handshake.complete(confirmed))
     except BaseException:
         with contextlib.suppress(Exception):
             runtime.run(handshake.abort(), timeout=5)
+        with contextlib.suppress(Exception):
+            runtime.run(settings.supervisor.close(), timeout=10)
         raise
     duet = runtime.run(_start_owner(connection, settings, min_aggregation))
     runtime.add_closer(duet.aclose)
@@ -245,11 +263,11 @@ def _confirm_client_id(
     return input("Duet Client ID: ")
 
 
-async def _start_owner(
-    connection: Connection, settings: tuple[Allowlist, OwnerLimits, AuditLog], k: int
-) -> Duet:
-    allowlist, limits, audit = settings
-    core = OwnerCore(connection, allowlist=allowlist, limits=limits, audit=audit, min_aggregation=k)
+async def _start_owner(connection: Connection, settings: _OwnerSettings, k: int) -> Duet:
+    core = OwnerCore(
+        connection, allowlist=settings.allowlist, limits=settings.limits,
+        audit=settings.audit, min_aggregation=k, supervisor=settings.supervisor,
+    )  # fmt: skip
     try:
         await core.start()
     except BaseException:
@@ -283,9 +301,10 @@ async def launch_duet_async(
     """``launch_duet`` on the caller's asyncio loop; the callback may be async."""
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
     settings = _prepare_owner(options, allowlist, limits, audit_path)
+    settings.supervisor.prestart()
     handshake = OwnerHandshake(options)
-    await handshake.start()
     try:
+        await handshake.start()
         _announce_owner(handshake, signaling_url)
         if client_id is None and client_id_callback is not None:
             value = client_id_callback(handshake.duet_id)
@@ -296,6 +315,7 @@ async def launch_duet_async(
         connection = await handshake.complete(client_id)
     except BaseException:
         await handshake.abort()
+        await settings.supervisor.close()
         raise
     duet = await _start_owner(connection, settings, min_aggregation)
     _say("Connected!")

@@ -29,6 +29,7 @@ from duet_p2p.plan_runner import PlanRunner
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import Action
+from duet_p2p.rpc.refs import action_refs
 from duet_p2p.sizes import warm_up
 from duet_p2p.store import OwnerStore, StoredObject, value_nbytes
 
@@ -41,8 +42,16 @@ FORBIDDEN_KWARGS = frozenset({"out", "pin_memory", "generator", "closure", "layo
 class Executor(PlanRunner):
     """Runs actions against an OwnerStore under an Allowlist and OwnerLimits."""
 
-    def __init__(self, store: OwnerStore, allowlist: Allowlist, limits: OwnerLimits) -> None:
+    def __init__(
+        self,
+        store: OwnerStore,
+        allowlist: Allowlist,
+        limits: OwnerLimits,
+        *,
+        render_lineage: bool = True,
+    ) -> None:
         self.store = store
+        self.render_lineage = render_lineage
         self.allowlist = allowlist
         self.limits = limits
         self.actions_run = 0
@@ -109,7 +118,9 @@ class Executor(PlanRunner):
             grads_before = [(leaf, leaf.grad) for leaf in privacy.graph_leaves(target)]
         else:
             grads_before = []
-        args = inplace.shield_owner_inputs(entry, self.limits, self.store, target, args)
+        args, kwargs = inplace.shield_owner_inputs(
+            entry, self.limits, self.store, target, args, kwargs
+        )
         started = time.perf_counter()
         try:
             with torch.no_grad() if action.no_grad else contextlib.nullcontext():
@@ -129,7 +140,7 @@ class Executor(PlanRunner):
         # a module method returns the module itself: only a constructor's new tensors count
         nbytes = module_bytes if isinstance(value, torch.nn.Module) else value_nbytes(value)
         self._check_result(op, value, nbytes, inputs)
-        record = self._record(action, entry, value, nbytes, inputs, render=env is None)
+        record = self._record(action, entry, value, nbytes, inputs, render=env is None and self.render_lineage)
         self._privacy.unclean(value)  # a new holder of that memory, not yet checked
         self._privacy.taint(entry, target, args, kwargs, record, watched, grads_before, env)
         return record
@@ -243,33 +254,6 @@ class Executor(PlanRunner):
             support=support,
             nbytes=nbytes,
         )
-
-
-# The walkers below are module-level functions that take the result list: a nested
-# recursive closure is a reference cycle, which left every op's garbage (and the tensors
-# it had found) to the cyclic collector, whose full passes then paused the owner ~150 ms.
-
-
-def action_refs(action: Action) -> list[ObjectRef]:
-    found: list[ObjectRef] = []
-    _walk_refs(action.target, found)
-    _walk_refs(action.args, found)
-    _walk_refs(action.kwargs, found)
-    return found
-
-
-def _walk_refs(value: Any, found: list[ObjectRef]) -> None:
-    if isinstance(value, ObjectRef):
-        found.append(value)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _walk_refs(v, found)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _walk_refs(v, found)
-    elif isinstance(value, slice):
-        for v in (value.start, value.stop, value.step):
-            _walk_refs(v, found)
 
 
 def _normalise(entry: AllowedOp | None, value: Any) -> Any:

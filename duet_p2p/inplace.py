@@ -86,19 +86,28 @@ def _inplace_requested(
 
 
 def shield_owner_inputs(
-    entry: AllowedOp | None, limits: OwnerLimits, store: OwnerStore, target: Any, args: list[Any]
-) -> list[Any]:
+    entry: AllowedOp | None,
+    limits: OwnerLimits,
+    store: OwnerStore,
+    target: Any,
+    args: list[Any],
+    kwargs: dict[str, Any],
+) -> tuple[list[Any], dict[str, Any]]:
     """A module with an in-place layer (``ReLU(inplace=True)``) may write into its input:
-    give it a copy of any input that is (or views) an object the owner hosts."""
+    give it a copy of any input, positional or keyword, that is (or views) an object the
+    owner hosts."""
     if (
         entry is None
         or limits.allow_inplace_on_owner_objects
         or entry.receiver != "torch.nn.Module"
         or entry.name not in ("__call__", "forward")
         or not isinstance(target, torch.nn.Module)
+        or not any(getattr(m, "inplace", False) is True for m in target.modules())
     ):
-        return args
-    exposed = [isinstance(a, torch.Tensor) and store.shares_owner_memory(a) for a in args]
-    if not any(exposed) or not any(getattr(m, "inplace", False) is True for m in target.modules()):
-        return args
-    return [a.clone() if hit else a for a, hit in zip(args, exposed, strict=True)]
+        return args, kwargs
+
+    def shielded(value: Any) -> Any:
+        exposed = isinstance(value, torch.Tensor) and store.shares_owner_memory(value)
+        return value.clone() if exposed else value
+
+    return [shielded(a) for a in args], {k: shielded(v) for k, v in kwargs.items()}

@@ -18,7 +18,23 @@ class OwnerLimits:
     max_peer_objects: int = 1_000_000
     """Objects held at once for the peer."""
     max_op_seconds: float = 60.0
-    """Wall time of one op; a slower op's result is dropped and becomes an error."""
+    """Wall time of one op; the worker running an op past it is killed (and replaced)."""
+    max_plan_seconds: float = 600.0
+    """Wall time of one plan run or map, all its steps together."""
+    worker_threads: int = 2
+    """Compute threads of the worker process that runs the peer's actions."""
+    max_worker_restarts: int = 10
+    """Times a session's worker may be stopped (time budget, memory, crash) and replaced;
+    past that the session stops serving the peer."""
+    worker_memory_slack: int = 2 * 1024**3
+    """Address space a worker may use beyond the hosted data and ``max_peer_bytes``."""
+    max_pending_bytes: int = 2 * 1024**3
+    """Bytes held at once for the peer outside its worker: queued uploads, values kept
+    for requests awaiting a decision, and previews."""
+    max_requests: int = 10_000
+    """Requests (pending or decided) remembered at once; the oldest decided go first."""
+    seccomp: bool = True
+    """Filter the worker's system calls (where the kernel and libseccomp allow)."""
     max_upload_bytes: int = 1024**3
     """Largest message (and so upload) accepted from the peer."""
     allow_inplace_on_owner_objects: bool = False

@@ -1,0 +1,730 @@
+"""The owner's side of a session: the monitor in the owner's process, serving one scientist.
+
+The monitor holds the connection, the hosted objects, every object's label, the requests,
+decisions and the audit log, and decides what leaves. It never runs the scientist's
+computation: actions, uploads and frees go in order to the session's worker process,
+which holds the scientist's objects and maps the hosted data read-only. Values come back
+only when the monitor asks for one to release (a snapshot at that point in the order).
+
+What the scientist can observe never depends on a private result: a get on a private
+object is answered at once with a pending request, before the worker has even computed
+it; describing one says only that it is private; its failure, like its value, reaches
+the scientist only if the owner (or the owner's rule) releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import logging
+import time
+from typing import Any
+
+import torch
+
+from duet_p2p import lineage
+from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
+from duet_p2p.connect import Connection
+from duet_p2p.errors import DuetError, PeerClosed, ProtocolError, RemoteError
+from duet_p2p.limits import OwnerLimits
+from duet_p2p.modules import module_to_spec, spec_to_module
+from duet_p2p.owner.hosted import SealedTensor, seal
+from duet_p2p.owner.labels import Label
+from duet_p2p.owner.monitor import Monitor, Node, elements_of
+from duet_p2p.owner.worker import SNAP_SECONDS, WorkerLost, WorkerSupervisor
+from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
+from duet_p2p.rpc import codec
+from duet_p2p.rpc.endpoint import ATTACHMENT_IN_THREAD_BYTES, Endpoint
+from duet_p2p.rpc.messages import (
+    PROTOCOL_VERSION,
+    Actions,
+    CancelRequest,
+    Decision,
+    Delete,
+    Describe,
+    GetRequest,
+    Hello,
+    Message,
+    StoreChanged,
+    StoreQuery,
+    Upload,
+    to_wire,
+)
+from duet_p2p.rpc.refs import action_refs
+from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
+
+log = logging.getLogger(__name__)
+_STOP = object()
+EXPIRE_INTERVAL = 1.0
+"""Seconds between checks for requests a ``timeout_secs`` handler or expiry now decides."""
+MAX_QUEUED_MESSAGES = 10_000
+"""Messages from the peer waiting for the monitor; past that, uploads are refused."""
+WITHHELD = "its details stay with the owner"
+
+
+def listing_entry(record: StoredObject) -> dict[str, Any]:
+    """What the scientist sees of a searchable object: never a value."""
+    entry: dict[str, Any] = {
+        "id": record.id,
+        "tags": list(record.tags),
+        "description": record.description,
+        "type": record.type_name,
+        "kind": "module" if isinstance(record.value, torch.nn.Module) else "tensor",
+        "public": not record.private,
+    }
+    value = record.value
+    if (record.show_metadata or not record.private) and isinstance(value, torch.Tensor):
+        entry["shape"] = list(value.shape)
+        entry["dtype"] = str(value.dtype).removeprefix("torch.")
+    return entry
+
+
+def new_supervisor(allowlist: Allowlist, limits: OwnerLimits) -> WorkerSupervisor:
+    """A worker supervisor for one session; ``prestart()`` it early to hide torch's import."""
+    config = {
+        "limits": dataclasses.asdict(limits),
+        "allowlist": None if allowlist is DEFAULT_ALLOWLIST else _allowlist_data(allowlist),
+        "threads": limits.worker_threads,
+        "read_only": not limits.allow_inplace_on_owner_objects,
+        "seccomp": limits.seccomp,
+    }
+    return WorkerSupervisor(limits, config, on_done=_unset, on_lost=_unset_async, rehost=_none)
+
+
+def _allowlist_data(allowlist: Allowlist) -> list[dict[str, Any]]:
+    return [
+        {k: (str(v) if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(e).items()}
+        for e in allowlist
+    ]
+
+
+def _unset(*_args: Any) -> None:
+    raise RuntimeError("the worker supervisor is not attached to a session")
+
+
+async def _unset_async(*_args: Any) -> None:
+    _unset()
+
+
+async def _none() -> None:
+    return None
+
+
+class HostedStore(OwnerStore):
+    """The owner's hosted objects (the monitor's own copies; peer objects live in workers)."""
+
+    def __init__(self, core: OwnerCore) -> None:
+        super().__init__()
+        self._core = core
+
+    def remove(self, object_id: str) -> StoredObject | None:
+        record = super().remove(object_id)
+        if record is not None:
+            self._core._call_on_loop(self._core._unhost, object_id)
+        return record
+
+
+@dataclasses.dataclass
+class _Held:
+    """A snapshot kept for a request until it is decided."""
+
+    payload: bytearray | None
+    module: bool
+    error: dict[str, Any] | None
+    max_bytes: int | None
+
+
+class OwnerCore:
+    """Owner-side protocol handling; lives on the event loop that owns the connection."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        allowlist: Allowlist,
+        limits: OwnerLimits,
+        audit: AuditLog,
+        min_aggregation: int = 1,
+        supervisor: WorkerSupervisor | None = None,
+    ) -> None:
+        self.connection = connection
+        self.allowlist = allowlist
+        self.limits = limits
+        self.audit = audit
+        self.store = HostedStore(self)
+        self.monitor = Monitor(allowlist, limits)
+        self.worker = supervisor or new_supervisor(allowlist, limits)
+        self.worker.on_done = self._on_worker_done
+        self.worker.on_lost = self._on_worker_lost
+        self.worker.rehost = self._rehost
+        self.endpoint = Endpoint(
+            connection.transport,
+            role="owner",
+            limits=codec.DecodeLimits(max_bytes=limits.max_upload_bytes),
+        )
+        self.requests = RequestQueue(
+            on_decision=self._on_decision, audit=audit, min_aggregation=min_aggregation,
+            max_history=limits.max_requests,
+        )  # fmt: skip
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._work: collections.deque[Any] = collections.deque()
+        self._work_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failed: dict[str, dict[str, Any]] = {}
+        """Failures the worker reported, by object (released only as labels allow)."""
+        self._sealed: dict[str, SealedTensor] = {}
+        self._held: dict[str, _Held] = {}
+        self._gets: dict[str, GetRequest] = {}
+        self._answered: dict[str, asyncio.Event] = {}
+        self.pending_bytes = 0
+        """Bytes held for the peer outside its worker (queued uploads, held snapshots)."""
+        self._closed = False
+        self.serving = True
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.worker.start()
+        for kind in ("actions", "delete", "upload", "get", "describe"):
+            self.endpoint.on(kind, self._enqueue)
+        self.endpoint.on("store_query", self._on_store_query)
+        self.endpoint.on("cancel_request", self._on_cancel)
+        self._tasks = [
+            asyncio.ensure_future(self._work_loop()),
+            asyncio.ensure_future(self._expire_loop()),
+        ]
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            role="owner",
+            library="duet_p2p",
+            max_message_bytes=self.limits.max_upload_bytes,
+            allowlist={entry.path: str(entry.returns) for entry in self.allowlist},
+        )
+        await self.endpoint.start(hello)
+        self.audit.event("connected", duet_id=self.connection.duet_id,
+                         client_id=self.connection.client_id,
+                         worker_sandbox=self.worker.sandbox)  # fmt: skip
+
+    # -- the owner's own calls (any thread) ---------------------------------------------
+
+    def host(
+        self,
+        value: Any,
+        *,
+        tags: tuple[str, ...] = (),
+        description: str = "",
+        searchable: bool = True,
+        public: bool = False,
+        show_metadata: bool = False,
+    ) -> StoredObject:
+        """Place ``value`` in the store; the peer is told the listing changed."""
+        if not isinstance(value, (torch.Tensor, torch.nn.Module)):
+            raise TypeError(f"only tensors and modules can be hosted, not {type(value).__name__}")
+        tags = clean_tags(tags)
+        label = tags[0] if tags else None
+        record = StoredObject(
+            id=new_object_id(),
+            value=value,
+            origin="owner",
+            private=not public,
+            tags=tags,
+            description=description[:4000],
+            searchable=searchable,
+            show_metadata=show_metadata,
+            expression=label if label and label.isidentifier() else "",
+            lineage_tags=frozenset(tags),
+            nbytes=value_nbytes(value),
+        )
+        if not record.expression:
+            record.expression = f"obj_{record.id[:8]}"
+        if isinstance(value, torch.Tensor):
+            self._sealed[record.id] = seal(value)  # a snapshot: later local edits stay local
+        else:
+            module_to_spec(value)  # refuses custom code now, in the owner's hands
+        self.store.put(record)
+        self.audit.event("hosted", object_id=record.id, tags=list(tags), public=public)
+        self._call_on_loop(self._host_on_loop, record)
+        return record
+
+    def _call_on_loop(self, function: Any, *args: Any) -> None:
+        if self.loop is None or self._closed:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            function(*args)
+        else:
+            self.loop.call_soon_threadsafe(function, *args)
+
+    def _host_on_loop(self, record: StoredObject) -> None:
+        self.monitor.host(
+            record.id, record.value, private=record.private, tags=record.tags,
+            expression=record.expression,
+        )  # fmt: skip
+        self._send_hosted(record)
+        self.worker.set_hosted_bytes(sum(s.nbytes for s in self._sealed.values()))
+        if record.searchable:
+            self._notify_store_changed()
+
+    def _send_hosted(self, record: StoredObject) -> None:
+        sealed = self._sealed.get(record.id)
+        if sealed is not None:
+            self.worker.send(
+                {"t": "host", "id": record.id, "dtype": sealed.dtype,
+                 "shape": list(sealed.shape), "nbytes": sealed.nbytes},
+                sealed.inline, fd=sealed.fd,
+            )  # fmt: skip
+        else:
+            module = record.value
+            encoded = codec.encode(module_to_spec(module))
+            self.worker.send(
+                {"t": "host_module", "id": record.id, "training": module.training}, encoded
+            )
+
+    async def _rehost(self) -> None:
+        """A new worker: map the hosted objects into it."""
+        for record in self.store.owner_records():
+            if record.id in self.monitor.nodes:
+                self._send_hosted(record)
+
+    def _unhost(self, object_id: str) -> None:
+        self.monitor.unhost(object_id)
+        sealed = self._sealed.pop(object_id, None)
+        if sealed is not None:
+            sealed.close()
+        with contextlib.suppress(WorkerLost):
+            self.worker.send({"t": "unhost", "id": object_id})
+        self._notify_store_changed()
+
+    def _notify_store_changed(self) -> None:
+        if not self._closed:
+            asyncio.ensure_future(self._send_quietly(StoreChanged()))
+
+    async def _send_quietly(
+        self, message: Message, attachment: bytes | memoryview | None = None
+    ) -> None:
+        with contextlib.suppress(PeerClosed, ProtocolError):
+            await self.endpoint.send(message, attachment)
+
+    # -- incoming -----------------------------------------------------------------------
+
+    def _enqueue(self, message: Message) -> None:
+        if len(self._work) >= MAX_QUEUED_MESSAGES and isinstance(message, Upload):
+            self._failed[message.result] = _refused_info("upload", "the owner's queue is full")
+            return
+        if isinstance(message, Upload):
+            self.pending_bytes += _upload_bytes(message)
+        self._work.append(message)
+        self._work_ready.set()
+
+    async def _on_store_query(self, message: StoreQuery) -> None:
+        entries = [
+            listing_entry(r) for r in self.store.listing() if r.id in self.monitor.nodes
+        ]
+        await self.endpoint.reply(message.call_id, entries)
+
+    def _on_cancel(self, message: CancelRequest) -> None:
+        with contextlib.suppress(DuetError, KeyError):
+            self.requests.cancel(message.request_id)
+
+    async def _work_loop(self) -> None:
+        while True:
+            if not self._work:
+                self._work_ready.clear()
+                await self._work_ready.wait()
+                continue
+            message = self._work.popleft()
+            if message is _STOP:
+                return
+            try:
+                if not self.serving:
+                    continue
+                if isinstance(message, Actions):
+                    batch = list(message.actions)
+                    while self._work and isinstance(self._work[0], Actions):
+                        batch.extend(self._work.popleft().actions)
+                    self._run_actions(batch)
+                elif isinstance(message, Delete):
+                    self._free(message.ids)
+                elif isinstance(message, Upload):
+                    self._upload(message)
+                elif isinstance(message, GetRequest):
+                    self._on_get(message)
+                elif isinstance(message, Describe):
+                    self._on_describe(message)
+                await self.worker.drain()
+            except WorkerLost:
+                continue  # the session stopped serving; said to the peer already
+            except Exception:  # noqa: BLE001 - one bad item must not stop the queue
+                log.exception("owner work item failed")
+
+    async def _expire_loop(self) -> None:
+        """Let ``timeout_secs`` handlers and ``expire_after`` decide overdue requests."""
+        while not self._closed:
+            await asyncio.sleep(EXPIRE_INTERVAL)
+            try:
+                self.requests.expire_overdue()
+            except Exception:  # noqa: BLE001 - e.g. an unwritable audit log; retry next tick
+                log.exception("expiring overdue requests failed")
+
+    def _run_actions(self, actions: list[Any]) -> None:
+        wire: list[dict[str, Any]] = []
+        budgets: list[tuple[float, str]] = []
+        for action in actions:
+            verdict = self.monitor.admit(action)
+            self.audit.action(
+                op=action.op,
+                inputs=[ref.id for ref in action_refs(action)],
+                result=action.result,
+                ok=not verdict.refused,
+                error_type=(verdict.node.error or {}).get("type"),
+            )
+            if verdict.refused:
+                continue
+            self._failed.pop(action.result, None)
+            wire.append(to_wire(action))
+            budgets.append((verdict.budget, action.op[:200]))
+        if wire:
+            self.worker.send({"t": "run", "actions": wire}, budgets=budgets)
+
+    def _free(self, ids: list[str]) -> None:
+        freed = self.monitor.free(ids)
+        for object_id in freed:
+            self._failed.pop(object_id, None)
+        if freed:
+            self.worker.send({"t": "free", "ids": freed})
+
+    def _upload(self, message: Upload) -> None:
+        self.pending_bytes -= _upload_bytes(message)
+        existing = self.monitor.nodes.get(message.result)
+        if existing is not None and existing.origin == "owner":
+            self.audit.event("upload", result=message.result, ok=False)
+            return
+        value = message.value
+        if message.as_module != isinstance(value, dict) or not (
+            message.as_module or isinstance(value, torch.Tensor)
+        ):
+            self.monitor.upload(message.result, module=False, requires_grad=False)
+            self._failed[message.result] = _refused_info(
+                "upload", "an upload must be a tensor or a module spec"
+            )
+            self.audit.event("upload", result=message.result, ok=False)
+            return
+        self.monitor.upload(message.result, module=message.as_module, requires_grad=False)
+        self._failed.pop(message.result, None)
+        self.worker.send(
+            {"t": "upload", "id": message.result, "module": message.as_module},
+            codec.encode(value),
+            budgets=[(self.limits.max_op_seconds, "upload")],
+        )
+        self.audit.event("upload", result=message.result, ok=True)
+
+    def _on_describe(self, message: Describe) -> None:
+        node = self.monitor.nodes.get(message.object_id)
+        if node is None:
+            asyncio.ensure_future(self._reply(message.call_id, {"exists": False}))
+        elif node.error is not None:
+            info = {"exists": True, "error": node.error, "private": False}
+            asyncio.ensure_future(self._reply(message.call_id, info))
+        elif self.monitor.label(node).private:
+            info = {"exists": True, "error": None, "private": True}
+            asyncio.ensure_future(self._reply(message.call_id, info))
+        else:
+            sync = self.worker.ask({"t": "sync"})
+            asyncio.ensure_future(self._describe_public(message, node, sync))
+
+    async def _describe_public(self, message: Describe, node: Node, sync: Any) -> None:
+        try:
+            await sync
+            error = self._failed.get(node.id)
+        except WorkerLost as lost:
+            error = _lost_info(lost.cause)
+        await self._reply(message.call_id, {"exists": True, "error": error, "private": False})
+
+    async def _reply(self, call_id: int, value: Any) -> None:
+        with contextlib.suppress(PeerClosed, ProtocolError):
+            await self.endpoint.reply(call_id, value)
+
+    def _on_worker_done(self, failed: dict[str, Any]) -> None:
+        for object_id, info in list(failed.items())[: self.limits.max_peer_objects]:
+            if isinstance(object_id, str) and object_id in self.monitor.nodes:
+                self._failed[object_id] = _clean_error(info)
+                self.audit.event("action_failed", result=object_id,
+                                 error_type=self._failed[object_id].get("type"))  # fmt: skip
+
+    async def _on_worker_lost(self, cause: str, final: bool) -> None:
+        lost = self.monitor.forget_peer_objects()
+        self._failed.clear()
+        self.audit.event("worker_lost", cause=cause, objects_lost=len(lost), final=final)
+        if final:
+            self.serving = False
+            log.error("the session stops serving the scientist: %s", cause)
+
+    # -- gets, requests and releases ---------------------------------------------------
+
+    def _on_get(self, message: GetRequest) -> None:
+        node = self.monitor.nodes.get(message.object_id)
+        if node is None:
+            info = {"code": "not_found", "type": "KeyError",
+                    "message": f"no object {message.object_id} on the owner's side"}  # fmt: skip
+            asyncio.ensure_future(self._send_error(message.call_id, info))
+            return
+        if node.error is not None:
+            asyncio.ensure_future(self._send_error(message.call_id, node.error))
+            return
+        label = self.monitor.label(node)
+        request = self._new_request(message, node, label)
+        snap = self.worker.ask({"t": "snap", "id": node.id}, (SNAP_SECONDS, "preparing a value"))
+        if message.delete:
+            self._free([node.id])
+        asyncio.ensure_future(self._serve_get(message, request, label, snap))
+
+    def _new_request(self, message: GetRequest, node: Node, label: Label) -> Request:
+        request_id = new_object_id()
+        return Request(
+            request_id=request_id,
+            object_id=node.id,
+            name=lineage.name_of(node.ops) if node.ops else (node.expression or "object"),
+            reason=message.reason,
+            lineage=node.expression,
+            ops=node.ops,
+            tags=label.tags,
+            size_bytes=0,
+            elements=0,
+            aggregation=label.aggregation,
+            requested_at=time.time(),
+            requester=self.connection.client_id,
+            _preview=lambda: self._preview(request_id),
+        )
+
+    async def _serve_get(
+        self, message: GetRequest, request: Request, label: Label, snap: Any
+    ) -> None:
+        if label.private:  # answered before anything about the value is known
+            await self._reply(message.call_id, {"request_id": request.request_id,
+                                                "status": "pending"})  # fmt: skip
+        try:
+            head, payload = await snap
+        except WorkerLost as lost:
+            if label.private:
+                await self._send_quietly(Decision(request_id=request.request_id,
+                                                  status="expired", reason=_lost(lost.cause)))
+            else:
+                await self._send_error(message.call_id, _lost_info(lost.cause))
+            return
+        held = self._hold(head, payload, message)
+        if not label.private and held.error is not None:
+            self._release_hold(held)
+            await self._send_error(message.call_id, held.error)
+            return
+        self._fill(request, held)
+        self._held[request.request_id] = held
+        self._gets[request.request_id] = message
+        if label.private:
+            self.requests.submit(request)
+            return
+        answered = asyncio.Event()
+        self._answered[request.request_id] = answered
+        self.audit.request(request)
+        request.status = RequestStatus.ACCEPTED
+        request.decided_by = "public: depends on no private data"
+        request.decided_at = time.time()
+        self.audit.decision(request)
+        self._on_decision(request)
+        await self._reply(message.call_id, {"request_id": request.request_id,
+                                            "status": "accepted"})  # fmt: skip
+        answered.set()
+
+    def _hold(self, head: dict[str, Any], payload: Any, message: GetRequest) -> _Held:
+        max_bytes = getattr(message, "max_bytes", None)
+        if head.get("ok") is not True or payload is None:
+            info = head.get("error")
+            return _Held(None, False, _clean_error(info), max_bytes)
+        size = len(payload)
+        if self.pending_bytes + size > self.limits.max_pending_bytes:
+            error = _refused_info("get", "the owner's memory for values awaiting a decision "
+                                  "is used up")  # fmt: skip
+            return _Held(None, False, error, max_bytes)
+        self.pending_bytes += size
+        return _Held(payload, bool(head.get("module")), None, max_bytes)
+
+    def _release_hold(self, held: _Held) -> None:
+        if held.payload is not None:
+            self.pending_bytes -= len(held.payload)
+            held.payload = None
+
+    def _fill(self, request: Request, held: _Held) -> None:
+        """Size and elements from the value itself, decoded here under strict limits."""
+        if held.payload is None:
+            request.error = _error_text(held.error)
+            return
+        request.size_bytes = len(held.payload)
+        try:
+            value = self._decode(held)
+        except DuetError as exc:
+            held.error = _refused_info("get", "the worker sent an unreadable value")
+            self._release_hold(held)
+            request.error = f"unreadable value from the worker: {exc}"
+            return
+        if isinstance(value, torch.nn.Module):
+            request.elements = sum(p.numel() for p in value.parameters())
+        else:
+            elements = elements_of(value)
+            request.elements = int(min(elements, 2**62))
+
+    def _decode(self, held: _Held) -> Any:
+        assert held.payload is not None
+        limits = codec.DecodeLimits(max_bytes=max(1, len(held.payload)))
+        value = codec.decode(bytes(held.payload), limits=limits)
+        if held.module:
+            if not isinstance(value, dict):
+                raise ProtocolError("a module release must be a module spec")
+            return spec_to_module(value)
+        return value
+
+    def _preview(self, request_id: str) -> Any:
+        held = self._held.get(request_id)
+        if held is None:
+            raise DuetError("the value is no longer held: the request was decided")
+        if held.payload is None:
+            raise RemoteError(f"the computation failed: {_error_text(held.error)}")
+        return self._decode(held)
+
+    def _on_decision(self, request: Request) -> None:
+        """Called once per request when it leaves pending, from any thread."""
+        if self.loop is None or self._closed:
+            return
+        self.loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(self._deliver(request))
+        )  # fmt: skip
+
+    async def _deliver(self, request: Request) -> None:
+        answered = self._answered.pop(request.request_id, None)
+        if answered is not None:
+            await answered.wait()
+        get = self._gets.pop(request.request_id, None)
+        held = self._held.pop(request.request_id, None)
+        if get is None or held is None:
+            return
+        try:
+            await self._send_decision(request, held)
+        finally:
+            self._release_hold(held)
+
+    async def _send_decision(self, request: Request, held: _Held) -> None:
+        rid = request.request_id
+        status = request.status
+        if status is not RequestStatus.ACCEPTED:
+            denied = "denied" if status is RequestStatus.DENIED else "expired"
+            await self._send_quietly(
+                Decision(request_id=rid, status=denied, reason=request.decision_reason or "")
+            )
+            return
+        if held.payload is None:
+            error = held.error or _refused_info("get", "failed")
+            if request.aggregation != float("inf"):
+                error = {**{k: error[k] for k in ("code", "type", "op") if k in error},
+                         "message": f"the computation failed; {WITHHELD}"}  # fmt: skip
+            self.audit.release(object_id=request.object_id, request_id=rid, nbytes=0,
+                               sha256="error")  # fmt: skip
+            await self._send_quietly(Decision(request_id=rid, status="accepted", error=error))
+            return
+        if held.max_bytes is not None and len(held.payload) > held.max_bytes:
+            await self._send_quietly(Decision(
+                request_id=rid, status="denied",
+                reason=f"the value is larger than the max_bytes={held.max_bytes} you set",
+            ))  # fmt: skip
+            return
+        payload = held.payload
+        digest = (await asyncio.to_thread(_sha256, payload) if len(payload) >=
+                  ATTACHMENT_IN_THREAD_BYTES else _sha256(payload))  # fmt: skip
+        self.audit.release(object_id=request.object_id, request_id=rid, nbytes=len(payload),
+                           sha256=digest)  # fmt: skip
+        self._show_locally(request, held)
+        await self._send_quietly(
+            Decision(request_id=rid, status="accepted", module=held.module),
+            attachment=memoryview(payload),
+        )
+
+    def _show_locally(self, request: Request, held: _Held) -> None:
+        handler = getattr(request, "handler", None)
+        if handler is None or not (handler.print_local or handler.log_local):
+            return
+        try:
+            value = self._decode(held)
+        except DuetError:
+            return
+        if handler.print_local:
+            print(f"[duet] released {request.lineage} = {value}")
+        if handler.log_local:
+            log.info("released %s = %s", request.lineage, value)
+
+    async def _send_error(self, call_id: int, info: dict[str, Any]) -> None:
+        with contextlib.suppress(PeerClosed, ProtocolError):
+            await self.endpoint.send_error(call_id, info)
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._enqueue(_STOP)
+        with contextlib.suppress(Exception):
+            await self.connection.close()
+        await self.endpoint.close()
+        for task in self._tasks:
+            task.cancel()
+        await self.worker.close()
+        for sealed in self._sealed.values():
+            sealed.close()
+        self._sealed.clear()
+        self.audit.event("disconnected", duet_id=self.connection.duet_id)
+
+
+def _sha256(payload: Any) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _upload_bytes(message: Upload) -> int:
+    value = message.value
+    return value_nbytes(value) if isinstance(value, torch.Tensor) else 0
+
+
+def _refused_info(op: str, why: str) -> dict[str, Any]:
+    return {"code": "not_allowed", "type": "OperationNotAllowed", "op": op,
+            "message": f"{op} was refused: {why}"}  # fmt: skip
+
+
+def _lost(cause: str) -> str:
+    return (f"the owner's worker was stopped ({cause}); the objects you made are lost: "
+            "compute them again")  # fmt: skip
+
+
+def _lost_info(cause: str) -> dict[str, Any]:
+    return {"code": "remote_error", "type": "WorkerLost", "message": _lost(cause)}
+
+
+def _clean_error(info: Any) -> dict[str, Any]:
+    """An error description from the worker, reduced to short plain strings."""
+    if not isinstance(info, dict):
+        return {"code": "remote_error", "type": "RemoteError", "message": "failed"}
+    clean = {}
+    for key in ("code", "type", "op", "message"):
+        value = info.get(key)
+        if isinstance(value, str):
+            clean[key] = value[:500]
+    clean.setdefault("code", "remote_error")
+    clean.setdefault("message", "failed")
+    return clean
+
+
+def _error_text(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "failed"
+    return f"{info.get('type', 'Error')}: {info.get('message', '')}"
