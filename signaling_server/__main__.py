@@ -11,13 +11,15 @@ import signal
 from collections.abc import Sequence
 
 from signaling_server.app import start_server
-from signaling_server.config import ServerConfig
+from signaling_server.config import LOOPBACK, ServerConfig
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="duet-signaling",
         description="Relay WebRTC offers and answers by Duet ID. Knows nothing else.",
+        epilog="Per-client limits count an IPv4 address, or an IPv6 /64 prefix (one host "
+        "often owns a whole /64), as one client.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to bind; 0 picks a free one")
@@ -25,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", type=int, default=65536, help="largest request body, bytes")
     p.add_argument("--rate", type=float, default=20.0, help="requests/s per client IP")
     p.add_argument("--burst", type=int, default=60, help="requests a client may make at once")
+    _add_abuse_limits(p)
     p.add_argument(
         "--ice-servers",
         default=os.environ.get("DUET_ICE_SERVERS"),
@@ -50,6 +53,70 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_abuse_limits(p: argparse.ArgumentParser) -> None:
+    """Flags that stop one client from filling or starving the server.
+
+    A client is an IPv4 address, or an IPv6 /64 prefix (one host may own a whole /64).
+    """
+    c = ServerConfig
+    p.add_argument(
+        "--max-entries-per-client",
+        metavar="N",
+        type=int,
+        default=c.max_entries_per_client,
+        help="live Duet IDs (posted offers) one client may hold until they expire; more "
+        "get HTTP 429, so one client cannot fill the server. Raise it when many hosts "
+        "share one NAT address (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        default=c.max_connections,
+        help="open TCP connections, all clients together; more are closed at once. Keep "
+        "it well below the open-file limit (ulimit -n) (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections-per-client",
+        metavar="N",
+        type=int,
+        default=c.max_connections_per_client,
+        help="open TCP connections per client; more are closed at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--exempt-networks",
+        metavar="CIDRS",
+        default=",".join(LOOPBACK),
+        help="comma-separated client networks free of the per-client offer quota and "
+        "connection cap; '' for none. The default, loopback, is this host: local tools, or "
+        "a same-host reverse proxy through which all clients look alike (default %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=c.header_timeout,
+        help="seconds a connection gets to send a complete request head, from opening or "
+        "from its previous request, before it is closed (slowloris) (default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=c.body_timeout,
+        help="seconds a request body gets to arrive after its head; then HTTP 408 and the "
+        "connection is closed (default %(default)s)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=c.keepalive_timeout,
+        help="seconds an idle keep-alive connection stays open; long-polls the server "
+        "holds are not idle (default %(default)s)",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Build a ServerConfig from parsed arguments; raise ValueError naming the bad one."""
     try:
@@ -62,6 +129,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_sdp=min(ServerConfig.max_sdp, args.max_body),
         rate=args.rate,
         burst=args.burst,
+        max_entries_per_client=args.max_entries_per_client,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        exempt_networks=[n for n in args.exempt_networks.split(",") if n.strip()],
         ice_servers=ice_servers,
         turn_secret=args.turn_secret or None,
         turn_urls=[u.strip() for u in args.turn_urls.split(",") if u.strip()],

@@ -10,12 +10,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from signaling_server.config import ServerConfig
+from signaling_server.connections import ConnectionGuard, GuardedTCPSite
 from signaling_server.handlers import SignalingHandlers
 from signaling_server.middleware import MAX_BODY, error_middleware, rate_limit_middleware
-from signaling_server.ratelimit import RateLimiter
+from signaling_server.ratelimit import RateLimiter, parse_networks
 from signaling_server.state import InMemoryState, SignalingState
 
 logger = logging.getLogger(__name__)
+
+_FD_HEADROOM = 160
+"""Files besides admitted connections: a backlog of accepted-then-refused sockets, and more."""
 
 __all__ = ["RunningServer", "ServerConfig", "create_app", "start_server"]
 
@@ -24,7 +28,10 @@ def create_app(config: ServerConfig, state: SignalingState | None = None) -> web
     """The aiohttp application; `state` defaults to a fresh InMemoryState."""
     if state is None:
         state = InMemoryState(
-            config.ttl, max_entries=config.max_entries, tombstone_ttl=config.tombstone_ttl
+            config.ttl,
+            max_entries=config.max_entries,
+            max_entries_per_owner=config.max_entries_per_client,
+            tombstone_ttl=config.tombstone_ttl,
         )
     limiter = RateLimiter(config.rate, config.burst, max_clients=config.max_clients)
     app = web.Application(
@@ -71,9 +78,15 @@ async def _sweep_forever(state: SignalingState, interval: float) -> None:
 class RunningServer:
     """A server listening on a socket; `url` is where clients reach it."""
 
-    def __init__(self, runner: web.AppRunner, url: str) -> None:
+    def __init__(self, runner: web.AppRunner, url: str, guard: ConnectionGuard) -> None:
         self._runner = runner
+        self._guard = guard
         self.url = url
+
+    @property
+    def open_connections(self) -> int:
+        """TCP connections currently admitted (refused ones are never counted)."""
+        return self._guard.open_connections
 
     async def close(self) -> None:
         """Stop listening, wake long-polls, and release everything."""
@@ -89,15 +102,47 @@ class RunningServer:
 async def start_server(
     config: ServerConfig, host: str = "127.0.0.1", port: int = 0
 ) -> RunningServer:
-    """Start the app on host:port (port 0 picks a free one) and return once it listens."""
-    runner = web.AppRunner(create_app(config), shutdown_timeout=config.shutdown_timeout)
+    """Start the app on host:port (port 0 picks a free one) and return once it listens.
+
+    Connections pass a ConnectionGuard (connection caps, head and body deadlines) before
+    aiohttp serves them; a bare `create_app` under another runner has no such guard.
+    """
+    runner = web.AppRunner(
+        create_app(config),
+        shutdown_timeout=config.shutdown_timeout,
+        keepalive_timeout=config.keepalive_timeout,
+    )
+    guard = ConnectionGuard(
+        max_connections=config.max_connections,
+        max_per_client=config.max_connections_per_client,
+        header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
+        exempt=parse_networks(config.exempt_networks),
+    )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await GuardedTCPSite(runner, host, port, guard).start()
     except BaseException:
         await runner.cleanup()
         raise
+    _warn_if_over_fd_limit(config.max_connections)
     bound_host, bound_port = runner.addresses[0][:2]
     if ":" in bound_host:
         bound_host = f"[{bound_host}]"
-    return RunningServer(runner, f"http://{bound_host}:{bound_port}")
+    return RunningServer(runner, f"http://{bound_host}:{bound_port}", guard)
+
+
+def _warn_if_over_fd_limit(max_connections: int) -> None:
+    """Past the open-file limit, accept() fails for everyone before max_connections does."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections > soft - _FD_HEADROOM:
+        logger.warning(
+            "max_connections (%d) is near or above the open-file limit (%d); "
+            "raise `ulimit -n` or lower --max-connections",
+            max_connections,
+            soft,
+        )

@@ -16,7 +16,7 @@ from aiohttp import web
 from signaling_server.config import ServerConfig
 from signaling_server.ice import ice_servers_for_client
 from signaling_server.middleware import ApiError, client_key, json_response
-from signaling_server.ratelimit import ConcurrencyLimiter
+from signaling_server.ratelimit import ConcurrencyLimiter, in_networks, parse_networks
 from signaling_server.state import SignalingState
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class SignalingHandlers:
         self._state = state
         self._config = config
         self._waits = ConcurrencyLimiter(config.max_waits_per_client)
+        self._exempt = parse_networks(config.exempt_networks)
 
     # -- input checks ---------------------------------------------------------------
 
@@ -106,7 +107,9 @@ class SignalingHandlers:
     async def post_offer(self, request: web.Request) -> web.Response:
         duet_id = self._duet_id(request)
         sdp = await self._sdp(request, "offer")
-        await self._state.put_offer(duet_id, sdp)
+        exempt = in_networks(request.remote, self._exempt)
+        owner = None if exempt else client_key(request)  # None: counts against no quota
+        await self._state.put_offer(duet_id, sdp, owner=owner)
         logger.info("offer posted for duet %s (%d chars)", _short(duet_id), len(sdp))
         return json_response({"duet_id": duet_id, "expires_in": self._config.ttl}, status=201)
 

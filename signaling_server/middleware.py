@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from signaling_server.ratelimit import RateLimiter
+from signaling_server.connections import BodyTimeout
+from signaling_server.ratelimit import RateLimiter, address_key
 from signaling_server.state import StateError
 
 logger = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ _CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "body_too_large",
     429: "rate_limited",
     503: "unavailable",
@@ -54,9 +56,14 @@ def error_response(
     return json_response({"error": code, "message": message}, status, headers)
 
 
+def retry_after(seconds: float) -> dict[str, str]:
+    """A Retry-After header for `seconds`, rounded up to a whole second (at least 1)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 def client_key(request: web.BaseRequest) -> str:
-    """Who a request counts against: its remote IP."""
-    return request.remote or "unknown"
+    """Who a request counts against: its remote IPv4 address or IPv6 /64 (see address_key)."""
+    return address_key(request.remote)
 
 
 @web.middleware
@@ -67,8 +74,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     except StateError as exc:
-        headers = {"Retry-After": "30"} if exc.status == 503 else None
+        headers = retry_after(exc.retry_after) if exc.retry_after is not None else None
         return error_response(exc.status, exc.code, str(exc), headers)
+    except BodyTimeout as exc:
+        return error_response(exc.status, exc.code, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -98,13 +107,13 @@ def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        retry_after = limiter.acquire(client_key(request))
-        if retry_after > 0:
+        wait = limiter.acquire(client_key(request))
+        if wait > 0:
             raise ApiError(
                 429,
                 "rate_limited",
                 "too many requests from this address; slow down",
-                {"Retry-After": str(max(1, math.ceil(retry_after)))},
+                retry_after(wait),
             )
         return await handler(request)
 

@@ -1,10 +1,57 @@
-"""Per-client limits: a token bucket on request rate, a cap on concurrent long-polls."""
+"""Per-client limits: a token bucket on request rate, a cap on concurrent long-polls.
+
+A "client" is what `address_key` makes of its address: an IPv4 address as it is, an
+IPv6 address by its /64 prefix (one host usually owns a whole /64 and could rotate
+through it), an IPv4-mapped IPv6 address as the IPv4 address it maps.
+`in_networks` tells whether an address is in networks exempt from some limits.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`host` as an IP address (an IPv4-mapped IPv6 one as IPv4), None if it is not one."""
+    try:
+        ip = ipaddress.ip_address((host or "").split("%", 1)[0])  # drop a zone ("%eth0")
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_key(host: str | None) -> str:
+    """The key per-client limits count `host` against: IPv4 address, or IPv6 /64 prefix."""
+    ip = _ip(host)
+    if ip is None:
+        return host or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def parse_networks(specs: Iterable[str]) -> list[Network]:
+    """Networks from strings like "127.0.0.0/8" or "::1"; ValueError names a bad one."""
+    networks = []
+    for spec in specs:
+        try:
+            networks.append(ipaddress.ip_network(spec.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP network: {spec!r}") from None
+    return networks
+
+
+def in_networks(host: str | None, networks: Iterable[Network]) -> bool:
+    """Whether `host` is an IP address inside one of `networks`."""
+    ip = _ip(host)
+    return ip is not None and any(ip in net for net in networks)
 
 
 class RateLimiter:

@@ -19,6 +19,8 @@ class StateError(Exception):
 
     code = "state_error"
     status = 500
+    retry_after: float | None = None
+    """Seconds after which trying again may succeed (sent as Retry-After), if known."""
 
 
 class UnknownId(StateError):
@@ -39,13 +41,28 @@ class AnswerExists(StateError):
 
 class StateFull(StateError):
     code, status = "server_full", 503
+    retry_after = 30.0
+
+
+class QuotaExceeded(StateError):
+    """One client holds as many live IDs as it may; the rest of the server is unaffected."""
+
+    code, status = "too_many_offers", 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SignalingState(Protocol):
     """Where offers and answers live until they expire. Every method may raise StateError."""
 
-    async def put_offer(self, duet_id: str, sdp: str) -> None:
-        """Store the offer for a new ID (OfferExists if one is live, StateFull if full)."""
+    async def put_offer(self, duet_id: str, sdp: str, owner: str | None = None) -> None:
+        """Store the offer for a new ID, held by `owner` (a client key) until it expires.
+
+        OfferExists if one is live, QuotaExceeded if `owner` holds its quota of live IDs,
+        StateFull if the server is full. An offer without an owner counts against no quota.
+        """
 
     async def get_offer(self, duet_id: str) -> str | None:
         """The offer, or None if never posted (Expired if it expired)."""
@@ -76,6 +93,7 @@ class SignalingState(Protocol):
 class _Entry:
     offer: str
     expires_at: float
+    owner: str | None = None
     answer: str | None = None
     answered: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -87,21 +105,28 @@ class _Waiters:
 
 
 class InMemoryState:
-    """SignalingState in one process's memory: bounded, with lazy and periodic expiry."""
+    """SignalingState in one process's memory: bounded, with lazy and periodic expiry.
+
+    `max_entries` bounds the live IDs of everyone together; `max_entries_per_owner`
+    (None: no bound) those of one owner, so that one client cannot fill the server.
+    """
 
     def __init__(
         self,
         ttl: float,
         *,
         max_entries: int = 10_000,
+        max_entries_per_owner: int | None = None,
         tombstone_ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ttl = ttl
         self._max_entries = max_entries
+        self._max_per_owner = max_entries_per_owner
         self._tombstone_ttl = tombstone_ttl
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
+        self._owned: dict[str, set[str]] = {}  # owner -> its live IDs
         self._tombstones: OrderedDict[str, float] = OrderedDict()  # id -> forget at
         self._offer_waits: dict[str, _Waiters] = {}
         self._closed = False
@@ -109,6 +134,7 @@ class InMemoryState:
     def _expire(self, duet_id: str) -> None:
         entry = self._entries.pop(duet_id)
         entry.answered.set()  # waiters re-check and learn it expired
+        self._disown(entry.owner, duet_id)
         self._tombstones[duet_id] = self._clock() + self._tombstone_ttl
         self._tombstones.move_to_end(duet_id)
         while len(self._tombstones) > 4 * self._max_entries:
@@ -126,24 +152,57 @@ class InMemoryState:
                 raise Expired(f"Duet ID {duet_id} has expired")
         return entry
 
+    def _disown(self, owner: str | None, duet_id: str) -> None:
+        """Stop counting `duet_id` against its owner's quota."""
+        if owner is None:
+            return
+        owned = self._owned.get(owner)
+        if owned is not None:
+            owned.discard(duet_id)
+            if not owned:
+                del self._owned[owner]
+
+    def _check_quota(self, owner: str) -> None:
+        """Raise QuotaExceeded if `owner` holds its quota of live IDs (expired ones dropped)."""
+        limit = self._max_per_owner
+        if limit is None or len(self._owned.get(owner, ())) < limit:
+            return
+        now = self._clock()
+        for duet_id in [i for i in self._owned[owner] if self._entries[i].expires_at <= now]:
+            self._expire(duet_id)
+        owned = self._owned.get(owner, set())
+        if len(owned) >= limit:
+            soonest = min(self._entries[i].expires_at for i in owned)
+            raise QuotaExceeded(
+                f"this address already holds {len(owned)} live Duet IDs (the limit); "
+                "wait for one to expire",
+                retry_after=soonest - now,
+            )
+
     def _live(self, duet_id: str) -> _Entry:
         entry = self._lookup(duet_id)
         if entry is None:
             raise UnknownId(f"no offer was posted for Duet ID {duet_id}")
         return entry
 
-    async def put_offer(self, duet_id: str, sdp: str) -> None:
+    async def put_offer(self, duet_id: str, sdp: str, owner: str | None = None) -> None:
         try:
             if self._lookup(duet_id) is not None:
                 raise OfferExists(f"an offer was already posted for Duet ID {duet_id}")
         except Expired:
             pass  # an expired ID may be used again
+        if owner is not None:
+            self._check_quota(owner)
         if len(self._entries) >= self._max_entries:
             await self.sweep()
             if len(self._entries) >= self._max_entries:
                 raise StateFull("the server holds too many Duet IDs; try again later")
         self._tombstones.pop(duet_id, None)
-        self._entries[duet_id] = _Entry(offer=sdp, expires_at=self._clock() + self._ttl)
+        self._entries[duet_id] = _Entry(
+            offer=sdp, expires_at=self._clock() + self._ttl, owner=owner
+        )
+        if owner is not None:
+            self._owned.setdefault(owner, set()).add(duet_id)
         waiters = self._offer_waits.pop(duet_id, None)
         if waiters is not None:
             waiters.event.set()

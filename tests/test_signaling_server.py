@@ -259,6 +259,14 @@ async def test_ice_servers_plain(start, http):
         {"turn_secret": "s", "turn_urls": ["stun:127.0.0.1"]},
         {"ttl": 0},
         {"max_body": 0},
+        {"max_entries_per_client": 0},
+        {"max_connections": 0},
+        {"max_connections_per_client": 0},
+        {"header_timeout": 0},
+        {"body_timeout": -1},
+        {"keepalive_timeout": float("nan")},
+        {"exempt_networks": ["not-a-network"]},
+        {"exempt_networks": "127.0.0.1"},
     ],
 )
 def test_bad_config_is_refused(config):
@@ -277,6 +285,24 @@ async def test_info_log_has_ids_and_sizes_not_sdp(start, http, caplog):
     await call(http, "GET", f"{base}/answer")
     assert "offer posted for duet 01234567" in caplog.text
     assert marker not in caplog.text
+
+
+def test_cli_sets_the_abuse_limits():
+    from signaling_server.__main__ import _parser, config_from_args
+
+    args = _parser().parse_args(
+        "--max-entries-per-client 5 --max-connections 50 --max-connections-per-client 4 "
+        "--header-timeout 2.5 --body-timeout 3 --keepalive-timeout 1 "
+        "--exempt-networks 10.0.0.0/8,2001:db8::/32".split()
+    )
+    config = config_from_args(args)
+    assert (config.max_entries_per_client, config.max_connections) == (5, 50)
+    assert config.max_connections_per_client == 4
+    assert (config.header_timeout, config.body_timeout, config.keepalive_timeout) == (2.5, 3, 1)
+    assert config.exempt_networks == ["10.0.0.0/8", "2001:db8::/32"]
+    assert config_from_args(_parser().parse_args(["--exempt-networks", ""])).exempt_networks == []
+    defaults = config_from_args(_parser().parse_args([]))
+    assert defaults.max_entries_per_client == ServerConfig().max_entries_per_client
 
 
 async def spawn_cli(*args):
