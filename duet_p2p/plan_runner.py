@@ -102,7 +102,8 @@ class PlanRunner:
                 record = self._run(step, env)
             except ActionFailed as failure:
                 info = dict(failure.info)
-                info["message"] = f"plan {spec.name}, step {number}: {info.get('message', '')}"
+                info["where"] = f"plan {spec.name}, step {number}"
+                info["message"] = f"{info['where']}: {info.get('message', '')}"
                 raise ActionFailed(info) from None
             held += record.nbytes
             if self.store.peer_bytes + held > self.limits.max_peer_bytes:

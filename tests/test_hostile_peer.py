@@ -355,7 +355,7 @@ def test_message_over_the_upload_limit_is_refused_and_serving_goes_on(hostile: H
     hostile.run(raw.until(lambda: len(raw.notices) >= 2))
     assert "exceeds" in raw.notices[-1]["message"]
     assert hostile.bad_messages == before + 2
-    assert hostile.owner._core.store.get("big") is None
+    assert "big" not in hostile.owner._core.monitor.nodes
     hostile.assert_serving()
 
 
@@ -424,7 +424,7 @@ def test_deeply_nested_arguments(hostile: Hostile) -> None:
     hostile.run(raw.send_bytes(b"\x00", head, b"\x81", action, wide))
     hostile.run(raw.until(lambda: len(raw.notices) >= 2))
     assert hostile.bad_messages == before + 2
-    assert hostile.owner._core.store.get("deep") is None
+    assert "deep" not in hostile.owner._core.monitor.nodes
     hostile.assert_serving()
 
 
@@ -468,9 +468,11 @@ def test_huge_creation_fails_fast(hostile: Hostile) -> None:
         {"op": "torch.Tensor.expand", "result": results[3], "target": ObjectRef(hostile.data_id),
          "args": [10**6, 10**3, 2, 2]},
     ))  # fmt: skip
-    for result in results:
+    for result in results[:3]:
         reply = hostile.run(raw.get(result))
         assert reply.get("ok") is False and "would exceed" in reply["error"]["message"], reply
+    private = hostile.run(raw.call({"kind": "get", "object_id": results[3], "reason": "raw"}))
+    assert private["value"]["status"] == "pending", private  # on private data: so is its failure
     assert time.perf_counter() - started < 2.0
     peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert peak_after - peak_before < 200 * 1024  # KiB
@@ -521,7 +523,7 @@ def test_inplace_writes_into_owner_objects_are_refused(hostile: Hostile) -> None
 def test_flood_of_actions(hostile: Hostile) -> None:
     raw = hostile.raw
     data = ObjectRef(hostile.data_id)
-    store = hostile.owner._core.store
+    core = hostile.owner._core
     ids = [new_object_id() for _ in range(20_000)]
     ops = ["torch.Tensor.sum", "torch.Tensor.numpy", "torch.Tensor.mean", "torch.bogus"]
     batches = [
@@ -543,15 +545,14 @@ def test_flood_of_actions(hostile: Hostile) -> None:
     last = hostile.run(raw.get(ids[-4]))  # queued after the flood
     assert last.get("status") == "accepted", last.get("error")
     elapsed = time.perf_counter() - started
-    assert store.peer_object_count() == 20_000
-    assert store.get(ids[1]).error["code"] == "not_allowed"
-    assert store.get("x0") is None
+    assert len(core.monitor.nodes) - 1 == 20_000  # and the owner's one
+    assert core.monitor.nodes[ids[1]].error["code"] == "not_allowed"  # refused before running
+    assert core.holdings().objects == 10_000  # sum and mean ran in the worker
+    assert "x0" not in core.monitor.nodes
     hostile.run(raw.send({"kind": "delete", "ids": ids}))
     hostile.run(raw.store())
-    deadline = time.monotonic() + TIMEOUT
-    while store.peer_object_count() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert store.peer_object_count() == 0
+    assert core.holdings().objects == 0
+    assert len(core.monitor.nodes) == 1
     assert elapsed < 30
     hostile.assert_serving()
 

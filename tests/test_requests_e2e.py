@@ -114,16 +114,19 @@ def test_get_with_delete_frees_the_owners_object(duet_pair: Pair) -> None:
     owner, scientist = duet_pair
     owner.requests.add_handler("accept", tags=["data"])
     data = host(owner, scientist, torch.tensor([1, 2, 3]), "data")
-    store = owner._core.store  # the owner's own store (test introspection)
+    store = owner._core.store  # the owner's hosted objects (test introspection)
+
+    def held(pointer: sy.Pointer) -> bool:
+        return pointer.id in owner._core.holdings().ids
 
     kept = data * 10
     assert torch.equal(kept.get(timeout_secs=WAIT), torch.tensor([10, 20, 30]))
-    assert store.get(kept.id) is not None, "a plain get keeps the object"
+    assert held(kept), "a plain get keeps the object"
     assert torch.equal(kept.get(timeout_secs=WAIT), torch.tensor([10, 20, 30]))
 
     freed = data + 1
     assert torch.equal(freed.get(timeout_secs=WAIT, delete=True), torch.tensor([2, 3, 4]))
-    assert wait_for(lambda: store.get(freed.id) is None, WAIT)
+    assert wait_for(lambda: not held(freed), WAIT)
     with pytest.raises(sy.RemoteError, match="no object"):
         freed.get(timeout_secs=WAIT)
 

@@ -33,7 +33,9 @@ from duet_p2p import lineage, plans
 from duet_p2p.allowlist import AllowedOp, Allowlist, Effect, ReturnKind, check_path_syntax
 from duet_p2p.errors import DuetError, OperationNotAllowed
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner import module_facts
 from duet_p2p.owner.labels import PUBLIC, Label, hosted_label, merged
+from duet_p2p.owner.module_facts import ModuleFacts
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import Action
@@ -62,10 +64,12 @@ def _refusal(op: str, why: str) -> Refused:
 class Group:
     """Objects that may share memory (union-find, with the group's taint at the root)."""
 
-    __slots__ = ("parent", "taint", "owner", "grads")
+    __slots__ = ("parent", "taint", "owner", "grads", "mode")
 
     def __init__(self, *, owner: bool = False, grads: bool = False) -> None:
         self.parent: Group | None = None
+        self.mode: tuple[str, bool] | None = None
+        """(module id, training) of the last ``train()``/``eval()`` on a member."""
         self.taint: Label | None = None
         """Set once anything wrote into the group: the join of every writer's label."""
         self.owner = owner
@@ -95,6 +99,8 @@ def _union(groups: Iterable[Group]) -> Group:
         other.parent = first
         first.owner |= other.owner
         first.grads |= other.grads
+        if other.mode is not None:
+            first.mode = other.mode if first.mode is None else ("", True)  # unsure: training
         if other.taint is not None:
             first.taint = other.taint if first.taint is None else first.taint.merge(other.taint)
     return first
@@ -119,6 +125,8 @@ class Node:
     plan: plans.PlanSpec | None = None
     writes_in_forward: bool = False
     """An owner module whose forward pass writes into itself (refused)."""
+    facts: ModuleFacts | None = None
+    """For a module: what calling it may write."""
 
 
 @dataclass
@@ -173,6 +181,7 @@ class Monitor:
             expression=expression,
             kind="module" if is_module else "tensor",
             writes_in_forward=is_module and module_writes_in_forward(value),
+            facts=module_facts.from_module(value) if is_module else None,
         )
         if is_module:
             self._grad_groups.append(node.group)
@@ -184,12 +193,14 @@ class Monitor:
         if node is not None and node.origin == "owner":
             del self.nodes[object_id]
 
-    def upload(self, object_id: str, *, module: bool, requires_grad: bool) -> Node:
-        """A value the scientist placed here: public, its own."""
+    def upload(self, object_id: str, *, spec: Any = None, requires_grad: bool = False) -> Node:
+        """A value the scientist placed here (a tensor, or a module ``spec``): public."""
+        module = spec is not None
         kind = "module" if module else "tensor"
         node = Node(
             id=object_id, own=PUBLIC, group=self._new_group(grads=module or requires_grad),
-            origin="peer", expression=f"uploaded_{kind}", ops=("upload",), kind=kind,
+            origin="peer", expression=f"uploaded_{kind}", kind=kind,
+            facts=module_facts.from_spec(spec) if module else None,
         )  # fmt: skip
         self._add(node)
         return node
@@ -259,8 +270,10 @@ class Monitor:
         refs = action_refs(action)
         nodes = [self._resolve(ref, op, env) for ref in refs]
         ctx = _Context(action, entry, refs, nodes, [self.label(n) for n in nodes])
-        self._check_arguments(ctx)
+        inplace_functional = self._check_arguments(ctx)
         effect = Effect.VIEW if entry is None else entry.effect
+        if inplace_functional:
+            effect = Effect.MUTATES_FIRST
         is_call = entry is not None and entry.path in _CALLS
         written = self._written(ctx, effect, is_call)
         if self.read_only and any(g.root().owner for g in self._guarded(ctx, effect)):
@@ -292,12 +305,31 @@ class Monitor:
         if _makes_grad_leaves(ctx, effect):
             node.group.root().grads = True
             self._grad_groups.append(node.group)
+        if node.kind == "module" or (entry is not None and entry.receiver == "torch.nn.Module"):
+            node.facts = self._facts_of_result(ctx)
         if env is None:
             node.expression = self._render(ctx)
             self._add(node)
         else:
             env[action.result] = node
         return node
+
+    def _facts_of_result(self, ctx: _Context) -> ModuleFacts | None:
+        """A module made by a constructor, or returned by a module's own method."""
+        entry, action = ctx.entry, ctx.action
+        target = _node_of(action.target, ctx)
+        if entry is None or entry.receiver == "torch.nn.Module":
+            if target is not None and entry is not None and entry.name in ("train", "eval"):
+                training = entry.name == "train" and (action.args or [True])[0] is not False
+                target.group.root().mode = (target.id, training)
+            if entry is not None and entry.returns is ReturnKind.MODULE and target is not None:
+                return target.facts
+            return None
+        if entry.returns is not ReturnKind.MODULE:
+            return None
+        parts = [n.facts for n in ctx.nodes]
+        return module_facts.from_constructor(entry.name, list(action.args),
+                                             dict(action.kwargs), parts)  # fmt: skip
 
     def _entry(self, op: str) -> AllowedOp | None:
         if op == INDEX_OP:
@@ -325,8 +357,9 @@ class Monitor:
             raise Refused(node.error)
         return node
 
-    def _check_arguments(self, ctx: _Context) -> None:
-        """Arguments that would alias, capture or write past the labels are refused."""
+    def _check_arguments(self, ctx: _Context) -> bool:
+        """Arguments that would alias, capture or write past the labels are refused.
+        Returns whether a functional op was asked to work in place (``inplace=True``)."""
         action, entry = ctx.action, ctx.entry
         for name, value in action.kwargs.items():
             if name in FORBIDDEN_KWARGS:
@@ -334,7 +367,7 @@ class Monitor:
             if name == "device" and value not in (None, "cpu") and value != torch.device("cpu"):
                 raise _refusal(action.op, "only device='cpu' is allowed")
         if entry is None:
-            return
+            return False
         if entry.path == "torch.nn.Module.state_dict" and (
             action.args or set(action.kwargs) - _STATE_DICT_KWARGS
         ):
@@ -343,8 +376,9 @@ class Monitor:
             action.kwargs.get("assign", False) is not False or len(action.args) > 2
         ):
             raise _refusal(action.op, "load_state_dict(assign=True) would alias its argument")
-        if entry.category == "nn.functional" and _inplace_requested(self.allowlist, entry, action):
-            raise _refusal(action.op, "in-place functional ops are refused; use the result")
+        return entry.category == "nn.functional" and _inplace_requested(
+            self.allowlist, entry, action
+        )
 
     def _written(self, ctx: _Context, effect: Effect, is_call: bool) -> list[Group]:
         """The groups the op may write into, or capture its arguments into: they take the
@@ -353,9 +387,30 @@ class Monitor:
             return []
         if effect in (Effect.MUTATES, Effect.MUTATES_FIRST, Effect.GRADIENTS):
             return self._guarded(ctx, effect)
-        # A module call may write into the module (statistics, max_norm) and, through
-        # in-place layers, into its inputs; a constructor may capture its arguments.
-        return [n.group for n in ctx.nodes]
+        if is_call:
+            return self._call_writes(ctx)
+        return [n.group for n in ctx.nodes]  # a constructor may capture its arguments
+
+    def _call_writes(self, ctx: _Context) -> list[Group]:
+        """A module call writes into the module (running statistics while training,
+        ``max_norm``) and, through in-place layers, into its inputs, as its facts say."""
+        target = _node_of(ctx.action.target, ctx)
+        facts = (target.facts if target is not None else None) or module_facts.UNKNOWN
+        written: list[Group] = []
+        if target is not None and (
+            not facts.known or facts.max_norm or (facts.stats and self._training(target, facts))
+        ):
+            written.append(target.group)
+        if not facts.known or facts.inplace:
+            written.extend(n.group for n in ctx.nodes if n is not target)
+        return written
+
+    @staticmethod
+    def _training(node: Node, facts: ModuleFacts) -> bool:
+        mode = node.group.root().mode
+        if mode is None:
+            return facts.training
+        return mode != (node.id, False)
 
     def _guarded(self, ctx: _Context, effect: Effect) -> list[Group]:
         """The groups the op certainly writes into: refused when they hold owner objects."""
@@ -364,7 +419,11 @@ class Monitor:
             target = _node_of(action.target, ctx)
             return [target.group] if target is not None else []
         if effect is Effect.MUTATES_FIRST:
-            first = action.args[0] if action.args else action.kwargs.get("tensor")
+            first = (
+                action.args[0]
+                if action.args
+                else action.kwargs.get("tensor", action.kwargs.get("input"))
+            )
             written = [_node_of(ref, ctx) for ref in refs_in(first)]
             return [n.group for n in written if n is not None]
         return []
@@ -383,6 +442,9 @@ class Monitor:
             args = [n.group for n, r in zip(ctx.nodes, ctx.refs, strict=True)
                     if r not in refs_in(ctx.action.target)]  # fmt: skip
             return _union(args) if args else self._new_group()
+        if effect is Effect.VIEW:
+            aliased = _aliased(ctx)
+            return _union([n.group for n in aliased]) if aliased else self._new_group()
         return _union([n.group for n in ctx.nodes]) if ctx.nodes else self._new_group()
 
     def _new_group(self, *, grads: bool = False) -> Group:
@@ -404,7 +466,10 @@ class Monitor:
         self.nodes[node.id] = node
 
     def _render(self, ctx: _Context) -> str:
-        names = {r.id: n.expression or f"obj_{r.id[:8]}" for r, n in zip(ctx.refs, ctx.nodes, strict=True)}
+        names = {
+            r.id: n.expression or f"obj_{r.id[:8]}"
+            for r, n in zip(ctx.refs, ctx.nodes, strict=True)
+        }
         action = ctx.action
         return lineage.render_call(
             action.op, action.target, action.args, action.kwargs, names,
@@ -451,7 +516,7 @@ class Monitor:
         node = Node(
             id=action.result, own=label, group=_union([n.group for n in outputs]),
             origin="peer", expression=_clip(expression),
-            ops=lineage.merge_ops(*(n.ops for n in outputs), (action.op,)), kind="value",
+            ops=lineage.merge_ops(*(n.ops for n in outputs)), kind="value",
         )  # fmt: skip
         self._add(node)
         return node
@@ -611,6 +676,25 @@ def _node_of(value: Any, ctx: _Context) -> Node | None:
         if r.id == ref.id:
             return node
     return None
+
+
+_ALIAS_ALL = frozenset({"broadcast_tensors", "meshgrid", "atleast_1d", "atleast_2d",
+                        "atleast_3d"})  # fmt: skip
+
+
+def _aliased(ctx: _Context) -> list[Node]:
+    """What a view may share memory with: its receiver, or a function's first argument
+    (every argument for the few functions that view all of them)."""
+    action = ctx.action
+    if ctx.entry is not None and ctx.entry.name in _ALIAS_ALL:
+        return list(ctx.nodes)
+    source = (
+        action.target
+        if action.target is not None
+        else (action.args[0] if action.args else action.kwargs.get("input"))
+    )
+    refs = refs_in(source)
+    return [n for r, n in zip(ctx.refs, ctx.nodes, strict=True) if any(r.id == x.id for x in refs)]
 
 
 def _only_ref(value: Any) -> ObjectRef | None:

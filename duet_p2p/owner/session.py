@@ -63,7 +63,7 @@ EXPIRE_INTERVAL = 1.0
 """Seconds between checks for requests a ``timeout_secs`` handler or expiry now decides."""
 MAX_QUEUED_MESSAGES = 10_000
 """Messages from the peer waiting for the monitor; past that, uploads are refused."""
-WITHHELD = "its details stay with the owner"
+WITHHELD = "its details are withheld by the owner"
 
 
 def listing_entry(record: StoredObject) -> dict[str, Any]:
@@ -128,6 +128,18 @@ class HostedStore(OwnerStore):
         return record
 
 
+@dataclasses.dataclass(frozen=True)
+class Holdings:
+    """What a session's worker holds for the peer."""
+
+    objects: int
+    bytes: int
+    ids: frozenset[str]
+    """Objects it holds a value for (not failures)."""
+    failed: frozenset[str]
+    """Objects whose op failed in the worker."""
+
+
 @dataclasses.dataclass
 class _Held:
     """A snapshot kept for a request until it is decided."""
@@ -179,6 +191,7 @@ class OwnerCore:
         self._sealed: dict[str, SealedTensor] = {}
         self._held: dict[str, _Held] = {}
         self._gets: dict[str, GetRequest] = {}
+        self._snaps: dict[str, asyncio.Future[Any]] = {}
         self._answered: dict[str, asyncio.Event] = {}
         self.pending_bytes = 0
         """Bytes held for the peer outside its worker (queued uploads, held snapshots)."""
@@ -323,9 +336,7 @@ class OwnerCore:
         self._work_ready.set()
 
     async def _on_store_query(self, message: StoreQuery) -> None:
-        entries = [
-            listing_entry(r) for r in self.store.listing() if r.id in self.monitor.nodes
-        ]
+        entries = [listing_entry(r) for r in self.store.listing() if r.id in self.monitor.nodes]
         await self.endpoint.reply(message.call_id, entries)
 
     def _on_cancel(self, message: CancelRequest) -> None:
@@ -341,6 +352,9 @@ class OwnerCore:
             message = self._work.popleft()
             if message is _STOP:
                 return
+            if isinstance(message, asyncio.Event):
+                message.set()
+                continue
             try:
                 if not self.serving:
                     continue
@@ -409,13 +423,13 @@ class OwnerCore:
         if message.as_module != isinstance(value, dict) or not (
             message.as_module or isinstance(value, torch.Tensor)
         ):
-            self.monitor.upload(message.result, module=False, requires_grad=False)
+            self.monitor.upload(message.result)
             self._failed[message.result] = _refused_info(
                 "upload", "an upload must be a tensor or a module spec"
             )
             self.audit.event("upload", result=message.result, ok=False)
             return
-        self.monitor.upload(message.result, module=message.as_module, requires_grad=False)
+        self.monitor.upload(message.result, spec=value if message.as_module else None)
         self._failed.pop(message.result, None)
         self.worker.send(
             {"t": "upload", "id": message.result, "module": message.as_module},
@@ -505,15 +519,20 @@ class OwnerCore:
     async def _serve_get(
         self, message: GetRequest, request: Request, label: Label, snap: Any
     ) -> None:
-        if label.private:  # answered before anything about the value is known
-            await self._reply(message.call_id, {"request_id": request.request_id,
-                                                "status": "pending"})  # fmt: skip
+        rid = request.request_id
+        if label.private:  # registered and answered before anything of the value is known
+            request.ready = False
+            self._gets[rid] = message
+            self._snaps[rid] = snap
+            self.requests.submit(request)
+            await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
         try:
             head, payload = await snap
         except WorkerLost as lost:
             if label.private:
-                await self._send_quietly(Decision(request_id=request.request_id,
-                                                  status="expired", reason=_lost(lost.cause)))
+                self._held[rid] = _Held(None, False, _lost_info(lost.cause), None)
+                with contextlib.suppress(DuetError):
+                    self.requests.deny(rid, reason=_lost(lost.cause))
             else:
                 await self._send_error(message.call_id, _lost_info(lost.cause))
             return
@@ -523,21 +542,20 @@ class OwnerCore:
             await self._send_error(message.call_id, held.error)
             return
         self._fill(request, held)
-        self._held[request.request_id] = held
-        self._gets[request.request_id] = message
+        self._held[rid] = held
         if label.private:
-            self.requests.submit(request)
+            self.requests.mark_ready(rid)
             return
+        self._gets[rid] = message
         answered = asyncio.Event()
-        self._answered[request.request_id] = answered
+        self._answered[rid] = answered
         self.audit.request(request)
         request.status = RequestStatus.ACCEPTED
         request.decided_by = "public: depends on no private data"
         request.decided_at = time.time()
         self.audit.decision(request)
         self._on_decision(request)
-        await self._reply(message.call_id, {"request_id": request.request_id,
-                                            "status": "accepted"})  # fmt: skip
+        await self._reply(message.call_id, {"request_id": rid, "status": "accepted"})
         answered.set()
 
     def _hold(self, head: dict[str, Any], payload: Any, message: GetRequest) -> _Held:
@@ -589,6 +607,8 @@ class OwnerCore:
 
     def _preview(self, request_id: str) -> Any:
         held = self._held.get(request_id)
+        if held is None and request_id in self._snaps:
+            raise DuetError("the value is still being computed; preview again in a moment")
         if held is None:
             raise DuetError("the value is no longer held: the request was decided")
         if held.payload is None:
@@ -607,6 +627,11 @@ class OwnerCore:
         answered = self._answered.pop(request.request_id, None)
         if answered is not None:
             await answered.wait()
+        snap = self._snaps.pop(request.request_id, None)
+        if snap is not None:
+            with contextlib.suppress(Exception):
+                await snap  # decided before the value was ready: wait for it
+            await asyncio.sleep(0)  # let _serve_get hold it first
         get = self._gets.pop(request.request_id, None)
         held = self._held.pop(request.request_id, None)
         if get is None or held is None:
@@ -628,8 +653,9 @@ class OwnerCore:
         if held.payload is None:
             error = held.error or _refused_info("get", "failed")
             if request.aggregation != float("inf"):
+                where = f"{error['where']}: " if "where" in error else ""
                 error = {**{k: error[k] for k in ("code", "type", "op") if k in error},
-                         "message": f"the computation failed; {WITHHELD}"}  # fmt: skip
+                         "message": f"{where}the computation failed; {WITHHELD}"}  # fmt: skip
             self.audit.release(object_id=request.object_id, request_id=rid, nbytes=0,
                                sha256="error")  # fmt: skip
             await self._send_quietly(Decision(request_id=rid, status="accepted", error=error))
@@ -667,6 +693,23 @@ class OwnerCore:
     async def _send_error(self, call_id: int, info: dict[str, Any]) -> None:
         with contextlib.suppress(PeerClosed, ProtocolError):
             await self.endpoint.send_error(call_id, info)
+
+    # -- what the worker holds (for tests and diagnostics) ------------------------------
+
+    def holdings(self, timeout: float = 30.0) -> Holdings:
+        """What the worker holds for the peer now, after everything queued before this
+        call; from any thread but the session's loop. Reported by the (untrusted) worker."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(self._holdings(), self.loop).result(timeout)
+
+    async def _holdings(self) -> Holdings:
+        done = asyncio.Event()
+        self._enqueue(done)  # after every message that came before
+        await done.wait()
+        head, _ = await self.worker.ask({"t": "sync", "detail": True})
+        ids = head.get("ids") if isinstance(head.get("ids"), list) else []
+        return Holdings(int(head.get("objects", 0)), int(head.get("bytes", 0)), frozenset(ids),
+                        frozenset(self._failed))  # fmt: skip
 
     # -- closing ------------------------------------------------------------------------
 
@@ -715,7 +758,7 @@ def _clean_error(info: Any) -> dict[str, Any]:
     if not isinstance(info, dict):
         return {"code": "remote_error", "type": "RemoteError", "message": "failed"}
     clean = {}
-    for key in ("code", "type", "op", "message"):
+    for key in ("code", "type", "op", "message", "where"):
         value = info.get(key)
         if isinstance(value, str):
             clean[key] = value[:500]

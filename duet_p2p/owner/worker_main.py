@@ -69,9 +69,7 @@ class Worker:
         torch.set_num_interop_threads(1)
         limits = OwnerLimits(**config["limits"])
         extra = config.get("allowlist")
-        allowlist = (
-            Allowlist(AllowedOp(**entry) for entry in extra) if extra else DEFAULT_ALLOWLIST
-        )
+        allowlist = Allowlist(AllowedOp(**entry) for entry in extra) if extra else DEFAULT_ALLOWLIST
         self.store = OwnerStore()
         self.executor = Executor(self.store, allowlist, limits, render_lineage=False)
         self.item = int(config.get("first_item", 0))
@@ -208,7 +206,15 @@ class Worker:
         self.store.remove_peer_objects(head["ids"])
 
     def _sync(self, head: dict[str, Any], _attachment: Any) -> None:
-        self.channel.send({"t": "sync", "key": head["key"]})
+        """A barrier: everything sent before it is done. Says what the worker holds."""
+        reply: dict[str, Any] = {
+            "t": "sync", "key": head["key"], "objects": self.store.peer_object_count(),
+            "bytes": self.store.peer_bytes,
+        }  # fmt: skip
+        if head.get("detail"):
+            records = self.store.peer_records()[:1_000_000]
+            reply["ids"] = [r.id for r in records if r.error is None]
+        self.channel.send(reply)
 
     def _snap(self, head: dict[str, Any], _attachment: Any) -> None:
         """Encode a value now, at its place in the order of the scientist's actions."""
@@ -224,7 +230,9 @@ class Worker:
             record = self.store.get(head["id"])
             if record is None:
                 reply["error"] = {
-                    "code": "not_found", "type": "KeyError", "message": "no such object"
+                    "code": "not_found",
+                    "type": "KeyError",
+                    "message": "no such object",
                 }
             elif record.error is not None:
                 reply["error"] = record.error

@@ -47,6 +47,11 @@ class Handler:
     name: str | None = None
     reason: str = ""
     """Sent to the scientist when this handler denies."""
+    min_aggregation: float | None = None
+    """This accept handler's own minimum aggregation, in place of the session's. The session
+    counts only aggregations it is certain of (a sum or mean over the owner's records); a
+    model's accuracy on a test set counts as one record, so an owner who releases such a
+    value by its op and tags says so here, e.g. ``min_aggregation=1``."""
     matched: int = 0
     """How many requests this handler has decided."""
 
@@ -78,7 +83,8 @@ class Handler:
             return False
         if self.timeout_secs is not None and now - request.requested_at < self.timeout_secs:
             return False
-        if self.action == "accept" and not (request.aggregation >= min_aggregation):
+        floor = min_aggregation if self.min_aggregation is None else self.min_aggregation
+        if self.action == "accept" and not (request.aggregation >= floor):
             return False
         if self.tags is not None and not self.tags <= request.tags:
             return False

@@ -1,0 +1,108 @@
+"""What calling a module may write, read from its declarative spec or its constructor call.
+
+The monitor never sees a module, only how it was described (an uploaded spec) or built (a
+constructor op with literal arguments). From that it knows whether a call can change the
+module (running statistics while training, an embedding's ``max_norm``) or its inputs
+(in-place layers). Anything it cannot read is ``UNKNOWN``: a call may write everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+_STATS_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
+                          "InstanceNorm2d", "InstanceNorm3d"})  # fmt: skip
+_CONTAINERS = frozenset({"Sequential", "ModuleList", "ModuleDict", "TransformerEncoder"})
+_MAX_NODES = 100_000
+
+
+@dataclass(frozen=True)
+class ModuleFacts:
+    stats: bool = False
+    """Has layers that update running statistics when called in training mode."""
+    training: bool = True
+    """Those layers were in training mode when described."""
+    max_norm: bool = False
+    """Has an embedding that renormalises the rows a call reads (always writes)."""
+    inplace: bool = False
+    """Has layers that write into their input."""
+    known: bool = True
+    """False: nothing could be read, so a call may write into the module and its inputs."""
+
+    def join(self, other: ModuleFacts) -> ModuleFacts:
+        return ModuleFacts(
+            self.stats or other.stats,
+            self.training or other.training,
+            self.max_norm or other.max_norm,
+            self.inplace or other.inplace,
+            self.known and other.known,
+        )
+
+
+UNKNOWN = ModuleFacts(True, True, True, True, known=False)
+PLAIN = ModuleFacts(training=False)
+
+
+def from_spec(spec: Any) -> ModuleFacts:
+    """Facts of an uploaded module spec (untrusted: anything odd is UNKNOWN)."""
+    facts = PLAIN
+    stack = [spec]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if (
+            seen > _MAX_NODES
+            or not isinstance(node, dict)
+            or not isinstance(node.get("args"), dict)
+        ):
+            return UNKNOWN
+        facts = facts.join(
+            _layer(node.get("type"), node["args"], node.get("training") is not False)
+        )
+        children = node.get("children", {})
+        if not isinstance(children, dict):
+            return UNKNOWN
+        stack.extend(children.values())
+    return facts
+
+
+def from_module(module: Any) -> ModuleFacts:
+    """Facts of a module the owner hosts (a real, trusted object)."""
+    facts = PLAIN
+    for sub in module.modules():
+        stats = bool(getattr(sub, "track_running_stats", False))
+        facts = facts.join(ModuleFacts(
+            stats=stats, training=stats and sub.training,
+            max_norm=getattr(sub, "max_norm", None) is not None,
+            inplace=getattr(sub, "inplace", False) is True,
+        ))  # fmt: skip
+    return facts
+
+
+def from_constructor(type_name: str, args: list[Any], kwargs: dict[str, Any],
+                     parts: Iterable[ModuleFacts | None]) -> ModuleFacts:  # fmt: skip
+    """Facts of ``torch.nn.<type_name>(*args, **kwargs)``; ``parts``: the facts of module
+    arguments (None where an argument is a module whose facts are unknown)."""
+    parts = list(parts)
+    if type_name in _CONTAINERS:
+        facts = ModuleFacts(training=True)
+        for part in parts:
+            facts = facts.join(part if part is not None else UNKNOWN)
+        return facts
+    facts = _layer(type_name, dict(kwargs), True)
+    if any(a is True for a in args):  # a flag by position may be inplace: assume it is
+        facts = facts.join(ModuleFacts(training=False, inplace=True))
+    return facts
+
+
+def _layer(type_name: Any, args: dict[str, Any], training: bool) -> ModuleFacts:
+    stats = type_name in _STATS_TYPES and args.get("track_running_stats", True) is not False
+    return ModuleFacts(
+        stats=stats,
+        training=training and stats,
+        max_norm=args.get("max_norm") is not None,
+        inplace=args.get("inplace", False) is not False,
+    )
