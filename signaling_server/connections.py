@@ -25,6 +25,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import cast
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
@@ -140,7 +141,8 @@ class GuardedProtocol(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport: typed, not checked
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._host = _peer_host(transport)
         self._key = self._guard.client_key(self._host)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import duet_p2p as sy
+from tests.conftest import wait_for
 
 Pair = tuple[sy.Duet, sy.Duet]
 WAIT = 10.0
@@ -87,7 +88,9 @@ def test_listing_hides_private_metadata_unless_the_owner_shows_it(duet_pair: Pai
     assert "(7, 13) float32" in shown_row
 
 
-def test_failed_ops_on_private_data_carry_no_values_or_shapes(duet_pair: Pair) -> None:
+def test_failed_ops_on_private_data_reveal_nothing_before_release(duet_pair: Pair) -> None:
+    """Whether a computation on private data failed is private: it becomes a request like
+    any value; the owner sees the error, the scientist learns of it only if released."""
     owner, scientist = duet_pair
     secret = hosted(duet_pair)
     failing = {
@@ -96,12 +99,25 @@ def test_failed_ops_on_private_data_carry_no_values_or_shapes(duet_pair: Pair) -
         "index": secret[100],  # torch: index 100 is out of bounds ... with size 7
         "repeat": secret.repeat(100_000, 100_000),  # over the owner's element cap
     }
-    for name, pointer in failing.items():
-        with pytest.raises(sy.DuetError) as caught:
-            pointer.get(timeout_secs=WAIT)
-        assert not isinstance(caught.value, sy.PermissionDenied), name
+    fine = secret.sum()
+    handles = {name: pointer.request(reason=name) for name, pointer in failing.items()}
+    handles["fine"] = fine.request(reason="fine")
+    assert wait_for(lambda: sum(r.ready for r in owner.requests.all()) == 5, WAIT)
+    requests = {r.reason: r for r in owner.requests.all()}
+    assert requests["fine"].error is None
+    for name in failing:
+        assert requests[name].error, f"the owner sees why {name} failed"
+        assert requests[name].status.value == "pending"
+    requests["view"].deny("no")
+    with pytest.raises(sy.PermissionDenied):
+        handles["view"].result(timeout=WAIT)
+    for name in ("matmul", "index", "repeat"):
+        requests[name].accept()
+        with pytest.raises(sy.DuetError) as caught:  # RemoteError, or the owner's refusal
+            handles[name].result(timeout=WAIT)
+        assert not isinstance(caught.value, sy.PermissionDenied)
+        assert "withheld" in str(caught.value)
         assert_no_secret(str(caught.value))
-    assert owner.requests.all() == [], "failed ops never become requests"
 
     # The same mistakes on public data keep their details: the test can see a leak.
     owner.store.send(SECRET.clone(), tags=["open"], public=True)

@@ -14,6 +14,10 @@ from typing import Any
 
 _STATS_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
                           "InstanceNorm2d", "InstanceNorm3d"})  # fmt: skip
+_DRAWING_TYPES = frozenset(
+    "RReLU MultiheadAttention TransformerEncoderLayer TransformerEncoder GRU LSTM RNN".split()
+)
+"""Besides the dropouts: layers that may draw from the random generator when training."""
 _CONTAINERS = frozenset({"Sequential", "ModuleList", "ModuleDict", "TransformerEncoder"})
 _MAX_NODES = 100_000
 
@@ -28,6 +32,8 @@ class ModuleFacts:
     """Has an embedding that renormalises the rows a call reads (always writes)."""
     inplace: bool = False
     """Has layers that write into their input."""
+    random: bool = False
+    """Has layers that draw from the random generator while training (dropout)."""
     known: bool = True
     """False: nothing could be read, so a call may write into the module and its inputs."""
 
@@ -37,11 +43,12 @@ class ModuleFacts:
             self.training or other.training,
             self.max_norm or other.max_norm,
             self.inplace or other.inplace,
+            self.random or other.random,
             self.known and other.known,
         )
 
 
-UNKNOWN = ModuleFacts(True, True, True, True, known=False)
+UNKNOWN = ModuleFacts(True, True, True, True, True, known=False)
 PLAIN = ModuleFacts(training=False)
 
 
@@ -74,10 +81,11 @@ def from_module(module: Any) -> ModuleFacts:
     facts = PLAIN
     for sub in module.modules():
         stats = bool(getattr(sub, "track_running_stats", False))
+        random = _draws(type(sub).__name__)
         facts = facts.join(ModuleFacts(
-            stats=stats, training=stats and sub.training,
+            stats=stats, training=(stats or random) and sub.training,
             max_norm=getattr(sub, "max_norm", None) is not None,
-            inplace=getattr(sub, "inplace", False) is True,
+            inplace=getattr(sub, "inplace", False) is True, random=random,
         ))  # fmt: skip
     return facts
 
@@ -98,11 +106,17 @@ def from_constructor(type_name: str, args: list[Any], kwargs: dict[str, Any],
     return facts
 
 
+def _draws(type_name: Any) -> bool:
+    return isinstance(type_name, str) and ("Dropout" in type_name or type_name in _DRAWING_TYPES)
+
+
 def _layer(type_name: Any, args: dict[str, Any], training: bool) -> ModuleFacts:
     stats = type_name in _STATS_TYPES and args.get("track_running_stats", True) is not False
+    random = _draws(type_name)
     return ModuleFacts(
         stats=stats,
-        training=training and stats,
+        random=random,
+        training=training and (stats or random),
         max_norm=args.get("max_norm") is not None,
         inplace=args.get("inplace", False) is not False,
     )

@@ -281,7 +281,7 @@ class Monitor:
         if is_call and self._calls_writing_owner_module(ctx):
             raise _refusal(op, "that module of the owner's changes itself when called")
         inputs = merged(ctx.labels)
-        draws = entry is not None and entry.draws
+        draws = self._call_draws(ctx) if is_call else (entry is not None and entry.draws)
         if draws:
             if inputs.private:
                 self.rng = self.rng.merge(inputs)
@@ -404,6 +404,14 @@ class Monitor:
         if not facts.known or facts.inplace:
             written.extend(n.group for n in ctx.nodes if n is not target)
         return written
+
+    def _call_draws(self, ctx: _Context) -> bool:
+        """Whether a module call may draw from the generator (dropout while training)."""
+        target = _node_of(ctx.action.target, ctx)
+        facts = (target.facts if target is not None else None) or module_facts.UNKNOWN
+        if not facts.known:
+            return True
+        return facts.random and target is not None and self._training(target, facts)
 
     @staticmethod
     def _training(node: Node, facts: ModuleFacts) -> bool:

@@ -503,7 +503,7 @@ class OwnerCore:
         return Request(
             request_id=request_id,
             object_id=node.id,
-            name=lineage.name_of(node.ops) if node.ops else (node.expression or "object"),
+            name=lineage.name_of(node.ops) if node.ops else self._plain_name(node),
             reason=message.reason,
             lineage=node.expression,
             ops=node.ops,
@@ -515,6 +515,11 @@ class OwnerCore:
             requester=self.connection.client_id,
             _preview=lambda: self._preview(request_id),
         )
+
+    def _plain_name(self, node: Node) -> str:
+        """The name of a request for an object no op made: the owner's tag, or "object"."""
+        record = self.store.get(node.id) if node.origin == "owner" else None
+        return record.tags[0] if record is not None and record.tags else "object"
 
     async def _serve_get(
         self, message: GetRequest, request: Request, label: Label, snap: Any

@@ -1,8 +1,9 @@
 """The monitor's handle on a session's worker process: start it, limit it, feed it, police it.
 
-A worker is spawned (a fresh interpreter, never a fork of the owner's notebook) as soon as
-the owner launches, so importing torch overlaps the connection setup; a spare is kept
-warm so a replacement is ready at once. Limits are the kernel's, not Python checks: the
+A worker is forked by the fork server (``zygote``: a fresh interpreter that has imported
+torch, never a fork of the owner's notebook), which starts as soon as the owner launches,
+so importing torch overlaps the connection setup and a replacement takes milliseconds.
+Where there is no fork server, workers are spawned and a spare is kept warm. Limits are the kernel's, not Python checks: the
 address space (``prlimit`` from here, so the worker cannot pick it), and time, by a
 watchdog that reads which item the worker is on and since when, and kills it past that
 item's budget. A worker that dies, for whatever reason, is replaced; the scientist's
@@ -17,6 +18,7 @@ import logging
 import mmap
 import os
 import resource
+import select
 import signal
 import socket
 import struct
@@ -29,6 +31,7 @@ from typing import Any
 
 from duet_p2p.errors import DuetError, ProtocolError
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner import zygote
 from duet_p2p.owner.ipc import AsyncChannel
 
 log = logging.getLogger(__name__)
@@ -67,12 +70,16 @@ def _worker_env(threads: int) -> dict[str, str]:
 
 @dataclass
 class WorkerProcess:
-    """One spawned worker process and the monitor's ends of its channels."""
+    """One worker process and the monitor's ends of its channels."""
 
-    popen: subprocess.Popen[bytes]
+    pid: int
     channel: AsyncChannel
     fd_sock: socket.socket
     progress: mmap.mmap
+    pidfd: int = -1
+    """Signals go through it (no PID reuse); readable once the process has ended."""
+    popen: subprocess.Popen[bytes] | None = None
+    """Set when spawned directly (no fork server on this system)."""
     sandbox: str = "starting"
 
     @classmethod
@@ -80,37 +87,53 @@ class WorkerProcess:
         ours, theirs = socket.socketpair()
         fd_ours, fd_theirs = socket.socketpair()
         progress_fd = os.memfd_create("duet-progress", os.MFD_CLOEXEC)
+        popen = None
+        pidfd = -1
         try:
             os.ftruncate(progress_fd, PROGRESS.size)
             progress = mmap.mmap(progress_fd, PROGRESS.size)
-            passed = (theirs.fileno(), fd_theirs.fileno(), progress_fd)
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "duet_p2p.owner.worker_main", *map(str, passed)],
-                pass_fds=passed,
-                env=_worker_env(limits.worker_threads),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            passed = [theirs.fileno(), fd_theirs.fileno(), progress_fd]
+            env = _worker_env(limits.worker_threads)
+            if zygote.supported():
+                server = await asyncio.to_thread(zygote.shared, env)
+                pid = await asyncio.to_thread(server.fork, passed, START_TIMEOUT)
+                pidfd = os.pidfd_open(pid)
+            else:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "duet_p2p.owner.worker_main", *map(str, passed)],
+                    pass_fds=passed, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+                pid = popen.pid
         finally:
             theirs.close()
             fd_theirs.close()
             os.close(progress_fd)
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**20)
         channel = AsyncChannel(reader, writer, max_attachment=_max_attachment(limits))
-        return cls(popen, channel, fd_ours, progress)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
+        return cls(pid, channel, fd_ours, progress, pidfd, popen)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
-            self.popen.send_signal(signal.SIGKILL)
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            elif self.popen is not None:
+                self.popen.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the process to end; whether it did."""
+        if self.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=timeout)
+            return self.popen.poll() is not None
+        if self.pidfd < 0:
+            return True
+        readable, _, _ = select.select([self.pidfd], [], [], timeout)
+        return bool(readable)
 
     def cause_of_exit(self) -> str:
-        code = self.popen.poll()
+        code = self.popen.poll() if self.popen is not None else None
         if code is None:
-            return "stopped answering"
+            return "stopped unexpectedly (it crashed, or reached its memory limit)"
         if code == -signal.SIGKILL:
             return "was killed (it may have run out of memory)"
         if code < 0:
@@ -121,8 +144,10 @@ class WorkerProcess:
         self.kill()
         self.channel.close()
         self.fd_sock.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=5)
+        self.wait(5)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def _max_attachment(limits: OwnerLimits) -> int:
@@ -210,7 +235,8 @@ class WorkerSupervisor:
         await self.rehost()
         for frame in pending:
             self._write(frame)
-        self.prestart()
+        if not zygote.supported():
+            self.prestart()  # a spawned spare takes a second to be ready
 
     async def _configure(self, worker: WorkerProcess) -> None:
         head, _ = await asyncio.wait_for(worker.channel.recv(), START_TIMEOUT)
@@ -383,5 +409,4 @@ class WorkerSupervisor:
 
 
 def _reap(worker: WorkerProcess) -> None:
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        worker.popen.wait(timeout=5)
+    worker.wait(5)

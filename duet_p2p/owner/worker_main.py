@@ -27,13 +27,19 @@ PROGRESS = struct.Struct("<QQ")
 
 
 def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    fd_sock = socket.socket(fileno=int(sys.argv[2]))
-    progress = mmap.mmap(int(sys.argv[3]), PROGRESS.size)
+    serve_on(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+
+
+def serve_on(sock_fd: int, fd_sock_fd: int, progress_fd: int) -> None:
+    """Serve the monitor on these descriptors until it closes the channel."""
+    sock = socket.socket(fileno=sock_fd)
+    fd_sock = socket.socket(fileno=fd_sock_fd)
+    progress = mmap.mmap(progress_fd, PROGRESS.size)
+    os.close(progress_fd)
     from duet_p2p.owner.ipc import BlockingChannel
 
     channel = BlockingChannel(sock)
-    import torch  # the slow part (about a second): done before the monitor needs us
+    import torch  # the slow part when spawned (about a second); instant when forked
 
     from duet_p2p.sizes import _meta_add
 

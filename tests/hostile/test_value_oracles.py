@@ -1,0 +1,106 @@
+"""Value oracles: learning a private value from whether, when or how a computation failed.
+
+Before the monitor, ``torch.zeros(1)[bit * 5]`` read any private bit: the index fails when
+the bit is 1, and a get (or describe) of a failed result answered at once with the error.
+Now a private result's success, error, shape and type stay with the owner until it
+releases them; both outcomes look the same to the scientist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import duet_p2p as sy
+from duet_p2p.rpc.messages import Describe
+from duet_p2p.runtime import get_runtime
+from tests.hostile.common import WAIT, assert_serving, host, ready_requests, released, session
+
+SECRET_TEXT = "31337"
+
+
+def _describe(scientist: sy.Duet, pointer: Any) -> Any:
+    core = scientist._core
+
+    async def ask() -> Any:
+        await core.flush()
+        call_id = core.endpoint.next_call_id()
+        return await core.endpoint.call(Describe(call_id=call_id, object_id=pointer.id), 10)
+
+    return get_runtime().run(ask(), timeout=15)
+
+
+def test_failure_oracle_reads_nothing(signaling_url: str, tmp_path: Path) -> None:
+    with session(signaling_url, tmp_path) as (owner, scientist):
+        zero = host(owner, scientist, torch.tensor([0]), "zero")
+        one = host(owner, scientist, torch.tensor([1]), "one")
+        probes = {}
+        for name, bit in (("zero", zero), ("one", one)):
+            index = (bit * 5).sum()  # 0 or 5: only the second is out of range
+            probes[name] = scientist.torch.zeros(1)[index]
+        seen = {name: (_describe(scientist, p), p.request(reason=name).status) for name, p in
+                probes.items()}  # fmt: skip
+        assert seen["zero"] == seen["one"] == (
+            {"exists": True, "error": None, "private": True}, "pending"
+        )
+        requests = {r.reason: r for r in ready_requests(owner, 2)}
+        assert requests["zero"].error is None
+        assert "out of bounds" in (requests["one"].error or ""), "the owner sees the failure"
+        assert released(owner) == []
+        assert_serving(owner, scientist)
+
+
+def test_get_of_a_failed_private_result_answers_like_any_other(
+    signaling_url: str, tmp_path: Path
+) -> None:
+    with session(signaling_url, tmp_path) as (owner, scientist):
+        data = host(owner, scientist, torch.arange(7.0), "data")
+        failing = data.view(3)  # fails in the worker: "shape '[3]' is invalid ... size 7"
+        fine = data.view(7)
+        handles = [failing.request(reason="a"), fine.request(reason="b")]
+        assert [h.status for h in handles] == ["pending", "pending"]
+        assert _describe(scientist, failing) == _describe(scientist, fine)
+        ready_requests(owner, 2)
+        owner.requests[handles[0].request_id].deny("no")
+        assert handles[0].wait(WAIT) == "denied"
+        assert_serving(owner, scientist)
+
+
+def test_released_failures_never_name_private_values_or_types(
+    signaling_url: str, tmp_path: Path
+) -> None:
+    with session(signaling_url, tmp_path) as (owner, scientist):
+        owner.requests.add_handler("accept")
+        data = host(owner, scientist, torch.tensor([31337.0, 2.0]), "data")
+        attempts = [
+            data[int(1e6)],  # the index error names the size
+            data.reshape(5, 5),  # the shape error names the element count
+            data.view(torch.int64).view(7),  # names dtypes and sizes
+            (data > 0).float() @ torch.ones(5),  # names the shapes
+        ]
+        for pointer in attempts:
+            try:
+                pointer.get(timeout_secs=WAIT)
+            except sy.RemoteError as exc:
+                text = str(exc)
+                assert "withheld" in text, text
+                for secret in (SECRET_TEXT, "size 2", "(2,", "[2]", "float32", "Float"):
+                    assert secret not in text, text
+            else:
+                raise AssertionError("the attempt should have failed")
+        assert_serving(owner, scientist)
+
+
+def test_public_failures_keep_their_details(signaling_url: str, tmp_path: Path) -> None:
+    """The same mistake on public data is explained: the tests above can see a leak."""
+    with session(signaling_url, tmp_path) as (owner, scientist):
+        weights = host(owner, scientist, torch.arange(7.0), "weights", public=True)
+        try:
+            weights.view(3).get(timeout_secs=WAIT)
+        except sy.RemoteError as exc:
+            assert "7" in str(exc)
+        else:
+            raise AssertionError("view(3) of 7 elements should fail")
+        assert _describe(scientist, weights.view(3))["error"] is not None
