@@ -140,7 +140,9 @@ class Executor(PlanRunner):
         # a module method returns the module itself: only a constructor's new tensors count
         nbytes = module_bytes if isinstance(value, torch.nn.Module) else value_nbytes(value)
         self._check_result(op, value, nbytes, inputs)
-        record = self._record(action, entry, value, nbytes, inputs, render=env is None and self.render_lineage)
+        record = self._record(
+            action, entry, value, nbytes, inputs, render=env is None and self.render_lineage
+        )
         self._privacy.unclean(value)  # a new holder of that memory, not yet checked
         self._privacy.taint(entry, target, args, kwargs, record, watched, grads_before, env)
         return record

@@ -55,7 +55,9 @@ def memory_duet(
 ) -> Iterator[tuple[Duet, Duet]]:
     """(owner, scientist) on duet_p2p's background loop; closed afterwards."""
     runtime = get_runtime()
-    owner, scientist = runtime.run(_open(audit_path, limits or OwnerLimits(), **options), timeout=60)
+    owner, scientist = runtime.run(
+        _open(audit_path, limits or OwnerLimits(), **options), timeout=60
+    )
     try:
         yield owner, scientist
     finally:
