@@ -45,6 +45,8 @@ INDEX_OP = "duet.index"
 FORBIDDEN_KWARGS = frozenset({"out", "pin_memory", "generator", "closure", "layout"})
 _CALLS = frozenset({"torch.nn.Module.__call__", "torch.nn.Module.forward"})
 _STATE_DICT_KWARGS = frozenset({"keep_vars", "prefix"})
+MAX_LOST = 100_000
+"""Objects remembered as lost in a worker restart (older ones are then just unknown)."""
 MAX_PLAN_PASSES = 8
 """Times a plan's ``map`` is replayed over labels before its effects are taken as settled."""
 
@@ -164,6 +166,8 @@ class Monitor:
         """The label of the session's random generator."""
         self._grad_groups: list[Group] = []
         self._entries: dict[str, AllowedOp] = {}
+        self.lost: dict[str, str] = {}
+        """Objects lost with a worker, and why (bounded: the oldest are forgotten)."""
 
     # -- objects that do not come from actions ---------------------------------------------
 
@@ -215,14 +219,28 @@ class Monitor:
                 freed.append(object_id)
         return freed
 
-    def forget_peer_objects(self) -> list[str]:
-        """Drop every object the scientist made (its worker was lost)."""
+    def forget_peer_objects(self, cause: str) -> list[str]:
+        """Drop every object the scientist made (its worker was lost), remembering why."""
         lost = [i for i, n in self.nodes.items() if n.origin == "peer"]
         for object_id in lost:
             del self.nodes[object_id]
+            self.lost[object_id] = cause
+        while len(self.lost) > MAX_LOST:
+            del self.lost[next(iter(self.lost))]
         self._grad_groups = [g for g in self._grad_groups if g.root().owner]
         self.rng = PUBLIC  # the next worker seeds a fresh generator
         return lost
+
+    def missing(self, object_id: str, op: str | None = None) -> dict[str, Any]:
+        """What the scientist is told of an object the monitor does not hold."""
+        cause = self.lost.get(object_id)
+        if cause is not None:
+            message = (f"object {object_id} was lost when the owner's worker was stopped "
+                       f"({cause}); compute it again")  # fmt: skip
+        else:
+            message = f"no object {object_id} on the owner's side (freed or never made)"
+        info = {"code": "not_found", "type": "KeyError", "message": message}
+        return {**info, "op": op} if op else info
 
     def label(self, node: Node) -> Label:
         """A node's label now: what it was made with, joined with any write into it."""
@@ -349,10 +367,7 @@ class Monitor:
         if node is None:
             node = self.nodes.get(ref.id)
         if node is None:
-            raise Refused(
-                {"code": "not_found", "type": "KeyError", "op": op,
-                 "message": f"no object {ref.id} on the owner's side (freed, lost or never made)"}
-            )  # fmt: skip
+            raise Refused(self.missing(ref.id, op))
         if node.error is not None:
             raise Refused(node.error)
         return node

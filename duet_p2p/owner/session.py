@@ -197,6 +197,7 @@ class OwnerCore:
         """Bytes held for the peer outside its worker (queued uploads, held snapshots)."""
         self._closed = False
         self.serving = True
+        self.stop_cause = ""
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -357,6 +358,7 @@ class OwnerCore:
                 continue
             try:
                 if not self.serving:
+                    self._refuse_after_stop(message)
                     continue
                 if isinstance(message, Actions):
                     batch = list(message.actions)
@@ -376,6 +378,14 @@ class OwnerCore:
                 continue  # the session stopped serving; said to the peer already
             except Exception:  # noqa: BLE001 - one bad item must not stop the queue
                 log.exception("owner work item failed")
+
+    def _refuse_after_stop(self, message: Message) -> None:
+        """The worker was stopped too often: answer what expects an answer, plainly."""
+        call_id = getattr(message, "call_id", None)
+        if call_id is not None:
+            info = {"code": "remote_error", "type": "SessionStopped",
+                    "message": f"the owner's session stopped serving you: {self.stop_cause}"}
+            asyncio.ensure_future(self._send_error(call_id, info))  # fmt: skip
 
     async def _expire_loop(self) -> None:
         """Let ``timeout_secs`` handlers and ``expire_after`` decide overdue requests."""
@@ -472,11 +482,12 @@ class OwnerCore:
                                  error_type=self._failed[object_id].get("type"))  # fmt: skip
 
     async def _on_worker_lost(self, cause: str, final: bool) -> None:
-        lost = self.monitor.forget_peer_objects()
+        lost = self.monitor.forget_peer_objects(cause)
         self._failed.clear()
         self.audit.event("worker_lost", cause=cause, objects_lost=len(lost), final=final)
         if final:
             self.serving = False
+            self.stop_cause = f"its worker was stopped too often; the last time: {cause}"
             log.error("the session stops serving the scientist: %s", cause)
 
     # -- gets, requests and releases ---------------------------------------------------
@@ -484,8 +495,7 @@ class OwnerCore:
     def _on_get(self, message: GetRequest) -> None:
         node = self.monitor.nodes.get(message.object_id)
         if node is None:
-            info = {"code": "not_found", "type": "KeyError",
-                    "message": f"no object {message.object_id} on the owner's side"}  # fmt: skip
+            info = self.monitor.missing(message.object_id)
             asyncio.ensure_future(self._send_error(message.call_id, info))
             return
         if node.error is not None:

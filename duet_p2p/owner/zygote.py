@@ -19,9 +19,9 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import Any
 
 _PID = struct.Struct("<q")
+_ENTRY = "import sys; from duet_p2p.owner.zygote import serve; serve(int(sys.argv[1]))"
 _lock = threading.Lock()
 _shared: Zygote | None = None
 
@@ -37,7 +37,7 @@ class Zygote:
         ours, theirs = socket.socketpair()
         try:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "duet_p2p.owner.zygote", str(theirs.fileno())],
+                [sys.executable, "-c", _ENTRY, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
@@ -105,10 +105,3 @@ def serve(ctrl_fd: int) -> None:
             os.close(fd)
         ctrl.sendall(_PID.pack(pid))
 
-
-def _main(argv: list[Any]) -> None:
-    serve(int(argv[1]))
-
-
-if __name__ == "__main__":
-    _main(sys.argv)

@@ -16,8 +16,11 @@ WAIT = 15.0
 
 
 @contextlib.contextmanager
-def session(signaling_url: str, tmp_path: Path, **owner_options: Any) -> Iterator[tuple[sy.Duet, sy.Duet]]:
+def session(
+    signaling_url: str, tmp_path: Path, **owner_options: Any
+) -> Iterator[tuple[sy.Duet, sy.Duet]]:
     """(owner, scientist) over real WebRTC on loopback, the owner with its worker process."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     owner, scientist = make_pair(signaling_url, tmp_path / "audit.jsonl", **owner_options)
     try:
         yield owner, scientist

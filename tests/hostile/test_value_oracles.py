@@ -42,8 +42,10 @@ def test_failure_oracle_reads_nothing(signaling_url: str, tmp_path: Path) -> Non
             probes[name] = scientist.torch.zeros(1)[index]
         seen = {name: (_describe(scientist, p), p.request(reason=name).status) for name, p in
                 probes.items()}  # fmt: skip
-        assert seen["zero"] == seen["one"] == (
-            {"exists": True, "error": None, "private": True}, "pending"
+        assert (
+            seen["zero"]
+            == seen["one"]
+            == ({"exists": True, "error": None, "private": True}, "pending")
         )
         requests = {r.reason: r for r in ready_requests(owner, 2)}
         assert requests["zero"].error is None
