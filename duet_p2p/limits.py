@@ -29,8 +29,8 @@ class OwnerLimits:
     worker_memory_slack: int = 2 * 1024**3
     """Address space a worker may use beyond the hosted data and ``max_peer_bytes``."""
     max_pending_bytes: int = 2 * 1024**3
-    """Bytes held at once for the peer outside its worker: queued uploads, values kept
-    for requests awaiting a decision, and previews."""
+    """Bytes held for the peer outside its worker, in each of two separate budgets: uploads
+    waiting in the queue, and values kept for requests awaiting a decision (and previews)."""
     max_requests: int = 10_000
     """Requests (pending or decided) remembered at once; the oldest decided go first."""
     seccomp: bool = True

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from duet_p2p.allowlist import OPERATOR_DUNDERS
 from duet_p2p.errors import OperationNotAllowed, PrivateValueError
 from duet_p2p.executor import INDEX_OP
+from duet_p2p.text import printable
 
 if TYPE_CHECKING:
     from duet_p2p.scientist import RequestHandle, ScientistCore
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 TENSOR = "torch.Tensor"
 MODULE = "torch.nn.Module"
 OPTIMIZER = "torch.optim.Optimizer"
+MAX_REPR_EXPRESSION_CHARS = 2000
 _RECEIVER_OF_KIND = {"tensor": TENSOR, "auto": TENSOR, "module": MODULE, "optimizer": OPTIMIZER}
 
 
@@ -46,27 +48,39 @@ class Pointer:
         request_block: bool = True,
         timeout_secs: float | None = None,
         delete: bool = False,
+        max_bytes: int | None = None,
     ) -> Any:
         """The value, once the owner (or an owner's policy) accepts; blocks by default.
 
         With ``request_block=False`` returns a RequestHandle at once (``.status``,
-        ``.wait(timeout)``, ``.result()``). Raises PermissionDenied or RequestTimeout.
+        ``.wait(timeout)``, ``.result()``). ``max_bytes`` bounds the encoded value (default:
+        the session's ``max_get_bytes``, 2 GiB): the owner is asked to deny a larger one,
+        and one sent anyway is dropped with ValueTooLarge. Raises PermissionDenied,
+        RequestTimeout, or RemoteError when the owner released the error the computation
+        failed with.
         """
-        handle = self._core.sync(self._core.request(self.id, reason, delete=delete))
+        request = self._core.request(self.id, reason, delete=delete, max_bytes=max_bytes)
+        handle = self._core.sync(request)
         if not request_block:
             return handle
         return handle.result(timeout=timeout_secs)
 
     async def get_async(
-        self, reason: str = "", timeout_secs: float | None = None, delete: bool = False
+        self,
+        reason: str = "",
+        timeout_secs: float | None = None,
+        delete: bool = False,
+        max_bytes: int | None = None,
     ) -> Any:
         """``get`` for asyncio code."""
-        handle = await self._core.request(self.id, reason, delete=delete)
+        handle = await self._core.request(self.id, reason, delete=delete, max_bytes=max_bytes)
         return await handle.result_async(timeout=timeout_secs)
 
-    def request(self, reason: str = "", delete: bool = False) -> RequestHandle:
+    def request(
+        self, reason: str = "", delete: bool = False, max_bytes: int | None = None
+    ) -> RequestHandle:
         """Ask for the value without waiting: ``get(reason, request_block=False)``."""
-        return self.get(reason, request_block=False, delete=delete)
+        return self.get(reason, request_block=False, delete=delete, max_bytes=max_bytes)
 
     # -- running ops ---------------------------------------------------------------------
 
@@ -118,7 +132,8 @@ class Pointer:
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._expression} id={self.id[:8]}>"
+        expression = printable(self._expression, MAX_REPR_EXPRESSION_CHARS)
+        return f"<{type(self).__name__} {expression} id={printable(self.id[:8], 8)}>"
 
     def __str__(self) -> str:
         return repr(self)

@@ -1,4 +1,11 @@
-"""The scientist's side of a session: queues actions, asks for values, lists the store."""
+"""The scientist's side of a session: queues actions, asks for values, lists the store.
+
+The owner is not trusted with the scientist's memory or terminal: decisions are kept only
+for requests this side made (plus a small bounded buffer of ones that arrive just before
+their reply is handled), a get takes no value larger than its ``max_bytes``, the transport
+takes no message larger than a get may need, and every text the owner chose passes through
+:func:`duet_p2p.text.printable` before a person sees it.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,24 @@ import concurrent.futures
 import contextlib
 import contextvars
 import logging
+import re
 import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from duet_p2p import plans
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, ReturnKind
 from duet_p2p.connect import Connection
 from duet_p2p.errors import (
+    DuetConnectionError,
     DuetError,
     OperationNotAllowed,
     PeerClosed,
     PermissionDenied,
+    ProtocolError,
     RequestTimeout,
 )
 from duet_p2p.executor import INDEX_OP
@@ -29,7 +40,8 @@ from duet_p2p.lineage import render_call
 from duet_p2p.modules import module_to_spec, spec_to_module
 from duet_p2p.pointer import Pointer, pointer_class
 from duet_p2p.rpc import codec
-from duet_p2p.rpc.endpoint import Endpoint
+from duet_p2p.rpc.endpoint import _HEADER_LENGTH, _WITH_ATTACHMENT, Endpoint
+from duet_p2p.rpc.errors import raise_from_info
 from duet_p2p.rpc.messages import (
     MAX_ACTIONS_PER_MESSAGE,
     PROTOCOL_VERSION,
@@ -40,31 +52,59 @@ from duet_p2p.rpc.messages import (
     Delete,
     GetRequest,
     Hello,
+    Message,
     StoreQuery,
     Upload,
 )
+from duet_p2p.store_view import entry_from_peer
+from duet_p2p.text import printable
+from duet_p2p.transport.base import Buffer, MessageTransport
+from duet_p2p.transport.channel import ChannelOptions
 
 log = logging.getLogger(__name__)
 _NO_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("duet_no_grad", default=False)
 DELETE_BATCH = 512
 DELETE_INTERVAL = 0.5
+CALL_TIMEOUT = 30.0
+DEFAULT_MAX_GET_BYTES = 2 * 1024**3
+"""Largest encoded value a get takes unless its ``max_bytes`` says otherwise; a session's
+``ScientistCore.max_get_bytes`` starts from this."""
+MESSAGE_HEADROOM_BYTES = 1024**2
+"""Room above a get's ``max_bytes`` for the rest of the message that carries the value."""
+EARLY_DECISIONS = 256
+"""Most decisions kept for request IDs this side does not know (yet)."""
+EARLY_DECISION_BYTES = 1024**2
+"""Bytes of such decisions kept beyond the ``max_bytes`` of the gets awaiting a reply."""
+MAX_ERROR_CHARS = 1000
+"""Longest text of the owner's kept in an exception (its message, a reason)."""
+_OP_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+class ValueTooLarge(ProtocolError):
+    """The owner sent a value larger than the get's ``max_bytes``; it was dropped unused."""
 
 
 class RequestHandle:
     """A request for a value: poll ``status``, ``wait(timeout)``, then ``result()``."""
 
-    def __init__(self, core: ScientistCore, request_id: str, object_id: str) -> None:
+    def __init__(
+        self, core: ScientistCore, request_id: str, object_id: str, max_bytes: int | None = None
+    ) -> None:
         self._core = core
         self.request_id = request_id
         self.object_id = object_id
-        self._future: asyncio.Future[Any] = core.decision_future(request_id)
+        self.max_bytes = core.max_get_bytes if max_bytes is None else max_bytes
+        """Largest encoded value this request takes."""
         # The decision may have arrived before this handle (reply and decision in one read):
-        # the table keeps it until claimed here, and forgets it once decided.
-        self._future.add_done_callback(lambda _: core._decisions.pop(request_id, None))
+        # the core keeps it until claimed here, and forgets the request once decided.
+        self._future: asyncio.Future[Any] = core.decision_future(request_id, self.max_bytes)
 
     @property
     def status(self) -> str:
-        """ "pending", "accepted", "denied" or "expired"."""
+        """ "pending", "accepted", "denied", "expired" (timed out, withdrawn, or the
+        connection was lost) or "failed" (the owner released an error instead of a value,
+        or the value was refused here)."""
         if not self._future.done():
             return "pending"
         if self._future.cancelled():
@@ -72,7 +112,11 @@ class RequestHandle:
         error = self._future.exception()
         if error is None:
             return "accepted"
-        return "denied" if isinstance(error, PermissionDenied) else "expired"
+        if isinstance(error, PermissionDenied):
+            return "denied"
+        if isinstance(error, (RequestTimeout, DuetConnectionError)):
+            return "expired"
+        return "failed"
 
     def wait(self, timeout: float | None = None) -> str:
         """Block until decided or ``timeout`` seconds pass; returns the status."""
@@ -87,7 +131,9 @@ class RequestHandle:
             raise RequestTimeout(self._timeout_message(timeout)) from None
 
     def result(self, timeout: float | None = None) -> Any:
-        """The value; raises PermissionDenied, or RequestTimeout after ``timeout`` s."""
+        """The value. Raises PermissionDenied; RemoteError if the owner released the error
+        the computation failed with; ValueTooLarge; or RequestTimeout after ``timeout`` s,
+        which withdraws the request."""
         return self._core.sync(self.result_async(timeout))
 
     async def result_async(self, timeout: float | None = None) -> Any:
@@ -95,7 +141,10 @@ class RequestHandle:
             return await asyncio.wait_for(asyncio.shield(self._future), timeout)
         except TimeoutError:
             await self._core.cancel(self.request_id)
-            raise RequestTimeout(self._timeout_message(timeout)) from None
+            error = RequestTimeout(self._timeout_message(timeout))
+            if not self._future.done():  # withdrawn: a late decision is not kept
+                self._future.set_exception(error)
+            raise error from None
 
     def _timeout_message(self, timeout: float | None) -> str:
         return (
@@ -113,17 +162,26 @@ class ScientistCore:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.endpoint = Endpoint(connection.transport, role="scientist", limits=codec.DecodeLimits(
-            max_bytes=connection.transport.options.max_message_bytes,
-            max_tensor_elements=2**40,
+        self.max_get_bytes = DEFAULT_MAX_GET_BYTES
+        """Largest encoded value a get takes when it gives no ``max_bytes``."""
+        self._transport_limit = _transport_limit(connection.transport)
+        self._incoming = _MeteredTransport(connection.transport)
+        self.endpoint = Endpoint(self._incoming, role="scientist", limits=codec.DecodeLimits(
+            max_bytes=self._transport_limit, max_tensor_elements=2**40,
         ))  # fmt: skip
+        self._incoming_cap = 0
+        self._allow_incoming(self.max_get_bytes)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[Action] = []
         self._outbox_lock = threading.Lock()
         self._flush_pending = False
         self._send_lock: asyncio.Lock | None = None
         self._deletes: collections.deque[str] = collections.deque()
-        self._decisions: dict[str, asyncio.Future[Any]] = {}
+        self._decisions: dict[str, _Awaited] = {}
+        """Requests this side made and still awaits, by request ID."""
+        self._early = _EarlyDecisions(EARLY_DECISIONS)
+        self._gets_in_flight: dict[int, int] = {}
+        """``max_bytes`` of each get whose request ID is not known yet, by call ID."""
         self._allowlist: dict[str, str] = {}
         self.store_version = 0
         self._closed = False
@@ -142,10 +200,10 @@ class ScientistCore:
         self.endpoint.on("store_changed", self._on_store_changed)
         hello = Hello(
             version=PROTOCOL_VERSION, role="scientist", library="duet_p2p",
-            max_message_bytes=self.connection.transport.options.max_message_bytes,
+            max_message_bytes=self._incoming_cap,
         )  # fmt: skip
         peer = await self.endpoint.start(hello)
-        self._allowlist = dict(peer.allowlist or {})
+        self._allowlist = _usable_allowlist(peer.allowlist)
         self._gc_task = asyncio.ensure_future(self._gc_loop())
 
     # -- thread-safe entry points ---------------------------------------------------------
@@ -272,10 +330,12 @@ class ScientistCore:
             self._deletes.append(object_id)
 
     def pointer_for(self, entry: dict[str, Any]) -> Pointer:
-        """A pointer to an object the owner hosts (never frees it)."""
+        """A pointer to an object the owner hosts (never frees it); ``entry`` is one of
+        ``store_list``'s, already checked."""
         kind = "module" if entry.get("kind") == "module" else "tensor"
         tags = entry.get("tags") or []
-        label = tags[0] if tags and str(tags[0]).isidentifier() else f"obj_{entry['id'][:8]}"
+        usable = bool(tags) and str(tags[0]).isidentifier() and len(tags[0]) <= 64
+        label = tags[0] if usable else f"obj_{entry['id'][:8]}"
         return pointer_class(kind)(self, entry["id"], expression=label, kind=kind, owned=False)
 
     # -- on the loop ------------------------------------------------------------------------
@@ -311,34 +371,98 @@ class ScientistCore:
                 with contextlib.suppress(PeerClosed):
                     await self.flush(deletes=True)
 
-    async def request(self, object_id: str, reason: str, *, delete: bool = False) -> RequestHandle:
-        """Ask for a value; returns once the owner has registered the request."""
+    async def request(
+        self, object_id: str, reason: str, *, delete: bool = False, max_bytes: int | None = None
+    ) -> RequestHandle:
+        """Ask for a value of at most ``max_bytes`` encoded bytes (default
+        ``max_get_bytes``); returns once the owner has registered the request."""
+        limit = self._get_limit(max_bytes)
         await self.flush()
+        self._allow_incoming(limit)
         call_id = self.endpoint.next_call_id()
-        reply = await self.endpoint.call(
-            GetRequest(call_id=call_id, object_id=object_id, reason=reason[:4000], delete=delete),
-            timeout=30.0,
-        )
-        if not isinstance(reply, dict) or not isinstance(reply.get("request_id"), str):
-            raise DuetError("the owner sent a malformed reply to a request")
-        return RequestHandle(self, reply["request_id"], object_id)
+        self._gets_in_flight[call_id] = limit
+        try:
+            reply = await self._call(GetRequest(
+                call_id=call_id, object_id=object_id, reason=reason[:4000], delete=delete,
+                max_bytes=limit,
+            ))  # fmt: skip
+            return RequestHandle(self, self._new_request_id(reply), object_id, limit)
+        finally:
+            del self._gets_in_flight[call_id]
+            self._early.trim(self._early_budget())
 
-    def decision_future(self, request_id: str) -> asyncio.Future[Any]:
-        future = self._decisions.get(request_id)
-        if future is None:
-            assert self.loop is not None
-            future = self.loop.create_future()
-            # A handle nobody waits on must not log "exception was never retrieved".
-            future.add_done_callback(_mark_retrieved)
-            self._decisions[request_id] = future
-            if self.endpoint.closed_event.is_set():
-                future.set_exception(self._lost_error(None))
+    def _get_limit(self, max_bytes: int | None) -> int:
+        if max_bytes is None:
+            return self.max_get_bytes
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+            raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        return max_bytes
+
+    def _new_request_id(self, reply: Any) -> str:
+        """The request ID in the owner's reply to a get: well formed, and not one in use."""
+        request_id = reply.get("request_id") if isinstance(reply, dict) else None
+        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+            raise ProtocolError("the owner sent a malformed reply to a request")
+        if request_id in self._decisions:
+            raise ProtocolError("the owner gave a new request the ID of one still pending")
+        return request_id
+
+    async def _call(self, message: Message) -> Any:
+        """``endpoint.call``; an error the owner sent is raised with its text printable."""
+        try:
+            return await self.endpoint.call(message, timeout=CALL_TIMEOUT)
+        except DuetError as exc:
+            _clean_error(exc)
+            raise
+
+    def _allow_incoming(self, max_bytes: int) -> None:
+        """Let the transport take a message carrying a value of ``max_bytes`` (within its
+        own configured limit). The cap starts at the default get's and only rises: the
+        reassembler refuses (and closes the connection on) a message announced larger,
+        before buffering any of it."""
+        cap = min(max_bytes + MESSAGE_HEADROOM_BYTES, self._transport_limit)
+        if cap <= self._incoming_cap:
+            return
+        self._incoming_cap = cap
+        # The data-channel transport has no public setter; its reassembler reads this field
+        # at each message's first frame (the in-memory transport has none).
+        reassembler = getattr(self.connection.transport, "_reassembler", None)
+        if reassembler is not None:
+            reassembler.max_message_bytes = cap
+
+    def _early_budget(self) -> int:
+        return EARLY_DECISION_BYTES + sum(self._gets_in_flight.values())
+
+    def decision_future(self, request_id: str, max_bytes: int | None = None) -> asyncio.Future[Any]:
+        """The future a handle waits on; a decision that came before it settles it now.
+        The request is forgotten once decided (the handle keeps the future)."""
+        awaited = self._decisions.get(request_id)
+        if awaited is not None:
+            return awaited.future
+        assert self.loop is not None
+        future = self.loop.create_future()
+        # A handle nobody waits on must not log "exception was never retrieved".
+        future.add_done_callback(_mark_retrieved)
+        limit = self.max_get_bytes if max_bytes is None else max_bytes
+        awaited = self._decisions[request_id] = _Awaited(future, limit)
+        future.add_done_callback(lambda _: self._forget(request_id, awaited))
+        early = self._early.pop(request_id)
+        if early is not None:
+            self._settle(awaited, *early)
+        elif self.endpoint.closed_event.is_set():
+            future.set_exception(self._lost_error(None))
         return future
+
+    def _forget(self, request_id: str, awaited: _Awaited) -> None:
+        if self._decisions.get(request_id) is awaited:
+            del self._decisions[request_id]
 
     def _lost_error(self, error: BaseException | None) -> PeerClosed:
         if self._closed:
             return PeerClosed("the session closed before a decision")
-        cause = f" ({error})" if error is not None else ""
+        cause = f" ({printable(error, MAX_ERROR_CHARS)})" if error is not None else ""
         return PeerClosed(
             f"the connection to the owner was lost before the value arrived{cause}; "
             "join a new session and ask again"
@@ -347,9 +471,10 @@ class ScientistCore:
     def _on_connection_lost(self, error: BaseException) -> None:
         """The receive loop ended: nothing more will arrive, so fail every waiting get."""
         self._close_progress()
-        for future in list(self._decisions.values()):
-            if not future.done():
-                future.set_exception(self._lost_error(error))
+        self._early.clear()
+        for awaited in list(self._decisions.values()):
+            if not awaited.future.done():
+                awaited.future.set_exception(self._lost_error(error))
 
     def _on_progress(self, received: int, total: int) -> None:
         if not self.show_progress:
@@ -376,25 +501,24 @@ class ScientistCore:
                 bar.close()
 
     def _on_decision(self, message: Decision) -> None:
-        future = self.decision_future(message.request_id)
-        if future.done():
-            return
-        if message.status == "accepted":
-            value = message.value
-            if message.module:
-                try:
-                    value = spec_to_module(value)
-                except DuetError as exc:
-                    future.set_exception(exc)
-                    return
-            future.set_result(value)
-        elif message.status == "denied":
-            reason = message.reason or "no reason given"
-            future.set_exception(
-                PermissionDenied(f"the owner denied the request: {reason}", reason=message.reason)
-            )
+        """Settle the request it decides; one for an unknown request ID is kept only in the
+        bounded early buffer (its handle may be about to be made), else dropped."""
+        nbytes = self._incoming.value_bytes
+        awaited = self._decisions.get(message.request_id)
+        if awaited is None:
+            self._early.add(message, nbytes, self._early_budget())
         else:
-            future.set_exception(RequestTimeout("the request expired on the owner's side"))
+            self._settle(awaited, message, nbytes)
+
+    def _settle(self, awaited: _Awaited, message: Decision, nbytes: int) -> None:
+        if awaited.future.done():
+            return
+        try:
+            value = _decided_value(message, nbytes, awaited.max_bytes)
+        except DuetError as exc:
+            awaited.future.set_exception(exc)
+        else:
+            awaited.future.set_result(value)
 
     async def cancel(self, request_id: str) -> None:
         with contextlib.suppress(PeerClosed):
@@ -404,11 +528,13 @@ class ScientistCore:
         self.store_version += 1
 
     async def store_list(self) -> list[dict[str, Any]]:
-        call_id = self.endpoint.next_call_id()
-        entries = await self.endpoint.call(StoreQuery(call_id=call_id), timeout=30.0)
+        """The owner's listing; entries without a well-formed ID are skipped, and every text
+        is printable and bounded (see ``store_view.entry_from_peer``)."""
+        entries = await self._call(StoreQuery(call_id=self.endpoint.next_call_id()))
         if not isinstance(entries, list):
-            raise DuetError("the owner sent a malformed store listing")
-        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+            raise ProtocolError("the owner sent a malformed store listing")
+        checked = (entry_from_peer(entry) for entry in entries)
+        return [entry for entry in checked if entry is not None]
 
     async def upload(self, value: Any) -> Pointer:
         """Place a local tensor or module in the owner's process; returns its pointer."""
@@ -440,9 +566,162 @@ class ScientistCore:
         if self._gc_task is not None:
             self._gc_task.cancel()
         await self.endpoint.close()
-        for future in self._decisions.values():
-            if not future.done():
-                future.set_exception(PeerClosed("the session closed before a decision"))
+        self._early.clear()
+        for awaited in list(self._decisions.values()):
+            if not awaited.future.done():
+                awaited.future.set_exception(PeerClosed("the session closed before a decision"))
+
+
+@dataclass(frozen=True)
+class _Awaited:
+    """A request this side made: the future its handle waits on, and its size limit."""
+
+    future: asyncio.Future[Any]
+    max_bytes: int
+
+
+class _EarlyDecisions:
+    """Decisions for request IDs this side does not know yet.
+
+    The reply to a get and its decision can be handled back to back, before the handle
+    that claims the decision exists, so they cannot simply be dropped. A hostile owner can
+    also send decisions nobody asked for: at most ``max_count`` are kept, within a byte
+    budget (values that no waiting get could take count against it), the oldest going
+    first, and with them their values.
+    """
+
+    def __init__(self, max_count: int) -> None:
+        self.max_count = max_count
+        self.nbytes = 0
+        self._items: collections.OrderedDict[str, tuple[Decision, int]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, message: Decision, nbytes: int, budget: int) -> None:
+        """Keep ``message`` (its value ``nbytes`` long) if it fits ``budget``; a repeated ID
+        keeps the first."""
+        if nbytes > budget or message.request_id in self._items:
+            return
+        self._items[message.request_id] = (message, nbytes)
+        self.nbytes += nbytes
+        self.trim(budget)
+
+    def trim(self, budget: int) -> None:
+        """Drop the oldest until at most ``max_count`` within ``budget`` bytes remain."""
+        while self._items and (len(self._items) > self.max_count or self.nbytes > budget):
+            _, (_, nbytes) = self._items.popitem(last=False)
+            self.nbytes -= nbytes
+
+    def pop(self, request_id: str) -> tuple[Decision, int] | None:
+        item = self._items.pop(request_id, None)
+        if item is not None:
+            self.nbytes -= item[1]
+        return item
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+class _MeteredTransport:
+    """The connection's transport as the endpoint sees it, noting how many bytes of the
+    message being handled are its value (the endpoint handles one message at a time, so
+    a handler reads the figure for its own message)."""
+
+    def __init__(self, inner: MessageTransport) -> None:
+        self.inner = inner
+        self.value_bytes = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    async def send(self, *parts: Buffer) -> None:
+        await self.inner.send(*parts)
+
+    async def recv(self) -> memoryview:
+        data = await self.inner.recv()
+        self.value_bytes = _value_bytes(data)
+        return data
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _value_bytes(data: memoryview) -> int:
+    """Bytes of a message's attachment (the encoded value); the whole message when the
+    value, if any, is inline (the owner always attaches one)."""
+    if data.nbytes >= 5 and data[0] == _WITH_ATTACHMENT:
+        (header,) = _HEADER_LENGTH.unpack(data[1:5])
+        return max(0, data.nbytes - 5 - header)
+    return data.nbytes
+
+
+def _transport_limit(transport: Any) -> int:
+    """The largest message ``transport`` was configured to take."""
+    options = getattr(transport, "options", None)
+    return int(getattr(options, "max_message_bytes", ChannelOptions.max_message_bytes))
+
+
+def _decided_value(message: Decision, nbytes: int, max_bytes: int) -> Any:
+    """The value a decision releases, or the DuetError it stands for."""
+    if message.status == "denied":
+        reason = printable(message.reason, MAX_ERROR_CHARS)
+        shown = reason or "no reason given"
+        raise PermissionDenied(f"the owner denied the request: {shown}", reason=reason)
+    if message.status == "expired":
+        reason = printable(message.reason, MAX_ERROR_CHARS)
+        raise RequestTimeout(
+            f"the request expired on the owner's side: {reason or 'no reason given'}"
+        )
+    if message.error is not None:  # the owner released the failure, not a value
+        raise _error_from_peer(message.error)
+    if nbytes > max_bytes:
+        raise ValueTooLarge(
+            f"the owner sent a value of {nbytes} bytes; this get takes at most {max_bytes} "
+            "(get(..., max_bytes=...)), so it was dropped"
+        )
+    if not message.module:
+        return message.value
+    try:
+        return spec_to_module(message.value)
+    except DuetError as exc:
+        raise _clean_error(exc) from None
+    except Exception as exc:  # noqa: BLE001 - any malformed spec is the owner's fault
+        raise ProtocolError(
+            f"the owner sent a module that cannot be rebuilt ({type(exc).__name__})"
+        ) from None
+
+
+def _error_from_peer(info: Any) -> DuetError:
+    """The local exception for error info the owner sent (e.g. RemoteError naming the op)."""
+    try:
+        raise_from_info(info)
+    except DuetError as exc:
+        return _clean_error(exc)
+    return ProtocolError("the owner sent an error that describes no error")  # not reached
+
+
+def _clean_error(exc: DuetError) -> DuetError:
+    """``exc`` (in place) with the owner's text in its message and fields printable."""
+    exc.args = (printable(str(exc), MAX_ERROR_CHARS, multiline=True),)
+    for name in ("reason", "op", "error_type"):
+        value = getattr(exc, name, None)
+        if value is not None:
+            setattr(exc, name, printable(value, MAX_ERROR_CHARS))
+    return exc
+
+
+def _usable_allowlist(entries: dict[str, str] | None) -> dict[str, str]:
+    """The owner's allowlist without entries that name no op path or no known return kind:
+    they could not be used, and their text would reach error messages."""
+    kinds = {str(kind) for kind in ReturnKind}
+    return {
+        path: kind
+        for path, kind in (entries or {}).items()
+        if _OP_PATH.fullmatch(path) and kind in kinds
+    }
 
 
 def _mark_retrieved(future: asyncio.Future[Any]) -> None:

@@ -2,17 +2,70 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from duet_p2p.errors import DuetError
 from duet_p2p.table import Table, TableView, uid_label
+from duet_p2p.text import printable
 
 if TYPE_CHECKING:
     from duet_p2p.owner import OwnerCore
     from duet_p2p.pointer import Pointer
     from duet_p2p.scientist import ScientistCore
+
+MAX_TAGS = 64
+"""Tags kept per listed object."""
+MAX_TAG_CHARS = 100
+MAX_DESCRIPTION_CHARS = 1000
+MAX_NAME_CHARS = 100
+"""Longest type or dtype name kept from a listing."""
+MAX_DIMS = 64
+_OBJECT_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def entry_from_peer(entry: object) -> dict[str, Any] | None:
+    """One entry of the owner's listing as the scientist keeps it: None (skip it) without
+    a well-formed ID; otherwise the known fields only, text printable and bounded, the
+    shape as plain integers. Every view of the listing (tables, ``info``, pointer names,
+    error messages) shows only what this returns."""
+    if not isinstance(entry, dict):
+        return None
+    object_id = entry.get("id")
+    if not isinstance(object_id, str) or not _OBJECT_ID.fullmatch(object_id):
+        return None
+    checked: dict[str, Any] = {
+        "id": object_id,
+        "tags": _tags(entry.get("tags")),
+        "description": printable(entry.get("description") or "", MAX_DESCRIPTION_CHARS),
+        "type": printable(entry.get("type") or "", MAX_NAME_CHARS),
+        "kind": "module" if entry.get("kind") == "module" else "tensor",
+    }
+    if isinstance(entry.get("public"), bool):
+        checked["public"] = entry["public"]
+    shape = _shape(entry.get("shape"))
+    if shape is not None:
+        checked["shape"] = shape
+    if "dtype" in entry:
+        checked["dtype"] = printable(entry["dtype"], MAX_NAME_CHARS)
+    return checked
+
+
+def _tags(value: object) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        return []
+    tags = (printable(tag, MAX_TAG_CHARS) for tag in value[:MAX_TAGS])
+    return [tag for tag in tags if tag.strip()]
+
+
+def _shape(value: object) -> list[int] | None:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_DIMS:
+        return None
+    if not all(type(size) is int and 0 <= size < 2**63 for size in value):
+        return None
+    return list(value)
 
 
 class RemoteStore(TableView):

@@ -1,8 +1,9 @@
 """A small table for listings: aligned text in terminals, HTML in Jupyter, pandas on demand.
 
-Cells often hold text a peer chose (a request's reason, a tag), so the text form escapes
-control characters (no terminal escape sequences, no broken lines) and the HTML form
-escapes everything.
+Cells often hold text a peer chose (a request's reason, a tag). Such text is made
+printable where it enters (``duet_p2p.text.printable``); on top of that the text form
+escapes any control character a cell still holds (no terminal escape sequences, no broken
+lines) and the HTML form escapes everything.
 """
 
 from __future__ import annotations

@@ -129,6 +129,13 @@ class HostedStore(OwnerStore):
 
 
 @dataclasses.dataclass(frozen=True)
+class _RefusedUpload:
+    """An upload refused on arrival; its refusal takes its place in the order."""
+
+    result: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Holdings:
     """What a session's worker holds for the peer."""
 
@@ -193,8 +200,12 @@ class OwnerCore:
         self._gets: dict[str, GetRequest] = {}
         self._snaps: dict[str, asyncio.Future[Any]] = {}
         self._answered: dict[str, asyncio.Event] = {}
-        self.pending_bytes = 0
-        """Bytes held for the peer outside its worker (queued uploads, held snapshots)."""
+        self.held_bytes = 0
+        """Bytes of values held for requests awaiting a decision (their sizes are private,
+        so this budget is kept apart from anything the peer can observe)."""
+        self.queued_bytes = 0
+        """Bytes of uploads waiting for the monitor."""
+        self._space = asyncio.Event()
         self._closed = False
         self.serving = True
         self.stop_cause = ""
@@ -327,13 +338,22 @@ class OwnerCore:
 
     # -- incoming -----------------------------------------------------------------------
 
-    def _enqueue(self, message: Message) -> None:
-        if len(self._work) >= MAX_QUEUED_MESSAGES and isinstance(message, Upload):
-            self._failed[message.result] = _refused_info("upload", "the owner's queue is full")
-            return
+    async def _enqueue(self, message: Message) -> None:
+        """A peer message joins the ordered queue; a full queue stops reading the peer (the
+        transport's credit window then stops its sender)."""
+        while len(self._work) >= MAX_QUEUED_MESSAGES and not self._closed:
+            self._space.clear()
+            await self._space.wait()
         if isinstance(message, Upload):
-            self.pending_bytes += _upload_bytes(message)
-        self._work.append(message)
+            size = _upload_bytes(message)
+            if self.queued_bytes + size > self.limits.max_pending_bytes:
+                self._push(_RefusedUpload(message.result))
+                return
+            self.queued_bytes += size
+        self._push(message)
+
+    def _push(self, item: Any) -> None:
+        self._work.append(item)
         self._work_ready.set()
 
     async def _on_store_query(self, message: StoreQuery) -> None:
@@ -351,6 +371,7 @@ class OwnerCore:
                 await self._work_ready.wait()
                 continue
             message = self._work.popleft()
+            self._space.set()
             if message is _STOP:
                 return
             if isinstance(message, asyncio.Event):
@@ -369,6 +390,11 @@ class OwnerCore:
                     self._free(message.ids)
                 elif isinstance(message, Upload):
                     self._upload(message)
+                elif isinstance(message, _RefusedUpload):
+                    self.monitor.upload(message.result)
+                    self._failed[message.result] = _refused_info(
+                        "upload", "the owner's memory for queued uploads is used up"
+                    )
                 elif isinstance(message, GetRequest):
                     self._on_get(message)
                 elif isinstance(message, Describe):
@@ -424,7 +450,7 @@ class OwnerCore:
             self.worker.send({"t": "free", "ids": freed})
 
     def _upload(self, message: Upload) -> None:
-        self.pending_bytes -= _upload_bytes(message)
+        self.queued_bytes -= _upload_bytes(message)
         existing = self.monitor.nodes.get(message.result)
         if existing is not None and existing.origin == "owner":
             self.audit.event("upload", result=message.result, ok=False)
@@ -579,16 +605,16 @@ class OwnerCore:
             info = head.get("error")
             return _Held(None, False, _clean_error(info), max_bytes)
         size = len(payload)
-        if self.pending_bytes + size > self.limits.max_pending_bytes:
+        if self.held_bytes + size > self.limits.max_pending_bytes:
             error = _refused_info("get", "the owner's memory for values awaiting a decision "
                                   "is used up")  # fmt: skip
             return _Held(None, False, error, max_bytes)
-        self.pending_bytes += size
+        self.held_bytes += size
         return _Held(payload, bool(head.get("module")), None, max_bytes)
 
     def _release_hold(self, held: _Held) -> None:
         if held.payload is not None:
-            self.pending_bytes -= len(held.payload)
+            self.held_bytes -= len(held.payload)
             held.payload = None
 
     def _fill(self, request: Request, held: _Held) -> None:
@@ -719,7 +745,7 @@ class OwnerCore:
 
     async def _holdings(self) -> Holdings:
         done = asyncio.Event()
-        self._enqueue(done)  # after every message that came before
+        self._push(done)  # after every message that came before
         await done.wait()
         head, _ = await self.worker.ask({"t": "sync", "detail": True})
         ids = head.get("ids") if isinstance(head.get("ids"), list) else []
@@ -732,7 +758,8 @@ class OwnerCore:
         if self._closed:
             return
         self._closed = True
-        self._enqueue(_STOP)
+        self._push(_STOP)
+        self._space.set()
         with contextlib.suppress(Exception):
             await self.connection.close()
         await self.endpoint.close()

@@ -30,6 +30,7 @@ from duet_p2p.table import (
     safe_text,
     uid_label,
 )
+from duet_p2p.text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ class Request:
     decided_at: float | None = None
     handler: Handler | None = None
     """The handler that decided, if any (the session reads its print_local/log_local)."""
+    ready: bool = True
+    """False while the value is still being computed: handlers wait, the owner may decide."""
+    error: str | None = None
+    """Set when the computation failed: what failed (owner-side only; the scientist learns
+    of the failure only if the request is accepted)."""
     _preview: Callable[[], Any] | None = None
     _queue: RequestQueue | None = None
 
@@ -121,13 +127,13 @@ class Request:
         if math.isinf(self.aggregation):
             aggregation = "depends on no private data"
         else:
-            aggregation = f"each value summarises >= {self.aggregation:g} private elements"
+            aggregation = f"each value summarises >= {self.aggregation:g} records"
         rows = [
             ("Request ID", uid_label(self.request_id)),
             ("Status", self.status.value),
             ("Lineage", self.lineage),
             ("Ops", ", ".join(self.ops)),
-            ("Reason", self.reason),
+            ("Reason", printable(self.reason, MAX_REASON_CHARS)),
             ("Requester", self.requester),
             ("Object ID", uid_label(self.object_id)),
             ("Size", f"{format_size(self.size_bytes)} ({self.elements} {noun})"),
@@ -135,6 +141,8 @@ class Request:
             ("Tags", ", ".join(sorted(self.tags))),
             ("Requested at", format_clock(self.requested_at)),
         ]
+        if self.error is not None:
+            rows.insert(3, ("Failed", self.error))
         if not self.pending:
             rows.append(("Decided", f"by {self.decided_by} at {format_clock(self.decided_at)}"))
             if self.decision_reason:
@@ -212,17 +220,20 @@ class RequestQueue(TableView):
                 self._decide(request, RequestStatus.DENIED, "queue (too many pending)", reason)
             else:
                 self._apply_handlers(request, time.time())
-            if request.pending:
+            if request.pending and request.ready:
                 self._arrived.notify_all()
-            callbacks = list(self._callbacks)
+            callbacks = list(self._callbacks) if request.ready else []
         if not request.pending:
             self._emit(request)
+        self._call_back(callbacks, request)
+        return request
+
+    def _call_back(self, callbacks: list[Callable[[Request], None]], request: Request) -> None:
         for callback in callbacks:
             try:
                 callback(request)
             except Exception:
                 logger.exception("a request callback failed")
-        return request
 
     def accept(self, request_id: str) -> Request:
         """The owner accepts: the value is released."""
@@ -266,9 +277,12 @@ class RequestQueue(TableView):
     def wait(self, timeout: float | None) -> Request | None:
         """Block until a request is pending and return the first, or None after ``timeout`` s."""
         with self._arrived:
-            if not self._arrived.wait_for(lambda: bool(self._pending), timeout=timeout):
+            if not self._arrived.wait_for(lambda: bool(self._ready()), timeout=timeout):
                 return None
-            return next(iter(self._pending.values()))
+            return self._ready()[0]
+
+    def _ready(self) -> list[Request]:
+        return [r for r in self._pending.values() if r.ready]
 
     def add_callback(self, callback: Callable[[Request], None]) -> None:
         """Call ``callback(request)`` whenever a request arrives (after handlers ran)."""
@@ -294,6 +308,7 @@ class RequestQueue(TableView):
         log_local: bool = False,
         name: str | None = None,
         reason: str = "",
+        min_aggregation: float | None = None,
     ) -> Handler:
         """Append an auto-decision rule (see Handler); it applies to pending requests too."""
         handler = Handler(
@@ -307,6 +322,7 @@ class RequestQueue(TableView):
             log_local=log_local,
             name=name,
             reason=_cap(reason),
+            min_aggregation=min_aggregation,
         )
         decided: list[Request] = []
         with self._lock:
@@ -383,7 +399,7 @@ class RequestQueue(TableView):
         rows = [
             [
                 r.name,
-                r.reason,
+                printable(r.reason, MAX_REASON_CHARS),
                 uid_label(r.request_id),
                 format_size(r.size_bytes),
                 format_clock(r.requested_at),
@@ -409,7 +425,24 @@ class RequestQueue(TableView):
         self._emit(request)
         return request
 
+    def mark_ready(self, request_id: str) -> None:
+        """The value behind a request is known now (size, or failure): handlers may decide."""
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None or request.ready:
+                return
+            request.ready = True
+            decided = request.pending and self._apply_handlers(request, time.time())
+            if request.pending:
+                self._arrived.notify_all()
+            callbacks = list(self._callbacks)
+        if decided:
+            self._emit(request)
+        self._call_back(callbacks, request)
+
     def _apply_handlers(self, request: Request, now: float) -> bool:
+        if not request.ready:
+            return False
         for number, handler in enumerate(self._handlers):
             if handler.matches(request, now, min_aggregation=self.min_aggregation):
                 if handler.action == "accept":

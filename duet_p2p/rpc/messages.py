@@ -91,6 +91,8 @@ class GetRequest(Message):
     object_id: ObjectId
     reason: Text = ""
     delete: bool = False
+    max_bytes: int | None = Field(default=None, ge=0)
+    """Largest encoded value the scientist will take; the owner denies a larger one up front."""
 
 
 class CancelRequest(Message):

@@ -119,12 +119,12 @@ def test_request_history_and_held_values_are_bounded(signaling_url: str, tmp_pat
             with pytest.raises(sy.PermissionDenied):
                 (data[0] * 2).get(timeout_secs=WAIT)
         assert len(owner.requests.all()) <= 20
-        assert owner._core.pending_bytes == 0, "decided requests hold no values"
+        assert owner._core.held_bytes == 0, "decided requests hold no values"
         owner.requests.clear_handlers()
         handle = (data * 2).request(reason="too big to hold")
         request = owner.requests.wait(WAIT)
         assert request is not None and "used up" in (request.error or "")
-        assert owner._core.pending_bytes == 0
+        assert owner._core.held_bytes == 0
         request.deny("no")
         assert handle.wait(WAIT) == "denied"
         assert_serving(owner, scientist)
