@@ -22,6 +22,7 @@ from duet_p2p.errors import (
     RequestTimeout,
     SignalingError,
     SignalingNotFound,
+    ValueTooLarge,
 )
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.pointer import Pointer
@@ -45,6 +46,7 @@ __all__ = [
     "PermissionDenied",
     "Pointer",
     "PrivateValueError",
+    "ValueTooLarge",
     "ProtocolError",
     "RemoteError",
     "RequestTimeout",

@@ -13,7 +13,6 @@ from duet_p2p.rpc.errors import error_info
 from duet_p2p.store import StoredObject
 
 log = logging.getLogger(__name__)
-INDEX_OP = "duet.index"
 
 
 class ActionFailed(DuetError):

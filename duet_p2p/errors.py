@@ -39,6 +39,10 @@ class ProtocolError(DuetError):
     """A message from the peer was malformed, oversize or not understood."""
 
 
+class ValueTooLarge(ProtocolError):
+    """The owner sent a value larger than the get's ``max_bytes``; it was dropped unused."""
+
+
 class RemoteError(DuetError):
     """An operation failed on the owner's side; carries the op and the error type only."""
 

@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 
-from duet_p2p import inplace, lineage, plans, privacy, sizes
-from duet_p2p.actions import INDEX_OP, ActionFailed, Inputs, op_error, refusal
+from duet_p2p import inplace, lineage, privacy, sizes
+from duet_p2p.actions import ActionFailed, Inputs, op_error, refusal
 from duet_p2p.allowlist import AllowedOp, Allowlist, ReturnKind, check_path_syntax
 from duet_p2p.errors import DuetError, OperationNotAllowed, RemoteError
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.plan_runner import PlanRunner
+from duet_p2p.rpc import plan_spec
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import Action
+from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.rpc.refs import action_refs
 from duet_p2p.sizes import warm_up
 from duet_p2p.store import OwnerStore, StoredObject, value_nbytes
@@ -91,7 +93,7 @@ class Executor(PlanRunner):
                     raise ActionFailed(refusal(op, "the result ID is taken by an owner object"))
             if self.store.peer_object_count() >= self.limits.max_peer_objects:
                 raise ActionFailed(refusal(op, "too many objects held for the peer; free some"))
-            if op in plans.PLAN_OPS:
+            if op in plan_spec.PLAN_OPS:
                 return self._plan(action)
         entry = self._entry(op)
         inputs = Inputs([])

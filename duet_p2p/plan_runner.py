@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
-from duet_p2p import lineage, plans
-from duet_p2p.actions import INDEX_OP, ActionFailed, Inputs, refusal
+from duet_p2p import lineage
+from duet_p2p.actions import ActionFailed, Inputs, refusal
 from duet_p2p.errors import DuetError
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.rpc import plan_spec
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import Action
+from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.sizes import numel
 from duet_p2p.store import OwnerStore, StoredObject, value_nbytes
 
@@ -33,9 +35,9 @@ class PlanRunner:
 
     def _plan(self, action: Action) -> StoredObject:
         """Define a plan, or run one (once, or once per item of a sequence)."""
-        if action.op == plans.DEFINE_OP:
+        if action.op == plan_spec.DEFINE_OP:
             try:
-                spec = plans.parse_plan(list(action.args))
+                spec = plan_spec.parse_plan(list(action.args))
             except DuetError as exc:
                 raise ActionFailed(error_info(exc, op=action.op)) from None
             for step in spec.steps:  # refuse an op off the allowlist now, not at a call
@@ -46,7 +48,7 @@ class PlanRunner:
             )  # fmt: skip
         inputs = Inputs([])
         spec = self._resolve(action.target, inputs, action.op)
-        if not isinstance(spec, plans.PlanSpec):
+        if not isinstance(spec, plan_spec.PlanSpec):
             raise ActionFailed(refusal(action.op, "its target is not a plan"))
         if len(action.args) != len(spec.inputs) or action.kwargs:
             raise ActionFailed(
@@ -56,16 +58,16 @@ class PlanRunner:
             self._bind(pid, arg, action.op)
             for pid, arg in zip(spec.inputs, action.args, strict=True)
         ]
-        if action.op == plans.RUN_OP:
+        if action.op == plan_spec.RUN_OP:
             value, meta = self._replay(spec, bound)
             record = _output_record(action.result, value, meta, f"{spec.name}({_names(bound)})")
             self._check_result(action.op, value, record.nbytes, Inputs(bound))
             return record
         sequence = bound[0]
         items = sequence.value
-        if not isinstance(items, (list, tuple)) or len(items) > plans.MAX_MAP_ITEMS:
+        if not isinstance(items, (list, tuple)) or len(items) > plan_spec.MAX_MAP_ITEMS:
             raise ActionFailed(
-                refusal(action.op, f"map runs over a tuple of at most {plans.MAX_MAP_ITEMS}")
+                refusal(action.op, f"map runs over a tuple of at most {plan_spec.MAX_MAP_ITEMS}")
             )
         values, metas, held = [], [], 0
         for index, item in enumerate(items):
@@ -93,7 +95,9 @@ class PlanRunner:
             expression=lineage.render_value(argument, {}),
         )  # fmt: skip
 
-    def _replay(self, spec: plans.PlanSpec, bound: list[StoredObject]) -> tuple[Any, StoredObject]:
+    def _replay(
+        self, spec: plan_spec.PlanSpec, bound: list[StoredObject]
+    ) -> tuple[Any, StoredObject]:
         """Run every step of ``spec``; its values live in an environment dropped afterwards."""
         env: dict[str, StoredObject] = dict(zip(spec.inputs, bound, strict=True))
         held = 0
@@ -115,7 +119,7 @@ class PlanRunner:
         for output in spec.outputs:
             record = env.get(output) or self.store.get(output)
             if record is None or record.error is not None:
-                raise ActionFailed(refusal(plans.RUN_OP, f"plan {spec.name} lost an output"))
+                raise ActionFailed(refusal(plan_spec.RUN_OP, f"plan {spec.name} lost an output"))
             outputs.append(record)
         if len(outputs) == 1:
             return outputs[0].value, outputs[0]

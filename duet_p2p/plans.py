@@ -23,10 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from duet_p2p.errors import DuetError, OperationNotAllowed, ProtocolError
-from duet_p2p.rpc.messages import MAX_ARGS, Action, to_wire
+from duet_p2p.errors import DuetError, OperationNotAllowed
+from duet_p2p.rpc.messages import Action, to_wire
 
 if TYPE_CHECKING:
     from duet_p2p.pointer import Pointer
@@ -34,76 +32,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFINE_OP = "duet.plan.define"
-RUN_OP = "duet.plan.run"
-MAP_OP = "duet.plan.map"
-PLAN_OPS = frozenset({DEFINE_OP, RUN_OP, MAP_OP})
-MAX_STEPS = 1000
-"""Most ops in one plan."""
-MAX_MAP_ITEMS = 100_000
-"""Most items one ``map`` runs the plan over."""
-MAX_NAME_CHARS = 100
+# The wire form (op names, limits, PlanSpec, parse_plan) is shared with the owner.
+from duet_p2p.rpc.plan_spec import (  # noqa: E402
+    DEFINE_OP,
+    MAP_OP,
+    MAX_MAP_ITEMS,
+    MAX_NAME_CHARS,
+    MAX_STEPS,
+    PLAN_OPS,
+    RUN_OP,
+    PlanSpec,
+    parse_plan,
+)
 
-
-# -- the owner's side ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """A checked plan, as stored in the owner's process (it holds no data)."""
-
-    name: str
-    inputs: tuple[str, ...]
-    """Plan-local IDs the caller's arguments are bound to, in order."""
-    outputs: tuple[str, ...]
-    """IDs of what a run returns: plan-local results, inputs, or stored objects."""
-    steps: tuple[Action, ...]
-
-    @property
-    def ops(self) -> tuple[str, ...]:
-        return tuple(step.op for step in self.steps)
-
-    def __repr__(self) -> str:
-        return f"<plan {self.name}: {len(self.steps)} ops>"
-
-
-def parse_plan(args: list[Any]) -> PlanSpec:
-    """Check a peer's plan definition; ProtocolError (naming the step) if malformed."""
-    if len(args) != 4:
-        raise ProtocolError("a plan is defined by [name, inputs, outputs, steps]")
-    name, inputs, outputs, raw_steps = args
-    if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME_CHARS:
-        raise ProtocolError("a plan's name must be a Python identifier")
-    inputs = _ids(inputs, "inputs")
-    outputs = _ids(outputs, "outputs")
-    if not isinstance(raw_steps, list) or not 0 < len(raw_steps) <= MAX_STEPS:
-        raise ProtocolError(f"a plan has 1 to {MAX_STEPS} steps")
-    steps: list[Action] = []
-    local = set(inputs)
-    if len(local) != len(inputs):
-        raise ProtocolError("a plan's inputs must be distinct")
-    for number, raw in enumerate(raw_steps):
-        try:
-            step = Action.model_validate(raw)
-        except ValidationError as exc:
-            where = ".".join(str(p) for p in exc.errors()[0].get("loc", ()))
-            raise ProtocolError(f"plan step {number}: invalid {where or 'step'}") from None
-        if step.op in PLAN_OPS:
-            raise ProtocolError(f"plan step {number}: plans cannot define or run plans")
-        if step.result in local:
-            raise ProtocolError(f"plan step {number}: its result ID is used twice")
-        local.add(step.result)
-        steps.append(step)
-    return PlanSpec(name, inputs, outputs, tuple(steps))
-
-
-def _ids(value: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or len(value) > MAX_ARGS:
-        raise ProtocolError(f"a plan's {what} are a list of at most {MAX_ARGS} IDs")
-    for item in value:
-        if not isinstance(item, str) or not 0 < len(item) <= 64 or not item.isalnum():
-            raise ProtocolError(f"a plan's {what} must be object IDs")
-    return tuple(value)
+__all__ = ["DEFINE_OP", "MAP_OP", "MAX_MAP_ITEMS", "MAX_NAME_CHARS", "MAX_STEPS", "PLAN_OPS",
+           "RUN_OP", "PlanSpec", "parse_plan"]  # fmt: skip
 
 
 # -- the scientist's side -----------------------------------------------------------------

@@ -34,8 +34,8 @@ from duet_p2p.errors import (
     PermissionDenied,
     ProtocolError,
     RequestTimeout,
+    ValueTooLarge,
 )
-from duet_p2p.executor import INDEX_OP
 from duet_p2p.lineage import render_call
 from duet_p2p.modules import module_to_spec, spec_to_module
 from duet_p2p.pointer import Pointer, pointer_class
@@ -56,6 +56,7 @@ from duet_p2p.rpc.messages import (
     StoreQuery,
     Upload,
 )
+from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.store_view import entry_from_peer
 from duet_p2p.text import printable
 from duet_p2p.transport.base import Buffer, MessageTransport
@@ -79,10 +80,6 @@ MAX_ERROR_CHARS = 1000
 """Longest text of the owner's kept in an exception (its message, a reason)."""
 _OP_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
-
-
-class ValueTooLarge(ProtocolError):
-    """The owner sent a value larger than the get's ``max_bytes``; it was dropped unused."""
 
 
 class RequestHandle:

@@ -29,19 +29,20 @@ from typing import Any
 
 import torch
 
-from duet_p2p import lineage, plans
+from duet_p2p import lineage
 from duet_p2p.allowlist import AllowedOp, Allowlist, Effect, ReturnKind, check_path_syntax
 from duet_p2p.errors import DuetError, OperationNotAllowed
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import module_facts
 from duet_p2p.owner.labels import PUBLIC, Label, hosted_label, merged
 from duet_p2p.owner.module_facts import ModuleFacts
+from duet_p2p.rpc import plan_spec
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import Action
+from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.rpc.refs import action_refs, refs_in
 
-INDEX_OP = "duet.index"
 FORBIDDEN_KWARGS = frozenset({"out", "pin_memory", "generator", "closure", "layout"})
 _CALLS = frozenset({"torch.nn.Module.__call__", "torch.nn.Module.forward"})
 _STATE_DICT_KWARGS = frozenset({"keep_vars", "prefix"})
@@ -124,7 +125,7 @@ class Node:
     """tensor, module, optimizer, plan or value."""
     error: dict[str, Any] | None = None
     """Set when the monitor refused the action that should have made it (public)."""
-    plan: plans.PlanSpec | None = None
+    plan: plan_spec.PlanSpec | None = None
     writes_in_forward: bool = False
     """An owner module whose forward pass writes into itself (refused)."""
     facts: ModuleFacts | None = None
@@ -260,7 +261,7 @@ class Monitor:
         """Label an action's result and apply its effects; or refuse it (a public error)."""
         budget = self.limits.max_op_seconds
         try:
-            if action.op in plans.PLAN_OPS:
+            if action.op in plan_spec.PLAN_OPS:
                 node = self._plan(action)
                 budget = self.limits.max_plan_seconds
             else:
@@ -502,9 +503,9 @@ class Monitor:
     # -- plans ---------------------------------------------------------------------------
 
     def _plan(self, action: Action) -> Node:
-        if action.op == plans.DEFINE_OP:
+        if action.op == plan_spec.DEFINE_OP:
             try:
-                spec = plans.parse_plan(list(action.args))
+                spec = plan_spec.parse_plan(list(action.args))
             except DuetError as exc:
                 raise Refused(error_info(exc, op=action.op)) from None
             for step in spec.steps:
@@ -524,7 +525,7 @@ class Monitor:
             raise _refusal(action.op, f"plan {spec.name} takes {len(spec.inputs)} inputs")
         bound = [self._bind(pid, arg, action.op) for pid, arg in zip(spec.inputs, action.args,
                                                                       strict=True)]  # fmt: skip
-        if action.op == plans.RUN_OP:
+        if action.op == plan_spec.RUN_OP:
             outputs = self._replay(spec, bound)
             expression = f"{spec.name}({_names(bound)})"
         else:
@@ -557,7 +558,7 @@ class Monitor:
             ops=lineage.merge_ops(*(n.ops for n in nodes)),
         )  # fmt: skip
 
-    def _replay(self, spec: plans.PlanSpec, bound: list[Node]) -> list[Node]:
+    def _replay(self, spec: plan_spec.PlanSpec, bound: list[Node]) -> list[Node]:
         env: dict[str, Node] = dict(zip(spec.inputs, bound, strict=True))
         for step in spec.steps:
             self._apply(step, env)
@@ -565,11 +566,11 @@ class Monitor:
         for output in spec.outputs:
             node = env.get(output) or self.nodes.get(output)
             if node is None:
-                raise _refusal(plans.RUN_OP, f"plan {spec.name} lost an output")
+                raise _refusal(plan_spec.RUN_OP, f"plan {spec.name} lost an output")
             outputs.append(node)
         return outputs
 
-    def _replay_until_settled(self, spec: plans.PlanSpec, bound: list[Node]) -> list[Node]:
+    def _replay_until_settled(self, spec: plan_spec.PlanSpec, bound: list[Node]) -> list[Node]:
         """Replay a mapped plan over labels until its writes stop adding anything (each item
         may read what an earlier item wrote)."""
         for _ in range(MAX_PLAN_PASSES):

@@ -409,8 +409,11 @@ class OwnerCore:
         """The worker was stopped too often: answer what expects an answer, plainly."""
         call_id = getattr(message, "call_id", None)
         if call_id is not None:
-            info = {"code": "remote_error", "type": "SessionStopped",
-                    "message": f"the owner's session stopped serving you: {self.stop_cause}"}
+            info = {
+                "code": "remote_error",
+                "type": "SessionStopped",
+                "message": f"the owner's session stopped serving you: {self.stop_cause}",
+            }
             asyncio.ensure_future(self._send_error(call_id, info))  # fmt: skip
 
     async def _expire_loop(self) -> None:

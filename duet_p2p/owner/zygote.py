@@ -104,4 +104,3 @@ def serve(ctrl_fd: int) -> None:
         for fd in fds:
             os.close(fd)
         ctrl.sendall(_PID.pack(pid))
-
