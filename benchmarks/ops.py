@@ -27,8 +27,8 @@ from benchmarks.channel import ChannelPeer, best_burst_rate
 CHAIN_LENGTH = 1000
 CHAIN_RUNS = 7
 RTT_ROUNDS = 100
-CHAIN_GOAL_OPS = 5000
-RTT_GOAL_SECONDS = 0.005
+CHAIN_GOAL_OPS = 8000
+RTT_GOAL_SECONDS = 0.003
 
 
 class OpsPeer(DuetPeer):

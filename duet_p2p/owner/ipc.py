@@ -88,7 +88,19 @@ class AsyncChannel:
         head = parse_head(await self.reader.readexactly(head_size))
         if not size:
             return head, None
-        return head, bytearray(await self.reader.readexactly(size))
+        return head, await self._read_into(bytearray(size))
+
+    async def _read_into(self, buffer: bytearray) -> bytearray:
+        """Fill ``buffer`` a chunk at a time (one copy of a large value, not two)."""
+        view = memoryview(buffer)
+        got = 0
+        while got < len(buffer):
+            chunk = await self.reader.read(min(len(buffer) - got, 1 << 20))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", len(buffer))
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        return buffer
 
     def close(self) -> None:
         self.writer.close()

@@ -52,7 +52,6 @@ from duet_p2p.rpc.messages import (
     StoreChanged,
     StoreQuery,
     Upload,
-    to_wire,
 )
 from duet_p2p.rpc.refs import action_refs
 from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
@@ -426,22 +425,21 @@ class OwnerCore:
                 log.exception("expiring overdue requests failed")
 
     def _run_actions(self, actions: list[Any]) -> None:
-        wire: list[dict[str, Any]] = []
+        wire: list[list[Any]] = []
         budgets: list[tuple[float, str]] = []
+        audited: list[tuple[str, list[str], str, bool, str | None]] = []
         for action in actions:
             verdict = self.monitor.admit(action)
-            self.audit.action(
-                op=action.op,
-                inputs=[ref.id for ref in action_refs(action)],
-                result=action.result,
-                ok=not verdict.refused,
-                error_type=(verdict.node.error or {}).get("type"),
-            )
+            error = verdict.node.error or {}
+            inputs = [ref.id for ref in action_refs(action)]
+            audited.append((action.op, inputs, action.result, not verdict.refused,
+                            error.get("type")))  # fmt: skip
             if verdict.refused:
                 continue
             self._failed.pop(action.result, None)
-            wire.append(to_wire(action))
+            wire.append(_compact(action))
             budgets.append((verdict.budget, action.op[:200]))
+        self.audit.actions(audited)
         if wire:
             self.worker.send({"t": "run", "actions": wire}, budgets=budgets)
 
@@ -627,7 +625,7 @@ class OwnerCore:
             return
         request.size_bytes = len(held.payload)
         try:
-            value = self._decode(held)
+            value = self._decode(held, borrow=True)
         except DuetError as exc:
             held.error = _refused_info("get", "the worker sent an unreadable value")
             self._release_hold(held)
@@ -639,10 +637,12 @@ class OwnerCore:
             elements = elements_of(value)
             request.elements = int(min(elements, 2**62))
 
-    def _decode(self, held: _Held) -> Any:
+    def _decode(self, held: _Held, *, borrow: bool = False) -> Any:
+        """The held value, decoded under strict limits; ``borrow``: tensors view the held
+        bytes (no copy) and must not outlive this call's user."""
         assert held.payload is not None
-        limits = codec.DecodeLimits(max_bytes=max(1, len(held.payload)))
-        value = codec.decode(bytes(held.payload), limits=limits)
+        limits = codec.DecodeLimits(max_bytes=max(1, len(held.payload)), borrow_buffers=borrow)
+        value = codec.decode(held.payload if borrow else bytes(held.payload), limits=limits)
         if held.module:
             if not isinstance(value, dict):
                 raise ProtocolError("a module release must be a module spec")
@@ -773,6 +773,11 @@ class OwnerCore:
             sealed.close()
         self._sealed.clear()
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
+
+
+def _compact(action: Any) -> list[Any]:
+    """An action as the worker takes it: a list, cheaper to encode than a map."""
+    return [action.op, action.result, action.target, action.args, action.kwargs, action.no_grad]
 
 
 def _sha256(payload: Any) -> str:

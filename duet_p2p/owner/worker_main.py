@@ -21,9 +21,22 @@ import struct
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 PROGRESS = struct.Struct("<QQ")
+
+
+@dataclass(slots=True)
+class Step:
+    """One action as the monitor forwards it (already checked there; cheaper than a model)."""
+
+    op: str
+    result: str
+    target: Any
+    args: list[Any]
+    kwargs: dict[str, Any]
+    no_grad: bool
 
 
 def main() -> None:
@@ -167,11 +180,9 @@ class Worker:
     # -- the scientist's work -----------------------------------------------------------
 
     def _run(self, head: dict[str, Any], _attachment: Any) -> None:
-        from duet_p2p.rpc.messages import Action
-
         failed: dict[str, Any] = {}
-        for wire in head["actions"]:
-            action = Action.model_construct(**wire)
+        for compact in head["actions"]:
+            action = Step(*compact)
             self._begin()
             try:
                 record = self.executor.run(action)

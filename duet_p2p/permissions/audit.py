@@ -56,9 +56,16 @@ class AuditLog(TableView):
         self, op: str, inputs: Sequence[str], result: str, ok: bool, error_type: str | None = None
     ) -> None:
         """An op the peer ran (or tried to run): its path, input IDs and result ID."""
-        self._write(
-            "action", op=op, inputs=list(inputs), result=result, ok=ok, error_type=error_type
-        )
+        self.actions([(op, inputs, result, ok, error_type)])
+
+    def actions(self, entries: Sequence[tuple[str, Sequence[str], str, bool, str | None]]) -> None:
+        """Several ``action`` entries (op, inputs, result, ok, error_type), in one write."""
+        lines = [
+            self._line("action", op=op, inputs=list(inputs), result=result, ok=ok,
+                       error_type=error_type)
+            for op, inputs, result, ok, error_type in entries
+        ]  # fmt: skip
+        self._append(lines)
 
     def request(self, request: Request) -> None:
         """A request arrived."""
@@ -98,16 +105,23 @@ class AuditLog(TableView):
         self._write(kind, **fields)
 
     def _write(self, event: str, **fields: Any) -> None:
+        self._append([self._line(event, **fields)])
+
+    def _line(self, event: str, **fields: Any) -> str:
         entry: dict[str, Any] = {"ts": _utc_now(), "event": str(event)}
         for key, value in fields.items():
             if key not in entry:
                 entry[key] = _plain(value, 0)
-        line = json.dumps(entry, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        return json.dumps(entry, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+    def _append(self, lines: list[str]) -> None:
+        if not lines:
+            return
         with self._lock:
             if self._file is None:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 self._file = os.fdopen(fd, "a", encoding="utf-8")
-            self._file.write(line + "\n")
+            self._file.write("\n".join(lines) + "\n")
             self._file.flush()
             if self.fsync:
                 os.fsync(self._file.fileno())
