@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import duet_p2p as sy
-from tests.conftest import wait_for
 from duet_p2p import lineage
 from duet_p2p.permissions import Request
 from duet_p2p.rpc.codec import ObjectRef
-from tests.conftest import close_pair, make_pair
+from tests.conftest import close_pair, make_pair, wait_for
 
 TIMEOUT = 10.0
 
