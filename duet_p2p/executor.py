@@ -54,6 +54,8 @@ class Executor(PlanRunner):
     ) -> None:
         self.store = store
         self.render_lineage = render_lineage
+        self.budget = "public"
+        """The memory budget the current action's results count against (see StoredObject)."""
         self.allowlist = allowlist
         self.limits = limits
         self.actions_run = 0
@@ -62,8 +64,10 @@ class Executor(PlanRunner):
         self._privacy = privacy.TaintTracker(store)
 
     def run(self, action: Action) -> StoredObject:
-        """Run one action and store its result or its error; returns the stored record."""
+        """Run one action and store its result or its error; returns the stored record. An
+        action whose result the monitor labelled private carries ``private=True``."""
         self.actions_run += 1
+        self.budget = "private" if getattr(action, "private", False) else "public"
         try:
             record = self._run(action)
         except ActionFailed as failure:
@@ -74,6 +78,7 @@ class Executor(PlanRunner):
             )  # fmt: skip
             if self.store.peer_object_count() >= self.limits.max_peer_objects:
                 return record  # not kept: failures must not grow the store past its cap
+        record.budget = self.budget
         try:
             self.store.put(record)
         except KeyError:
@@ -108,7 +113,14 @@ class Executor(PlanRunner):
             )
             sizes.check_size(entry, self.allowlist, self.limits, target, args, kwargs, inputs)
             module_bytes = sizes.check_module_size(
-                entry, self.allowlist, self.limits, self.store, args, kwargs, inputs
+                entry,
+                self.allowlist,
+                self.limits,
+                self.store,
+                args,
+                kwargs,
+                inputs,
+                budget=self.budget,
             )
         watched = (
             privacy.watch(inputs.records, privacy.forward_of(entry, target))
@@ -220,7 +232,7 @@ class Executor(PlanRunner):
             raise ActionFailed(refusal(op, "the result exceeds the owner's element limit"))
         if nbytes > self.limits.max_result_bytes:
             raise ActionFailed(refusal(op, "the result exceeds the owner's size limit"))
-        if self.store.peer_bytes + nbytes > self.limits.max_peer_bytes:
+        if self.store.bytes_of(self.budget) + nbytes > self.limits.max_peer_bytes:
             raise ActionFailed(
                 refusal(op, "the owner's memory budget for this peer is used up; free pointers")
             )

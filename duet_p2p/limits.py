@@ -14,7 +14,9 @@ class OwnerLimits:
     max_result_bytes: int = 2 * 1024**3
     """Bytes in one result."""
     max_peer_bytes: int = 8 * 1024**3
-    """Bytes held at once in results and uploads made for the peer."""
+    """Bytes held at once in results and uploads made for the peer; results labelled private
+    have a budget of this size of their own, so that a public op's refusal never depends on
+    how large private results are."""
     max_peer_objects: int = 1_000_000
     """Objects held at once for the peer."""
     max_op_seconds: float = 60.0

@@ -32,6 +32,7 @@ class PlanRunner:
 
     store: OwnerStore
     limits: OwnerLimits
+    budget: str
 
     def _plan(self, action: Action) -> StoredObject:
         """Define a plan, or run one (once, or once per item of a sequence)."""
@@ -110,7 +111,7 @@ class PlanRunner:
                 info["message"] = f"{info['where']}: {info.get('message', '')}"
                 raise ActionFailed(info) from None
             held += record.nbytes
-            if self.store.peer_bytes + held > self.limits.max_peer_bytes:
+            if self.store.bytes_of(self.budget) + held > self.limits.max_peer_bytes:
                 raise ActionFailed(
                     refusal(step.op, f"plan {spec.name} needs more than the peer's memory budget")
                 )

@@ -92,6 +92,8 @@ def check_module_size(
     args: list[Any],
     kwargs: dict[str, Any],
     inputs: Inputs,
+    *,
+    budget: str = "public",
 ) -> int:
     """Build a module constructor on the meta device first (no memory, no init) and
     refuse it if its new parameters and buffers would break the caps; returns their bytes.
@@ -122,7 +124,7 @@ def check_module_size(
                 f"{limits.max_result_elements:,} elements{detail}",
             )
         )
-    if store.peer_bytes + nbytes > limits.max_peer_bytes:
+    if store.bytes_of(budget) + nbytes > limits.max_peer_bytes:
         raise ActionFailed(
             refusal(entry.path, "the owner's memory budget for this peer is used up")
         )

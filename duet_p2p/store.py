@@ -49,6 +49,9 @@ class StoredObject:
     error: dict[str, Any] | None = None
     """Set when the op that should have made this object failed (safe to send)."""
     nbytes: int = 0
+    budget: str = "public"
+    """Which of the peer's two memory budgets it counts against: results whose labels are
+    private count apart, so a public op's refusal never depends on a private size."""
     created_at: float = field(default_factory=time.time)
 
     @property
@@ -90,12 +93,21 @@ class OwnerStore:
     def __init__(self) -> None:
         self._objects: dict[str, StoredObject] = {}
         self._lock = threading.Lock()
-        self.peer_bytes = 0
+        self._bytes: dict[str, int] = {"public": 0, "private": 0}
         self._peer_count = 0
         self._owner_storages: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._objects)
+
+    @property
+    def peer_bytes(self) -> int:
+        """Bytes held for the peer, both budgets together."""
+        return sum(self._bytes.values())
+
+    def bytes_of(self, budget: str) -> int:
+        """Bytes held for the peer in one budget ("public" or "private")."""
+        return self._bytes.get(budget, 0)
 
     def __contains__(self, object_id: object) -> bool:
         return object_id in self._objects
@@ -112,7 +124,7 @@ class OwnerStore:
                 self._forget(previous)
             self._objects[record.id] = record
             if record.origin == "peer":
-                self.peer_bytes += record.nbytes
+                self._bytes[record.budget] = self._bytes.get(record.budget, 0) + record.nbytes
                 self._peer_count += 1
             else:
                 self._remember_storage(record.value, +1)
@@ -139,7 +151,7 @@ class OwnerStore:
 
     def _forget(self, record: StoredObject) -> None:
         if record.origin == "peer":
-            self.peer_bytes -= record.nbytes
+            self._bytes[record.budget] -= record.nbytes
             self._peer_count -= 1
         else:
             self._remember_storage(record.value, -1)

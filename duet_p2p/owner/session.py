@@ -437,7 +437,7 @@ class OwnerCore:
             if verdict.refused:
                 continue
             self._failed.pop(action.result, None)
-            wire.append(_compact(action))
+            wire.append(_compact(action, verdict.private))
             budgets.append((verdict.budget, action.op[:200]))
         self.audit.actions(audited)
         if wire:
@@ -775,9 +775,10 @@ class OwnerCore:
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
 
 
-def _compact(action: Any) -> list[Any]:
+def _compact(action: Any, private: bool) -> list[Any]:
     """An action as the worker takes it: a list, cheaper to encode than a map."""
-    return [action.op, action.result, action.target, action.args, action.kwargs, action.no_grad]
+    return [action.op, action.result, action.target, action.args, action.kwargs,
+            action.no_grad, private]  # fmt: skip
 
 
 def _sha256(payload: Any) -> str:

@@ -257,7 +257,7 @@ class WorkerSupervisor:
         """The worker's address space: what it had, the hosted data, the peer's budget."""
         if not hasattr(resource, "prlimit"):
             return
-        soft = self._base_vm + self.hosted_bytes + self.limits.max_peer_bytes
+        soft = self._base_vm + self.hosted_bytes + 2 * self.limits.max_peer_bytes  # two budgets
         soft += self.limits.worker_memory_slack
         hard = resource.RLIM_INFINITY if worker.sandbox == "seccomp" else soft
         try:

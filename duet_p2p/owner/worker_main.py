@@ -37,6 +37,8 @@ class Step:
     args: list[Any]
     kwargs: dict[str, Any]
     no_grad: bool
+    private: bool = False
+    """The monitor labelled its result private: it counts against the private budget."""
 
 
 def main() -> None:

@@ -106,3 +106,21 @@ def test_public_failures_keep_their_details(signaling_url: str, tmp_path: Path) 
         else:
             raise AssertionError("view(3) of 7 elements should fail")
         assert _describe(scientist, weights.view(3))["error"] is not None
+
+
+def test_the_memory_budget_is_no_oracle(signaling_url: str, tmp_path: Path) -> None:
+    """A private result whose size depends on the data (a mask) fills its own budget: a
+    public allocation succeeds or fails the same way whatever the private data is."""
+    limits = sy.OwnerLimits(max_peer_bytes=12 * 1024**2)
+    outcomes = []
+    for sign in (1.0, -1.0):
+        with session(signaling_url, tmp_path / str(sign), limits=limits) as (owner, scientist):
+            x = host(owner, scientist, sign * torch.rand(2 * 1024**2), "x")  # 8 MiB
+            kept = x[x > 0]  # 8 MiB when every value is positive, nothing otherwise
+            public = scientist.torch.ones(2 * 1024**2)  # 8 MiB
+            try:
+                outcomes.append(public.sum().item().get(timeout_secs=WAIT))
+            except sy.DuetError as exc:
+                outcomes.append(type(exc).__name__)
+            del kept
+    assert outcomes == [2 * 1024**2, 2 * 1024**2]
