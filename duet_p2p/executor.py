@@ -1,26 +1,27 @@
-"""Running the peer's actions in the owner's process: allowlisted, capped, recorded.
+"""Running the peer's actions in a worker process: allowlisted, capped, recorded.
 
 Each action names an op on the allowlist, its receiver and arguments (literals and
 references to stored objects). The executor checks everything before running it, runs it,
-bounds the result, and stores it (or the error) under the ID the scientist chose, with its
-lineage and privacy. Error texts that could describe private data are withheld.
+bounds the result, and stores it (or the error) under the ID the scientist chose. It
+decides nothing about privacy: the monitor labels every object from the action graph
+(``duet_p2p.owner.monitor``); these checks only keep the worker's work sane and its errors
+clear, while the kernel bounds its memory and time.
 
 Its parts: ``actions`` (failures), ``sizes`` (result sizes predicted before running),
-``inplace`` (writes into the owner's objects), ``privacy`` (how privacy flows) and
-``plan_runner`` (plans).
+``inplace`` (writes into the owner's objects, refused early with a clear error; the memory
+is read-only anyway) and ``plan_runner`` (plans).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from typing import Any
 
 import torch
 
-from duet_p2p import inplace, lineage, privacy, sizes
+from duet_p2p import inplace, lineage, sizes
 from duet_p2p.actions import ActionFailed, Inputs, op_error, refusal
 from duet_p2p.allowlist import AllowedOp, Allowlist, ReturnKind, check_path_syntax
 from duet_p2p.errors import DuetError, OperationNotAllowed, RemoteError
@@ -61,7 +62,6 @@ class Executor(PlanRunner):
         self.actions_run = 0
         self.actions_failed = 0
         self._entries: dict[str, AllowedOp] = {}
-        self._privacy = privacy.TaintTracker(store)
 
     def run(self, action: Action) -> StoredObject:
         """Run one action and store its result or its error; returns the stored record. An
@@ -122,16 +122,6 @@ class Executor(PlanRunner):
                 inputs,
                 budget=self.budget,
             )
-        watched = (
-            privacy.watch(inputs.records, privacy.forward_of(entry, target))
-            if inputs.private
-            else []
-        )
-        backward = entry is not None and entry.name == "backward"
-        if inputs.private and backward and isinstance(target, torch.Tensor):
-            grads_before = [(leaf, leaf.grad) for leaf in privacy.graph_leaves(target)]
-        else:
-            grads_before = []
         args, kwargs = inplace.shield_owner_inputs(
             entry, self.limits, self.store, target, args, kwargs
         )
@@ -154,12 +144,9 @@ class Executor(PlanRunner):
         # a module method returns the module itself: only a constructor's new tensors count
         nbytes = module_bytes if isinstance(value, torch.nn.Module) else value_nbytes(value)
         self._check_result(op, value, nbytes, inputs)
-        record = self._record(
+        return self._record(
             action, entry, value, nbytes, inputs, render=env is None and self.render_lineage
         )
-        self._privacy.unclean(value)  # a new holder of that memory, not yet checked
-        self._privacy.taint(entry, target, args, kwargs, record, watched, grads_before, env)
-        return record
 
     def _entry(self, op: str) -> AllowedOp | None:
         if op == INDEX_OP:
@@ -251,23 +238,13 @@ class Executor(PlanRunner):
                 action.op, action.target, action.args, action.kwargs, names,
                 attribute=bool(entry and entry.attribute),
             )  # fmt: skip
-        private = bool(inputs.private)
-        aggregation = support = math.inf
-        if private:
-            aggregation, support = privacy.result_aggregation(entry, inputs.private, value)
-        tags: set[str] = set()
-        for record in inputs.records:
-            tags.update(record.lineage_tags)
         return StoredObject(
             id=action.result,
             value=value,
             origin="peer",
-            private=private,
+            private=bool(inputs.private),  # only for what error texts say: labels are the monitor's
             expression=expression,
             ops=lineage.merge_ops(*(r.ops for r in inputs.records), (action.op,)),
-            lineage_tags=frozenset(list(tags)[:64]),
-            aggregation=aggregation,
-            support=support,
             nbytes=nbytes,
         )
 

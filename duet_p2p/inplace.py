@@ -15,7 +15,7 @@ import torch
 from duet_p2p.actions import ActionFailed, Inputs, refusal
 from duet_p2p.allowlist import AllowedOp, Allowlist
 from duet_p2p.limits import OwnerLimits
-from duet_p2p.privacy import graph_leaves, updates_running_stats
+from duet_p2p.autograd_facts import graph_leaves, updates_running_stats
 from duet_p2p.store import OwnerStore
 
 

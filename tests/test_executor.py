@@ -1,4 +1,5 @@
-"""The executor on an OwnerStore, without a network: caps, refusals, privacy, taint."""
+"""The executor on an OwnerStore, without a network: caps and refusals. (Privacy labels
+are the monitor's: tests/owner/test_monitor.py.)"""
 
 from __future__ import annotations
 
@@ -320,92 +321,6 @@ def test_index_op_on_tuple_results() -> None:
 
 
 # -- privacy propagation ----------------------------------------------------------------
-
-
-def test_privacy_follows_the_inputs() -> None:
-    owner = Owner()
-    private = owner.host(torch.arange(6.0).reshape(2, 3), tag="secret")
-    public = owner.host(torch.ones(2, 3), private=False, tag="open")
-    made = owner.ok("torch.ones", None, 3)
-    assert not owner.record(made).private
-    assert math.isinf(owner.record(made).aggregation)
-    assert not owner.record(owner.ok("torch.Tensor.__add__", public, 1)).private
-    mixed = owner.record(owner.ok("torch.Tensor.__add__", public, private))
-    assert mixed.private
-    assert mixed.lineage_tags == frozenset({"secret", "open"})
-    derived = owner.record(owner.ok("torch.Tensor.__mul__", private, 2))
-    assert derived.private and derived.aggregation == 1.0
-    assert derived.expression == "(secret * 2)"
-    assert derived.ops == ("torch.Tensor.__mul__",)
-
-
-def test_reductions_raise_aggregation() -> None:
-    owner = Owner()
-    private = owner.host(torch.arange(6.0).reshape(2, 3))
-    total = owner.ok("torch.Tensor.sum", private)
-    assert owner.record(total).aggregation == 6.0
-    item = owner.record(owner.ok("torch.Tensor.item", total))
-    assert item.private and item.aggregation == 6.0
-    assert item.ops == ("torch.Tensor.sum", "torch.Tensor.item")
-    columns = owner.record(owner.ok("torch.Tensor.sum", private, dim=0))
-    assert columns.aggregation == 2.0  # 6 elements into 3 values
-    rows = owner.record(owner.ok("torch.Tensor.mean", private, dim=1))
-    assert rows.aggregation == 3.0
-    # not a reduction: one private element per value
-    assert owner.record(owner.ok("torch.Tensor.__getitem__", private, 0)).aggregation == 1.0
-    # a reduction of an already aggregated value multiplies
-    again = owner.record(owner.ok("torch.Tensor.sum", ObjectRef(columns.id)))
-    assert again.aggregation == 6.0
-
-
-def test_taint_in_place_with_private_data() -> None:
-    owner = Owner()
-    private = owner.host(torch.tensor([1.0, 2.0, 3.0]))
-    mine = owner.ok("torch.zeros", None, 3)
-    view = owner.ok("torch.Tensor.__getitem__", mine, slice(0, 2))
-    assert not owner.record(mine).private and not owner.record(view).private
-    owner.ok("torch.Tensor.add_", mine, private)
-    assert owner.record(mine).private
-    assert owner.record(view).private  # shares the memory that changed
-
-    other = owner.ok("torch.zeros", None, 3)
-    owner.ok("torch.Tensor.copy_", other, private)
-    assert owner.record(other).private
-
-    target = owner.ok("torch.zeros", None, 3)
-    total = owner.ok("torch.Tensor.sum", private)
-    owner.ok("torch.Tensor.__setitem__", target, 0, total)
-    assert owner.record(target).private
-
-    untouched = owner.ok("torch.zeros", None, 3)
-    owner.ok("torch.Tensor.add_", untouched, 1.0)
-    assert not owner.record(untouched).private
-
-
-def test_taint_through_module_training() -> None:
-    owner = Owner()
-    private = owner.host(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    model = owner.ok("torch.nn.Linear", None, 2, 1)
-    assert not owner.record(model).private
-    params = owner.ok("torch.nn.Module.parameters", model)
-    optimizer = owner.ok("torch.optim.SGD", None, params, lr=0.1)
-    output = owner.ok("torch.nn.Module.__call__", model, private)
-    assert owner.record(output).private
-    loss = owner.ok("torch.Tensor.sum", output)
-    owner.ok("torch.Tensor.backward", loss)
-    assert owner.record(model).private  # its gradients came from private data
-    owner.ok("torch.optim.Optimizer.step", optimizer)
-    assert owner.record(model).private
-    assert owner.record(params).private
-
-
-def test_broadcasting_one_private_element_does_not_inflate_aggregation() -> None:
-    owner = Owner()
-    data = owner.host(torch.arange(12.0).reshape(3, 4), support=12)
-    one = owner.ok("torch.Tensor.__getitem__", data, (0, 1))
-    spread = owner.ok("torch.Tensor.__mul__", one, owner.ok("torch.ones", None, 1000))
-    assert owner.run("torch.Tensor.mean", spread).aggregation == 1
-    assert owner.run("torch.Tensor.mean", data).aggregation == 12
 
 
 def test_training_mode_call_of_an_owner_module_is_refused() -> None:
