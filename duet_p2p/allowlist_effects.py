@@ -44,41 +44,59 @@ _VIEW_NAMES = frozenset(
     diagonal positive __pos__ __getitem__ detach data grad real imag T mT H mH
     dropout dropout1d dropout2d alpha_dropout
     bfloat16 bool byte char cpu double float half int long short to type_as
-    parameters state_dict
+    parameters state_dict einsum cartesian_prod
     """.split()
 )
-"""Ops of otherwise pure categories that may return their input or a view of it."""
+"""Ops of otherwise pure categories that may return their input or a view of it
+(``einsum("i->i", x)`` is a view of ``x``; ``cartesian_prod(x)`` is ``x`` itself)."""
 
 _COPYING_SHAPE_NAMES = frozenset(
     """
     clone repeat tile flip fliplr flipud roll rot90 repeat_interleave cat concat
-    concatenate stack hstack vstack dstack column_stack block_diag cartesian_prod
+    concatenate stack hstack vstack dstack column_stack block_diag
     """.split()
 )
 """Shape ops that always return new memory."""
 
-ELEMENTWISE = frozenset(
+AFFINE = frozenset(
     """
-    add sub mul div true_divide floor_divide remainder fmod pow float_power neg negative
-    abs absolute sqrt rsqrt square reciprocal exp exp2 expm1 log log1p log2 log10 xlogy
-    sin cos tan asin acos atan sinh cosh tanh asinh acosh atanh sigmoid logit relu erf
-    erfc erfinv lgamma digamma i0 sinc clamp clip clamp_min clamp_max floor ceil round
-    trunc frac sign sgn signbit nan_to_num deg2rad rad2deg isnan isinf isfinite isneginf
-    isposinf eq ne lt le gt ge greater greater_equal less less_equal not_equal
-    logical_and logical_or logical_xor logical_not bitwise_and bitwise_or bitwise_xor
-    bitwise_not bfloat16 bool byte char double float half int long short
-    __add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __truediv__ __rtruediv__
-    __floordiv__ __rfloordiv__ __mod__ __rmod__ __pow__ __rpow__ __neg__ __abs__
-    __invert__ __lt__ __le__ __gt__ __ge__ __eq__ __ne__ __and__ __rand__ __or__
-    __ror__ __xor__ __rxor__
+    add sub neg negative positive mul multiply div divide true_divide bfloat16 double
+    float half __add__ __radd__ __sub__ __rsub__ __neg__ __pos__ __mul__ __rmul__
+    __truediv__
     """.split()
 )
-"""Ops whose every output element depends only on the same position of each input: with
-scalar operands they keep a tensor's records where they were (``x * 2``, ``x > 5``)."""
+"""Elementwise maps that are affine in each record (with finite, non-zero scalars): a sum
+of their results is a weighted sum of every record, never a selection of one."""
 
-COUNTING_REDUCTIONS = frozenset("sum mean nansum nanmean count_nonzero std var".split())
+STEPS = frozenset(
+    """
+    eq ne lt le gt ge greater greater_equal less less_equal not_equal isnan isinf
+    isfinite isneginf isposinf signbit sign sgn floor ceil round trunc floor_divide
+    logical_and logical_or logical_xor logical_not bitwise_and bitwise_or bitwise_xor
+    bitwise_not bool byte char int long short __lt__ __le__ __gt__ __ge__ __eq__ __ne__
+    __and__ __rand__ __or__ __ror__ __xor__ __rxor__ __invert__ __floordiv__
+    """.split()
+)
+"""Elementwise maps that are piecewise constant (comparisons, rounding, logic): sums of
+their results are counts of records in regions."""
+
+ELEMENTWISE = AFFINE | STEPS
+"""What keeps a tensor's records where they were, with scalar operands (``x * 2``,
+``x > 5``). Not clamps, ``abs``, ``exp``, powers, logarithms or reciprocals, which can
+zero every record but one or let one dominate: ``(x - 8.5).clamp(min=0).sum()`` and
+``(x * 1e6).exp().sum().log()`` are the largest record."""
+
+SCALAR_ONLY = frozenset(
+    "mul multiply div divide true_divide floor_divide __mul__ __rmul__ __truediv__ "
+    "__floordiv__".split()
+)
+"""Of those, the ones that keep records apart only with a scalar operand (``x * x`` is a
+square, ``x * (x > 5)`` a selection)."""
+
+COUNTING_REDUCTIONS = frozenset("sum mean count_nonzero".split())
 """Reductions whose result summarises every record it runs over (unlike ``max`` or a
-quantile, which pick one record out): the only ops ``min_aggregation`` counts."""
+quantile, which pick one record out): the only ops ``min_aggregation`` counts. Not the
+NaN-skipping ones: ``x / 0`` makes NaN masks."""
 
 _DRAWING_PATHS = frozenset({"torch.nn.Module.__call__", "torch.nn.Module.forward"})
 """Ops that may draw from the session's random generator without being flagged random

@@ -14,8 +14,8 @@ import torch
 
 from duet_p2p.actions import ActionFailed, Inputs, refusal
 from duet_p2p.allowlist import AllowedOp, Allowlist
-from duet_p2p.limits import OwnerLimits
 from duet_p2p.autograd_facts import graph_leaves, updates_running_stats
+from duet_p2p.limits import OwnerLimits
 from duet_p2p.store import OwnerStore
 
 
@@ -74,15 +74,16 @@ def _inplace_requested(
     entry: AllowedOp, allowlist: Allowlist, args: list[Any], kwargs: dict[str, Any]
 ) -> bool:
     """Whether a functional op was asked to write into its input (``inplace=True``)."""
-    if kwargs.get("inplace") is True:
-        return True
-    if not any(a is True for a in args):
+    if "inplace" in kwargs:
+        return bool(kwargs["inplace"]) if isinstance(kwargs["inplace"], (bool, int)) else True
+    if len(args) < 2:
         return False
     try:
         bound = inspect.signature(allowlist.resolve(entry.path)).bind(*args, **kwargs)
     except (TypeError, ValueError):
         return True  # cannot tell: assume it writes
-    return bound.arguments.get("inplace") is True
+    flag = bound.arguments.get("inplace", False)
+    return bool(flag) if isinstance(flag, (bool, int, float)) else True
 
 
 def shield_owner_inputs(
@@ -102,7 +103,7 @@ def shield_owner_inputs(
         or entry.receiver != "torch.nn.Module"
         or entry.name not in ("__call__", "forward")
         or not isinstance(target, torch.nn.Module)
-        or not any(getattr(m, "inplace", False) is True for m in target.modules())
+        or not any(getattr(m, "inplace", False) for m in target.modules())  # any truthy flag
     ):
         return args, kwargs
 

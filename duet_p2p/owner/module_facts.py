@@ -8,9 +8,12 @@ module (running statistics while training, an embedding's ``max_norm``) or its i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from torch import nn
 
 _STATS_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
                           "InstanceNorm2d", "InstanceNorm3d"})  # fmt: skip
@@ -85,7 +88,7 @@ def from_module(module: Any) -> ModuleFacts:
         facts = facts.join(ModuleFacts(
             stats=stats, training=(stats or random) and sub.training,
             max_norm=getattr(sub, "max_norm", None) is not None,
-            inplace=getattr(sub, "inplace", False) is True, random=random,
+            inplace=_on(getattr(sub, "inplace", False)), random=random,
         ))  # fmt: skip
     return facts
 
@@ -100,10 +103,12 @@ def from_constructor(type_name: str, args: list[Any], kwargs: dict[str, Any],
         for part in parts:
             facts = facts.join(part if part is not None else UNKNOWN)
         return facts
-    facts = _layer(type_name, dict(kwargs), True)
-    if any(a is True for a in args):  # a flag by position may be inplace: assume it is
-        facts = facts.join(ModuleFacts(training=False, inplace=True))
-    return facts
+    try:
+        signature = inspect.signature(getattr(nn, type_name).__init__)
+        named = signature.bind(None, *args, **kwargs).arguments  # None stands for self
+    except (AttributeError, TypeError, ValueError):
+        return UNKNOWN
+    return _layer(type_name, dict(named), True)
 
 
 def _draws(type_name: Any) -> bool:
@@ -111,12 +116,20 @@ def _draws(type_name: Any) -> bool:
 
 
 def _layer(type_name: Any, args: dict[str, Any], training: bool) -> ModuleFacts:
-    stats = type_name in _STATS_TYPES and args.get("track_running_stats", True) is not False
+    """Facts of one layer from its arguments by name; a flag that is not literally off
+    counts as on."""
+    stats = type_name in _STATS_TYPES and _on(args.get("track_running_stats", True))
     random = _draws(type_name)
     return ModuleFacts(
         stats=stats,
         random=random,
         training=training and (stats or random),
         max_norm=args.get("max_norm") is not None,
-        inplace=args.get("inplace", False) is not False,
+        inplace=_on(args.get("inplace", False)),
     )
+
+
+def _on(value: Any) -> bool:
+    if value is None or value is False:
+        return False
+    return not (isinstance(value, (int, float)) and value == 0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 
 from duet_p2p import lineage
 from duet_p2p.allowlist import AllowedOp, Allowlist, Effect, ReturnKind, check_path_syntax
+from duet_p2p.allowlist_effects import SCALAR_ONLY
 from duet_p2p.errors import DuetError, OperationNotAllowed
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import module_facts
@@ -46,6 +48,8 @@ from duet_p2p.rpc.refs import action_refs, refs_in
 FORBIDDEN_KWARGS = frozenset({"out", "pin_memory", "generator", "closure", "layout"})
 _CALLS = frozenset({"torch.nn.Module.__call__", "torch.nn.Module.forward"})
 _STATE_DICT_KWARGS = frozenset({"keep_vars", "prefix"})
+MAX_REFS = 10_000
+"""References one action may name (more is refused: labelling must stay cheap)."""
 MAX_LOST = 100_000
 """Objects remembered as lost in a worker restart (older ones are then just unknown)."""
 MAX_PLAN_PASSES = 8
@@ -67,12 +71,12 @@ def _refusal(op: str, why: str) -> Refused:
 class Group:
     """Objects that may share memory (union-find, with the group's taint at the root)."""
 
-    __slots__ = ("parent", "taint", "owner", "grads", "mode")
+    __slots__ = ("parent", "taint", "owner", "grads", "mode", "__weakref__")
 
     def __init__(self, *, owner: bool = False, grads: bool = False) -> None:
         self.parent: Group | None = None
-        self.mode: tuple[str, bool] | None = None
-        """(module id, training) of the last ``train()``/``eval()`` on a member."""
+        self.mode: tuple[object, bool] | None = None
+        """(module node, training) of the last ``train()``/``eval()`` on a member."""
         self.taint: Label | None = None
         """Set once anything wrote into the group: the join of every writer's label."""
         self.owner = owner
@@ -90,11 +94,11 @@ class Group:
 
 
 def _union(groups: Iterable[Group]) -> Group:
-    roots: list[Group] = []
+    distinct: dict[int, Group] = {}
     for group in groups:
         root = group.root()
-        if all(root is not r for r in roots):
-            roots.append(root)
+        distinct.setdefault(id(root), root)
+    roots = list(distinct.values())
     if not roots:
         return Group()
     first = roots[0]
@@ -103,7 +107,7 @@ def _union(groups: Iterable[Group]) -> Group:
         first.owner |= other.owner
         first.grads |= other.grads
         if other.mode is not None:
-            first.mode = other.mode if first.mode is None else ("", True)  # unsure: training
+            first.mode = other.mode if first.mode is None else (None, True)  # unsure: training
         if other.taint is not None:
             first.taint = other.taint if first.taint is None else first.taint.merge(other.taint)
     return first
@@ -130,6 +134,9 @@ class Node:
     """An owner module whose forward pass writes into itself (refused)."""
     facts: ModuleFacts | None = None
     """For a module: what calling it may write."""
+    graph: bool = False
+    """May carry an autograd graph (made with gradients from something that needs them):
+    a ``backward`` through it consumes state other objects share."""
 
 
 @dataclass
@@ -166,7 +173,11 @@ class Monitor:
         self.rng = PUBLIC
         """The label of the session's random generator."""
         self._grad_groups: list[Group] = []
+        self._graph_groups: weakref.WeakSet[Group] = weakref.WeakSet()
         self._entries: dict[str, AllowedOp] = {}
+        self.version = 0
+        """Counts changes of taints, the generator's label and module modes (a map's replay
+        stops when a pass changes nothing)."""
         self.lost: dict[str, str] = {}
         """Objects lost with a worker, and why (bounded: the oldest are forgotten)."""
 
@@ -287,6 +298,8 @@ class Monitor:
                 raise _refusal(op, "too many objects held for the peer; free some")
         entry = self._entry(op)
         refs = action_refs(action)
+        if len(refs) > MAX_REFS:
+            raise _refusal(op, f"it names more than {MAX_REFS:,} objects")
         nodes = [self._resolve(ref, op, env) for ref in refs]
         ctx = _Context(action, entry, refs, nodes, [self.label(n) for n in nodes])
         inplace_functional = self._check_arguments(ctx)
@@ -302,17 +315,18 @@ class Monitor:
         inputs = merged(ctx.labels)
         draws = self._call_draws(ctx) if is_call else (entry is not None and entry.draws)
         if draws:
-            if inputs.private:
+            if inputs.private and not self.rng.covers(inputs):
                 self.rng = self.rng.merge(inputs)
+                self.version += 1
             inputs = inputs.merge(self.rng)
         label = result_label(ctx, inputs) if not draws else _plain(inputs)
         for group in written:
-            root = group.root()
-            root.taint = inputs if root.taint is None else root.taint.merge(inputs)
+            self._taint(group, inputs)
         if effect is Effect.GRADIENTS:
-            for group in self._live_grad_groups():
-                root = group.root()
-                root.taint = inputs if root.taint is None else root.taint.merge(inputs)
+            # gradients land in every leaf the graph reaches, and the graph is freed for
+            # every tensor it runs through: whether that happened is the backward's secret
+            for group in [*self._live_grad_groups(), *self._graph_groups]:
+                self._taint(group, inputs)
         node = Node(
             id=action.result,
             own=label,
@@ -324,6 +338,9 @@ class Monitor:
         if _makes_grad_leaves(ctx, effect):
             node.group.root().grads = True
             self._grad_groups.append(node.group)
+        if not action.no_grad and any(n.graph or n.group.root().grads for n in nodes):
+            node.graph = True
+            self._graph_groups.add(node.group)
         if node.kind == "module" or (entry is not None and entry.receiver == "torch.nn.Module"):
             node.facts = self._facts_of_result(ctx)
         if env is None:
@@ -340,7 +357,8 @@ class Monitor:
         if entry is None or entry.receiver == "torch.nn.Module":
             if target is not None and entry is not None and entry.name in ("train", "eval"):
                 training = entry.name == "train" and (action.args or [True])[0] is not False
-                target.group.root().mode = (target.id, training)
+                target.group.root().mode = (target, training)
+                self.version += 1
             if entry is not None and entry.returns is ReturnKind.MODULE and target is not None:
                 return target.facts
             return None
@@ -400,7 +418,7 @@ class Monitor:
         """The groups the op may write into, or capture its arguments into: they take the
         op's label. (Owner objects in them keep theirs: their memory is read-only.)"""
         if effect in (Effect.PURE, Effect.VIEW):
-            return []
+            return self._guarded(ctx, effect)  # pure but for a few functional writes
         if effect in (Effect.MUTATES, Effect.MUTATES_FIRST, Effect.GRADIENTS):
             return self._guarded(ctx, effect)
         if is_call:
@@ -434,11 +452,14 @@ class Monitor:
         mode = node.group.root().mode
         if mode is None:
             return facts.training
-        return mode != (node.id, False)
+        return not (mode[0] is node and mode[1] is False)
 
     def _guarded(self, ctx: _Context, effect: Effect) -> list[Group]:
         """The groups the op certainly writes into: refused when they hold owner objects."""
         action = ctx.action
+        functional = [_node_of(ref, ctx) for ref in _functional_writes(self.allowlist, ctx)]
+        if functional:
+            return [n.group for n in functional if n is not None]
         if effect in (Effect.MUTATES, Effect.GRADIENTS):
             target = _node_of(action.target, ctx)
             return [target.group] if target is not None else []
@@ -471,6 +492,15 @@ class Monitor:
             return _union([n.group for n in aliased]) if aliased else self._new_group()
         return _union([n.group for n in ctx.nodes]) if ctx.nodes else self._new_group()
 
+    def _taint(self, group: Group, label: Label) -> None:
+        """Something with ``label`` wrote into ``group``: every member is at least that now."""
+        root = group.root()
+        if root.taint is None or not root.taint.covers(label):
+            root.taint = label if root.taint is None else root.taint.merge(label)
+            self.version += 1
+        elif root.taint is None:
+            root.taint = label
+
     def _new_group(self, *, grads: bool = False) -> Group:
         group = Group(grads=grads)
         if grads:
@@ -478,13 +508,12 @@ class Monitor:
         return group
 
     def _live_grad_groups(self) -> list[Group]:
-        roots: list[Group] = []
+        roots: dict[int, Group] = {}
         for group in self._grad_groups:
             root = group.root()
-            if all(root is not r for r in roots):
-                roots.append(root)
-        self._grad_groups = roots
-        return roots
+            roots.setdefault(id(root), root)
+        self._grad_groups = list(roots.values())
+        return self._grad_groups
 
     def _add(self, node: Node) -> None:
         self.nodes[node.id] = node
@@ -526,7 +555,7 @@ class Monitor:
         bound = [self._bind(pid, arg, action.op) for pid, arg in zip(spec.inputs, action.args,
                                                                       strict=True)]  # fmt: skip
         if action.op == plan_spec.RUN_OP:
-            outputs = self._replay(spec, bound)
+            outputs, steps = self._replay(spec, bound)
             expression = f"{spec.name}({_names(bound)})"
         else:
             sequence = bound[0]
@@ -534,9 +563,9 @@ class Monitor:
                 id=spec.inputs[0], own=_plain(self.label(sequence)), group=sequence.group,
                 origin="peer", expression=f"{sequence.expression}[i]", ops=sequence.ops,
             )  # fmt: skip
-            outputs = self._replay_until_settled(spec, [item, *bound[1:]])
+            outputs, steps = self._replay_until_settled(spec, [item, *bound[1:]])
             expression = f"{spec.name}.map({_names(bound)})"
-        label = _plain(merged([self.label(n) for n in outputs]))
+        label = _plain(merged([self.label(n) for n in outputs]).merge(steps))
         node = Node(
             id=action.result, own=label, group=_union([n.group for n in outputs]),
             origin="peer", expression=_clip(expression),
@@ -558,7 +587,9 @@ class Monitor:
             ops=lineage.merge_ops(*(n.ops for n in nodes)),
         )  # fmt: skip
 
-    def _replay(self, spec: plan_spec.PlanSpec, bound: list[Node]) -> list[Node]:
+    def _replay(self, spec: plan_spec.PlanSpec, bound: list[Node]) -> tuple[list[Node], Label]:
+        """Label a plan's steps in order; returns its outputs, and the join of every step's
+        label (a plan fails as a whole when any step fails: its result answers for all)."""
         env: dict[str, Node] = dict(zip(spec.inputs, bound, strict=True))
         for step in spec.steps:
             self._apply(step, env)
@@ -568,25 +599,23 @@ class Monitor:
             if node is None:
                 raise _refusal(plan_spec.RUN_OP, f"plan {spec.name} lost an output")
             outputs.append(node)
-        return outputs
+        return outputs, merged([self.label(n) for n in env.values()])
 
-    def _replay_until_settled(self, spec: plan_spec.PlanSpec, bound: list[Node]) -> list[Node]:
-        """Replay a mapped plan over labels until its writes stop adding anything (each item
-        may read what an earlier item wrote)."""
+    def _replay_until_settled(
+        self, spec: plan_spec.PlanSpec, bound: list[Node]
+    ) -> tuple[list[Node], Label]:
+        """Replay a mapped plan over labels until a pass changes nothing (each item may read
+        what an earlier item wrote, or run in a mode an earlier item set)."""
         for _ in range(MAX_PLAN_PASSES):
-            before = (self._taints(), self.rng)
-            outputs = self._replay(spec, bound)
-            if (self._taints(), self.rng) == before:
-                return outputs
+            before = self.version
+            outputs, steps = self._replay(spec, bound)
+            if self.version == before:
+                return outputs, steps
         everything = merged([self.label(n) for n in self.nodes.values()])
         for group in self._live_grad_groups():
-            group.taint = everything if group.taint is None else group.taint.merge(everything)
+            self._taint(group, everything)
         self.rng = self.rng.merge(everything)
-        return [Node(id=n.id, own=_plain(everything), group=n.group, origin="peer")
-                for n in outputs]  # fmt: skip
-
-    def _taints(self) -> list[Label | None]:
-        return [n.group.root().taint for n in self.nodes.values() if n.origin == "peer"]
+        return outputs, _plain(everything)
 
 
 # -- labelling rules -------------------------------------------------------------------------
@@ -621,11 +650,11 @@ def result_label(ctx: _Context, inputs: Label) -> Label:
 
 
 def _distinct_private(ctx: _Context) -> list[tuple[Node, Label]]:
-    found: list[tuple[Node, Label]] = []
+    found: dict[int, tuple[Node, Label]] = {}
     for node, label in zip(ctx.nodes, ctx.labels, strict=True):
-        if label.private and all(node is not n for n, _ in found):
-            found.append((node, label))
-    return found
+        if label.private:
+            found.setdefault(id(node), (node, label))
+    return list(found.values())
 
 
 def _aligned_elementwise(ctx: _Context) -> Label | None:
@@ -636,18 +665,25 @@ def _aligned_elementwise(ctx: _Context) -> Label | None:
         return None  # a public tensor operand (a mask, a one-hot) breaks the alignment
     if any(lb.records != labels[0].records or lb.ndim != labels[0].ndim for lb in labels):
         return None
-    if not _scalar_literals(ctx.action):
+    scaling = ctx.entry is not None and ctx.entry.name in SCALAR_ONLY
+    if not _scalar_literals(ctx.action, nonzero=scaling):
         return None
+    if scaling and len(labels) > 1:
+        return None  # x * x is a square, x * (x > 5) a selection
     tags = frozenset().union(*(lb.tags for lb in labels))
     aggregation = min(lb.aggregation for lb in labels)
     return Label(True, tags, aggregation, labels[0].records, labels[0].ndim)
 
 
-def _scalar_literals(action: Action) -> bool:
+def _scalar_literals(action: Action, *, nonzero: bool = False) -> bool:
+    """Whether every literal operand is a finite scalar (and, for scaling, not zero: ``x /
+    0`` makes the infinities and NaN masks that select records)."""
     for value in (*action.args, *action.kwargs.values()):
-        if isinstance(value, ObjectRef) or value is None or isinstance(value, (bool, int, float)):
+        if isinstance(value, ObjectRef) or value is None or isinstance(value, (torch.dtype, str)):
             continue
-        if isinstance(value, (torch.dtype, str)):
+        if isinstance(value, (bool, int, float)):
+            if not math.isfinite(value) or (nonzero and value == 0):
+                return False
             continue
         return False
     return True
@@ -702,22 +738,12 @@ def _node_of(value: Any, ctx: _Context) -> Node | None:
     return None
 
 
-_ALIAS_ALL = frozenset({"broadcast_tensors", "meshgrid", "atleast_1d", "atleast_2d",
-                        "atleast_3d"})  # fmt: skip
-
-
 def _aliased(ctx: _Context) -> list[Node]:
-    """What a view may share memory with: its receiver, or a function's first argument
-    (every argument for the few functions that view all of them)."""
-    action = ctx.action
-    if ctx.entry is not None and ctx.entry.name in _ALIAS_ALL:
+    """What a view may share memory with: a method's receiver, or every argument of a
+    function (``einsum``, ``split(tensor=...)``, ``broadcast_tensors`` ...)."""
+    if ctx.action.target is None:
         return list(ctx.nodes)
-    source = (
-        action.target
-        if action.target is not None
-        else (action.args[0] if action.args else action.kwargs.get("input"))
-    )
-    refs = refs_in(source)
+    refs = refs_in(ctx.action.target)
     return [n for r, n in zip(ctx.refs, ctx.nodes, strict=True) if any(r.id == x.id for x in refs)]
 
 
@@ -749,16 +775,53 @@ def _makes_grad_leaves(ctx: _Context, effect: Effect) -> bool:
 
 
 def _inplace_requested(allowlist: Allowlist, entry: AllowedOp, action: Action) -> bool:
-    """Whether a functional op was asked to write into its input (``inplace=True``)."""
-    if action.kwargs.get("inplace", False) is not False:
-        return True
-    if not any(a is True for a in action.args):
+    """Whether a functional op may write into its input: ``inplace`` is anything but a
+    literal false value (a private tensor as the flag counts as "may")."""
+    if "inplace" in action.kwargs:
+        return _truthy(action.kwargs["inplace"])
+    if len(action.args) < 2:
         return False
+    arguments = _bind(allowlist, entry, action)
+    return True if arguments is None else _truthy(arguments.get("inplace", False))
+
+
+def _bind(allowlist: Allowlist, entry: AllowedOp, action: Action) -> dict[str, Any] | None:
+    """A function call's arguments by name, or None when they cannot be told apart."""
     try:
-        bound = inspect.signature(allowlist.resolve(entry.path)).bind(*action.args, **action.kwargs)
+        signature = inspect.signature(allowlist.resolve(entry.path))
+        return dict(signature.bind(*action.args, **action.kwargs).arguments)
     except (TypeError, ValueError):
-        return True  # cannot tell: assume it writes
-    return bound.arguments.get("inplace", False) is not False
+        return None
+
+
+def _truthy(value: Any) -> bool:
+    """Whether a flag may be set: only literal False, None and zero are certainly not."""
+    if value is None or value is False:
+        return False
+    return not (isinstance(value, (int, float)) and value == 0)
+
+
+_FUNCTIONAL_WRITES: dict[str, tuple[tuple[str, ...], str, Any]] = {
+    "torch.nn.functional.batch_norm": (("running_mean", "running_var"), "training", False),
+    "torch.nn.functional.instance_norm": (("running_mean", "running_var"), "use_input_stats", True),
+    "torch.nn.functional.embedding": (("weight",), "max_norm", None),
+}
+"""Functions that write into some arguments when a flag is set: (written, flag, default)."""
+
+
+def _functional_writes(allowlist: Allowlist, ctx: _Context) -> list[ObjectRef]:
+    """What a normalisation or embedding function writes (running statistics, the rows
+    ``max_norm`` renormalises), by its arguments; unsure means all of them."""
+    entry = ctx.entry
+    if entry is None or entry.path not in _FUNCTIONAL_WRITES:
+        return []
+    written, flag, default = _FUNCTIONAL_WRITES[entry.path]
+    arguments = _bind(allowlist, entry, ctx.action)
+    if arguments is None:
+        return list(ctx.refs)
+    if not _truthy(arguments.get(flag, default)):
+        return []
+    return refs_in(*(arguments.get(name) for name in written))
 
 
 def module_writes_in_forward(module: torch.nn.Module) -> bool:

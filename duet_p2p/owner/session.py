@@ -306,9 +306,7 @@ class OwnerCore:
         else:
             module = record.value
             encoded = codec.encode(module_to_spec(module))
-            self.worker.send(
-                {"t": "host_module", "id": record.id, "training": module.training}, encoded
-            )
+            self.worker.send({"t": "host_module", "id": record.id}, encoded)
 
     async def _rehost(self) -> None:
         """A new worker: map the hosted objects into it."""

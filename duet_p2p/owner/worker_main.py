@@ -161,8 +161,7 @@ class Worker:
         from duet_p2p.modules import spec_to_module
         from duet_p2p.rpc import codec
 
-        module = spec_to_module(codec.decode(attachment))
-        module.train(bool(head.get("training", False)))
+        module = spec_to_module(codec.decode(attachment))  # each layer's own mode, as hosted
         self._put_owner(head["id"], module)
 
     def _put_owner(self, object_id: str, value: Any) -> None:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 Action = Literal["accept", "deny"]
 ACTIONS: tuple[str, ...] = ("accept", "deny")
+MAX_DECIDABLE_TAGS = 10_000
+"""A request deriving from more tagged objects than this is left to the owner: tag sets are
+never cut short, so no rule decides on a set it would have to read only in part."""
 
 
 @dataclass(eq=False)
@@ -79,7 +82,7 @@ class Handler:
         An accept handler never matches a request whose value summarises fewer than
         ``min_aggregation`` private elements (the owner's minimum aggregation size).
         """
-        if self.remaining == 0:
+        if self.remaining == 0 or len(request.tags) > MAX_DECIDABLE_TAGS:
             return False
         if self.timeout_secs is not None and now - request.requested_at < self.timeout_secs:
             return False
