@@ -79,8 +79,14 @@ def _inplace_requested(
     if len(args) < 2:
         return False
     try:
-        bound = inspect.signature(allowlist.resolve(entry.path)).bind(*args, **kwargs)
+        signature = inspect.signature(allowlist.resolve(entry.path))
     except (TypeError, ValueError):
+        return False  # a builtin (linear, conv2d, ...): it has no inplace argument
+    if "inplace" not in signature.parameters:
+        return False
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
         return True  # cannot tell: assume it writes
     flag = bound.arguments.get("inplace", False)
     return bool(flag) if isinstance(flag, (bool, int, float)) else True

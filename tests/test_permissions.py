@@ -464,3 +464,15 @@ def test_concurrent_submits_and_decisions(tmp_path: Path, decided: Recorder) -> 
     assert statuses.count(RequestStatus.ACCEPTED) == 100
     assert statuses.count(RequestStatus.DENIED) == 300
     assert len(audit.entries()) == 800
+
+
+def test_no_rule_decides_on_a_tag_set_too_large_to_read(decided: Recorder) -> None:
+    queue = RequestQueue(on_decision=decided)
+    queue.add_handler("accept")
+    queue.add_handler("deny", tags=["t0"])
+    huge = make_request(tags=frozenset(f"t{i}" for i in range(10_001)))
+    queue.submit(huge)
+    assert huge.pending, "left to the owner"
+    small = make_request(tags=frozenset(f"t{i}" for i in range(100)))
+    queue.submit(small)
+    assert small.status is RequestStatus.ACCEPTED

@@ -781,6 +781,12 @@ def _inplace_requested(allowlist: Allowlist, entry: AllowedOp, action: Action) -
         return _truthy(action.kwargs["inplace"])
     if len(action.args) < 2:
         return False
+    try:
+        parameters = inspect.signature(allowlist.resolve(entry.path)).parameters
+    except (TypeError, ValueError):
+        return False  # a builtin (linear, conv2d, ...): it has no inplace argument
+    if "inplace" not in parameters:
+        return False
     arguments = _bind(allowlist, entry, action)
     return True if arguments is None else _truthy(arguments.get("inplace", False))
 

@@ -99,8 +99,11 @@ def test_aggregation_counts_only_certain_sums(g: Graph) -> None:
     assert g.label(g.method("__sub__", total, rest)).aggregation == 1
     assert g.label(g.method("item", total)).aggregation == 10
     assert g.label(g.method("amax", x)).aggregation == 1
-    assert g.label(g.method("std", x, True)).aggregation == 10, "unbiased by position"
-    assert g.label(g.method("std", x, 1, True)).aggregation == 1, "unsure: one record"
+    assert g.label(g.method("sum", x, 0, True)).aggregation == 1, "unsure: one record"
+    assert g.label(g.method("std", x)).aggregation == 1, "squares are not counted"
+    exp = g.method("exp", g.method("__mul__", x, 1e3))
+    assert g.label(g.method("sum", exp)).aggregation == 1, "log-sum-exp is a maximum"
+    assert g.label(g.method("sum", g.method("__mul__", x, x))).aggregation == 1
     column = g.method("__getitem__", x, (slice(None), None))  # (10, 1, 3): another rank
     assert g.label(g.method("__eq__", column, x)).aggregation == 1
 
