@@ -60,9 +60,12 @@ class AuditLog(TableView):
 
     def actions(self, entries: Sequence[tuple[str, Sequence[str], str, bool, str | None]]) -> None:
         """Several ``action`` entries (op, inputs, result, ok, error_type), in one write."""
+        now = _utc_now()
+        dumps = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
         lines = [
-            self._line("action", op=op, inputs=list(inputs), result=result, ok=ok,
-                       error_type=error_type)
+            dumps({"ts": now, "event": "action", "op": str(op), "inputs": [str(i) for i in inputs],
+                   "result": str(result), "ok": bool(ok),
+                   "error_type": None if error_type is None else str(error_type)})
             for op, inputs, result, ok, error_type in entries
         ]  # fmt: skip
         self._append(lines)
