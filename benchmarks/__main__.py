@@ -242,8 +242,9 @@ lost.
   The worker spends about 27 us running it (allowlist, size pre-check, the op, storing the
   result). The monitor and the worker work on a batch in parallel.
 - **Gets:** the worker encodes the value (one copy, in the worker), the monitor reads it
-  from a Unix socket into one buffer (about 1-2 GB/s, far above aiortc's 30 MiB/s), counts
-  its elements by decoding in place (no copy), hashes it, and sends those same bytes. The
+  from a Unix socket into one buffer (about 1-2 GB/s, far above aiortc's 30 MiB/s), hashing
+  it as it arrives, counts its elements by decoding in place (no copy), and sends those
+  same bytes. The
   monitor's peak memory stays about 1x the payload; the worker holds its own copy in its
   own process. A private get is answered before the value exists; the value is fetched
   while the owner or a rule decides.

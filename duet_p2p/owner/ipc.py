@@ -8,6 +8,7 @@ worker is untrusted, so what it sends is parsed like a peer's message, under cap
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import struct
 from typing import Any
@@ -19,6 +20,12 @@ LENGTHS = struct.Struct("<QQ")
 MAX_HEAD_BYTES = 64 * 1024**2
 """Largest head the monitor reads from a worker (heads carry outcomes, never values)."""
 _HEAD_LIMITS = codec.DecodeLimits(max_bytes=MAX_HEAD_BYTES, max_depth=32)
+
+
+class Attachment(bytearray):
+    """Bytes a worker sent, with their SHA-256 (computed while they arrived)."""
+
+    sha256: str = ""
 
 
 def frame(head: dict[str, Any], attachment: bytes | memoryview | None = None) -> list[Any]:
@@ -81,25 +88,30 @@ class AsyncChannel:
     async def drain(self) -> None:
         await self.writer.drain()
 
-    async def recv(self) -> tuple[dict[str, Any], bytearray | None]:
+    async def recv(self) -> tuple[dict[str, Any], Attachment | None]:
         head_size, size = LENGTHS.unpack(await self.reader.readexactly(LENGTHS.size))
         if head_size > MAX_HEAD_BYTES or size > self.max_attachment:
             raise ProtocolError("the worker sent a frame over the monitor's caps")
         head = parse_head(await self.reader.readexactly(head_size))
         if not size:
             return head, None
-        return head, await self._read_into(bytearray(size))
+        return head, await self._read_into(size)
 
-    async def _read_into(self, buffer: bytearray) -> bytearray:
-        """Fill ``buffer`` a chunk at a time (one copy of a large value, not two)."""
+    async def _read_into(self, size: int) -> Attachment:
+        """Read an attachment a chunk at a time into one buffer (one copy of a large value,
+        not two), hashing it on the way: the SHA-256 of exactly these bytes."""
+        buffer = Attachment(size)
         view = memoryview(buffer)
+        digest = hashlib.sha256()
         got = 0
-        while got < len(buffer):
-            chunk = await self.reader.read(min(len(buffer) - got, 1 << 20))
+        while got < size:
+            chunk = await self.reader.read(min(size - got, 1 << 20))
             if not chunk:
-                raise asyncio.IncompleteReadError(b"", len(buffer))
+                raise asyncio.IncompleteReadError(b"", size)
             view[got : got + len(chunk)] = chunk
+            digest.update(chunk)
             got += len(chunk)
+        buffer.sha256 = digest.hexdigest()
         return buffer
 
     def close(self) -> None:

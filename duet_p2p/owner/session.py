@@ -38,7 +38,7 @@ from duet_p2p.owner.monitor import Monitor, Node, elements_of
 from duet_p2p.owner.worker import SNAP_SECONDS, WorkerLost, WorkerSupervisor
 from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
 from duet_p2p.rpc import codec
-from duet_p2p.rpc.endpoint import ATTACHMENT_IN_THREAD_BYTES, Endpoint
+from duet_p2p.rpc.endpoint import Endpoint
 from duet_p2p.rpc.messages import (
     PROTOCOL_VERSION,
     Actions,
@@ -709,8 +709,7 @@ class OwnerCore:
             ))  # fmt: skip
             return
         payload = held.payload
-        digest = (await asyncio.to_thread(_sha256, payload) if len(payload) >=
-                  ATTACHMENT_IN_THREAD_BYTES else _sha256(payload))  # fmt: skip
+        digest = getattr(payload, "sha256", "") or _sha256(payload)  # hashed as it arrived
         self.audit.release(object_id=request.object_id, request_id=rid, nbytes=len(payload),
                            sha256=digest)  # fmt: skip
         self._show_locally(request, held)
