@@ -1,7 +1,7 @@
 """duet_p2p: remote data science without access to the data.
 
 The data owner hosts tensors; the data scientist computes on them through pointers over a
-peer-to-peer WebRTC channel; nothing leaves the owner's process unless the owner approves.
+peer-to-peer WebRTC channel; nothing leaves the owner's side unless the owner approves.
 """
 
 from duet_p2p import patches as _patches

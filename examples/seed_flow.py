@@ -28,7 +28,7 @@ def main() -> int:
         if scientist is None:
             return 1
         result = scientist.lines[-1].strip() if scientist.lines else ""
-        print(f"\nThe scientist got {result}; the data never left the owner's process.")
+        print(f"\nThe scientist got {result}; the data never left the owner's side.")
         return 0
 
 

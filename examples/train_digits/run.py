@@ -39,7 +39,7 @@ def main() -> int:
             print("demo-train failed: the scientist printed no accuracy")
             return 1
         print(f"\ntest accuracy: {found[-1][1]} (in {time.monotonic() - started:.0f} s); "
-              "the digits never left the owner's process.")  # fmt: skip
+              "the digits never left the owner's side.")  # fmt: skip
         return 0
 
 
