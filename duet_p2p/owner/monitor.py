@@ -76,7 +76,7 @@ class Group:
     def __init__(self, *, owner: bool = False, grads: bool = False) -> None:
         self.parent: Group | None = None
         self.mode: tuple[object, bool] | None = None
-        """(module node, training) of the last ``train()``/``eval()`` on a member."""
+        """(module node, training) of the last mode switch (train or eval) on a member."""
         self.taint: Label | None = None
         """Set once anything wrote into the group: the join of every writer's label."""
         self.owner = owner
