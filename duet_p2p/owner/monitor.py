@@ -172,7 +172,8 @@ class Monitor:
         self.nodes: dict[str, Node] = {}
         self.rng = PUBLIC
         """The label of the session's random generator."""
-        self._grad_groups: list[Group] = []
+        self._grad_groups: weakref.WeakSet[Group] = weakref.WeakSet()
+        """Groups holding tensors ``backward`` may accumulate into (weak: freed groups go)."""
         self._graph_groups: weakref.WeakSet[Group] = weakref.WeakSet()
         self._entries: dict[str, AllowedOp] = {}
         self.version = 0
@@ -200,7 +201,7 @@ class Monitor:
             facts=module_facts.from_module(value) if is_module else None,
         )
         if is_module:
-            self._grad_groups.append(node.group)
+            self._grad_groups.add(node.group)
         self.nodes[object_id] = node
         return node
 
@@ -239,7 +240,7 @@ class Monitor:
             self.lost[object_id] = cause
         while len(self.lost) > MAX_LOST:
             del self.lost[next(iter(self.lost))]
-        self._grad_groups = [g for g in self._grad_groups if g.root().owner]
+        self._grad_groups = weakref.WeakSet(g for g in self._grad_groups if g.root().owner)
         self.rng = PUBLIC  # the next worker seeds a fresh generator
         return lost
 
@@ -337,7 +338,7 @@ class Monitor:
         )
         if _makes_grad_leaves(ctx, effect):
             node.group.root().grads = True
-            self._grad_groups.append(node.group)
+            self._grad_groups.add(node.group)
         if not action.no_grad and any(n.graph or n.group.root().grads for n in nodes):
             node.graph = True
             self._graph_groups.add(node.group)
@@ -504,16 +505,16 @@ class Monitor:
     def _new_group(self, *, grads: bool = False) -> Group:
         group = Group(grads=grads)
         if grads:
-            self._grad_groups.append(group)
+            self._grad_groups.add(group)
         return group
 
     def _live_grad_groups(self) -> list[Group]:
         roots: dict[int, Group] = {}
-        for group in self._grad_groups:
+        for group in list(self._grad_groups):
             root = group.root()
             roots.setdefault(id(root), root)
-        self._grad_groups = list(roots.values())
-        return self._grad_groups
+        self._grad_groups = weakref.WeakSet(roots.values())
+        return list(roots.values())
 
     def _add(self, node: Node) -> None:
         self.nodes[node.id] = node
