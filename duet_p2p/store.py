@@ -62,16 +62,26 @@ class StoredObject:
 
 
 def value_nbytes(value: Any) -> int:
-    """Bytes a value holds (tensors and containers of tensors; other values count 0)."""
+    """Bytes a value holds, counted so that nothing is free: tensors by their elements,
+    Python numbers and containers by their object sizes (a ``tolist()`` of a million
+    elements is tens of megabytes, not nothing)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if isinstance(value, (bool, int, float, complex)):
+        return _PY_NUMBER_BYTES
     if isinstance(value, (list, tuple)):
-        return sum(value_nbytes(v) for v in value[:10_000])
+        return _PY_CONTAINER_BYTES + sum(_PY_SLOT_BYTES + value_nbytes(v) for v in value)
     if isinstance(value, dict):
-        return sum(value_nbytes(v) for v in list(value.values())[:10_000])
+        return _PY_CONTAINER_BYTES + sum(2 * _PY_SLOT_BYTES + value_nbytes(v)
+                                         for v in value.values())  # fmt: skip
     if isinstance(value, torch.nn.Module):
         return sum(value_nbytes(t) for t in value.state_dict().values())
     return 0
+
+
+_PY_NUMBER_BYTES = 32
+_PY_SLOT_BYTES = 8
+_PY_CONTAINER_BYTES = 56
 
 
 def clean_tags(tags: Iterable[str]) -> tuple[str, ...]:

@@ -154,6 +154,8 @@ class _Held:
     module: bool
     error: dict[str, Any] | None
     max_bytes: int | None
+    private: bool = True
+    """Which budget it is held in (private values' sizes are private)."""
 
 
 class OwnerCore:
@@ -193,15 +195,20 @@ class OwnerCore:
         self._work_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: dict[str, dict[str, Any]] = {}
+        self._sent: collections.deque[list[Node]] = collections.deque()
+        """The nodes of each batch sent to the worker and not yet done, in order."""
         """Failures the worker reported, by object (released only as labels allow)."""
         self._sealed: dict[str, SealedTensor] = {}
         self._held: dict[str, _Held] = {}
         self._gets: dict[str, GetRequest] = {}
-        self._snaps: dict[str, asyncio.Future[Any]] = {}
+        self._snaps: dict[str, asyncio.Event] = {}
+        """Set once a private request's value (or failure) is held."""
         self._answered: dict[str, asyncio.Event] = {}
         self.held_bytes = 0
-        """Bytes of values held for requests awaiting a decision (their sizes are private,
-        so this budget is kept apart from anything the peer can observe)."""
+        """Bytes of private values held for requests awaiting a decision (their sizes are
+        private, so this budget is kept apart from anything the peer can observe)."""
+        self.public_held_bytes = 0
+        """Bytes of public values on their way out (their own budget, for the same reason)."""
         self.queued_bytes = 0
         """Bytes of uploads waiting for the monitor."""
         self._space = asyncio.Event()
@@ -426,6 +433,7 @@ class OwnerCore:
         wire: list[list[Any]] = []
         budgets: list[tuple[float, str]] = []
         audited: list[tuple[str, list[str], str, bool, str | None]] = []
+        sent: list[Node] = []
         for action in actions:
             verdict = self.monitor.admit(action)
             error = verdict.node.error or {}
@@ -436,9 +444,11 @@ class OwnerCore:
                 continue
             self._failed.pop(action.result, None)
             wire.append(_compact(action, verdict.private))
+            sent.append(verdict.node)
             budgets.append((verdict.budget, action.op[:200]))
         self.audit.actions(audited)
         if wire:
+            self._sent.append(sent)
             self.worker.send({"t": "run", "actions": wire}, budgets=budgets)
 
     def _free(self, ids: list[str]) -> None:
@@ -466,6 +476,7 @@ class OwnerCore:
             return
         self.monitor.upload(message.result, spec=value if message.as_module else None)
         self._failed.pop(message.result, None)
+        self._sent.append([self.monitor.nodes[message.result]])
         self.worker.send(
             {"t": "upload", "id": message.result, "module": message.as_module},
             codec.encode(value),
@@ -499,16 +510,27 @@ class OwnerCore:
         with contextlib.suppress(PeerClosed, ProtocolError):
             await self.endpoint.reply(call_id, value)
 
-    def _on_worker_done(self, failed: dict[str, Any]) -> None:
-        for object_id, info in list(failed.items())[: self.limits.max_peer_objects]:
-            if isinstance(object_id, str) and object_id in self.monitor.nodes:
-                self._failed[object_id] = _clean_error(info)
-                self.audit.event("action_failed", result=object_id,
-                                 error_type=self._failed[object_id].get("type"))  # fmt: skip
+    def _on_worker_done(self, failed: Any) -> None:
+        """The worker finished a batch (or an upload): which of its items failed, by
+        position. A failure counts only for the very node that was sent: a later object
+        that reuses the ID (or a worker that lies) must not inherit it."""
+        sent = self._sent.popleft() if self._sent else []
+        for item in failed if isinstance(failed, list) else []:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
+                continue
+            index, info = item
+            if not 0 <= index < len(sent):
+                continue
+            node = sent[index]
+            if self.monitor.nodes.get(node.id) is node:
+                self._failed[node.id] = _clean_error(info)
+                self.audit.event("action_failed", result=node.id,
+                                 error_type=self._failed[node.id].get("type"))  # fmt: skip
 
     async def _on_worker_lost(self, cause: str, final: bool) -> None:
         lost = self.monitor.forget_peer_objects(cause)
         self._failed.clear()
+        self._sent.clear()
         self.audit.event("worker_lost", cause=cause, objects_lost=len(lost), final=final)
         if final:
             self.serving = False
@@ -560,10 +582,11 @@ class OwnerCore:
         self, message: GetRequest, request: Request, label: Label, snap: Any
     ) -> None:
         rid = request.request_id
+        ready = asyncio.Event()
         if label.private:  # registered and answered before anything of the value is known
             request.ready = False
             self._gets[rid] = message
-            self._snaps[rid] = snap
+            self._snaps[rid] = ready
             self.requests.submit(request)
             await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
         try:
@@ -571,18 +594,20 @@ class OwnerCore:
         except WorkerLost as lost:
             if label.private:
                 self._held[rid] = _Held(None, False, _lost_info(lost.cause), None)
+                ready.set()
                 with contextlib.suppress(DuetError):
                     self.requests.deny(rid, reason=_lost(lost.cause))
             else:
                 await self._send_error(message.call_id, _lost_info(lost.cause))
             return
-        held = self._hold(head, payload, message)
+        held = self._hold(head, payload, message, private=label.private)
         if not label.private and held.error is not None:
             self._release_hold(held)
             await self._send_error(message.call_id, held.error)
             return
         self._fill(request, held)
         self._held[rid] = held
+        ready.set()
         if label.private:
             self.requests.mark_ready(rid)
             return
@@ -598,22 +623,31 @@ class OwnerCore:
         await self._reply(message.call_id, {"request_id": rid, "status": "accepted"})
         answered.set()
 
-    def _hold(self, head: dict[str, Any], payload: Any, message: GetRequest) -> _Held:
+    def _hold(
+        self, head: dict[str, Any], payload: Any, message: GetRequest, *, private: bool
+    ) -> _Held:
         max_bytes = getattr(message, "max_bytes", None)
         if head.get("ok") is not True or payload is None:
             info = head.get("error")
-            return _Held(None, False, _clean_error(info), max_bytes)
+            return _Held(None, False, _clean_error(info), max_bytes, private)
         size = len(payload)
-        if self.held_bytes + size > self.limits.max_pending_bytes:
+        held = self.held_bytes if private else self.public_held_bytes
+        if held + size > self.limits.max_pending_bytes:
             error = _refused_info("get", "the owner's memory for values awaiting a decision "
                                   "is used up")  # fmt: skip
-            return _Held(None, False, error, max_bytes)
-        self.held_bytes += size
-        return _Held(payload, bool(head.get("module")), None, max_bytes)
+            return _Held(None, False, error, max_bytes, private)
+        if private:
+            self.held_bytes += size
+        else:
+            self.public_held_bytes += size
+        return _Held(payload, bool(head.get("module")), None, max_bytes, private)
 
     def _release_hold(self, held: _Held) -> None:
         if held.payload is not None:
-            self.held_bytes -= len(held.payload)
+            if held.private:
+                self.held_bytes -= len(held.payload)
+            else:
+                self.public_held_bytes -= len(held.payload)
             held.payload = None
 
     def _fill(self, request: Request, held: _Held) -> None:
@@ -669,11 +703,9 @@ class OwnerCore:
         answered = self._answered.pop(request.request_id, None)
         if answered is not None:
             await answered.wait()
-        snap = self._snaps.pop(request.request_id, None)
-        if snap is not None:
-            with contextlib.suppress(Exception):
-                await snap  # decided before the value was ready: wait for it
-            await asyncio.sleep(0)  # let _serve_get hold it first
+        ready = self._snaps.pop(request.request_id, None)
+        if ready is not None:
+            await ready.wait()  # decided before the value was held: wait for it
         get = self._gets.pop(request.request_id, None)
         held = self._held.pop(request.request_id, None)
         if get is None or held is None:

@@ -178,7 +178,7 @@ class WorkerSupervisor:
         limits: OwnerLimits,
         config: dict[str, Any],
         *,
-        on_done: Callable[[dict[str, Any]], None],
+        on_done: Callable[[Any], None],
         on_lost: Callable[[str, bool], Awaitable[None]],
         rehost: Callable[[], Awaitable[None]],
     ) -> None:
@@ -348,8 +348,7 @@ class WorkerSupervisor:
                 head, attachment = await worker.channel.recv()
                 kind = head["t"]
                 if kind == "done":
-                    failed = head.get("failed")
-                    self.on_done(failed if isinstance(failed, dict) else {})
+                    self.on_done(head.get("failed"))
                 elif kind in ("snap", "sync"):
                     future = self._waiting.get(head.get("key"))  # type: ignore[arg-type]
                     if future is not None and not future.done():

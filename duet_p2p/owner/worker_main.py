@@ -181,8 +181,8 @@ class Worker:
     # -- the scientist's work -----------------------------------------------------------
 
     def _run(self, head: dict[str, Any], _attachment: Any) -> None:
-        failed: dict[str, Any] = {}
-        for compact in head["actions"]:
+        failed: list[list[Any]] = []
+        for index, compact in enumerate(head["actions"]):
             action = Step(*compact)
             self._begin()
             try:
@@ -190,7 +190,7 @@ class Worker:
             finally:
                 self._end()
             if record.error is not None:
-                failed[action.result] = record.error
+                failed.append([index, record.error])
         self.channel.send({"t": "done", "item": self.item, "failed": failed})
 
     def _upload(self, head: dict[str, Any], attachment: Any) -> None:
@@ -203,7 +203,7 @@ class Worker:
         from duet_p2p.store import StoredObject, value_nbytes
 
         self._begin()
-        failed: dict[str, Any] = {}
+        failed: list[list[Any]] = []
         try:
             decoded = codec.decode(attachment)
             value = spec_to_module(decoded) if head.get("module") else decoded
@@ -215,7 +215,7 @@ class Worker:
             )  # fmt: skip
             self.store.put(record)
         except (DuetError, ValueError, TypeError, KeyError) as exc:
-            failed[head["id"]] = error_info(exc, op="upload")
+            failed.append([0, error_info(exc, op="upload")])
         finally:
             self._end()
         self.channel.send({"t": "done", "item": self.item, "failed": failed})

@@ -8,15 +8,24 @@ releases them; both outcomes look the same to the scientist.
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import duet_p2p as sy
-from duet_p2p.rpc.messages import Describe
+from duet_p2p.rpc.codec import ObjectRef
+from duet_p2p.rpc.messages import Action, Actions, Describe
 from duet_p2p.runtime import get_runtime
 from tests.hostile.common import WAIT, assert_serving, host, ready_requests, released, session
+
+
+@dataclass
+class _Ref:
+    id: str
+
 
 SECRET_TEXT = "31337"
 
@@ -124,3 +133,53 @@ def test_the_memory_budget_is_no_oracle(signaling_url: str, tmp_path: Path) -> N
                 outcomes.append(type(exc).__name__)
             del kept
     assert outcomes == [2 * 1024**2, 2 * 1024**2]
+
+
+def test_values_awaiting_a_decision_are_no_size_oracle(signaling_url: str, tmp_path: Path) -> None:
+    """A pending private value is held in a budget of its own: a public get's fate does
+    not depend on how large it is."""
+    limits = sy.OwnerLimits(max_pending_bytes=40_000)
+    with session(signaling_url, tmp_path, limits=limits) as (owner, scientist):
+        x = host(owner, scientist, torch.arange(5000.0) % 10, "x")
+        public = scientist.torch.zeros(9_000)  # 36 kB of the 40 kB
+        assert public.sum().item().get(timeout_secs=WAIT) == 0.0
+        selected = x.masked_select(x > 4.5)  # 10 kB, a secret count of records
+        assert selected.request(reason="count me").wait(0.5) == "pending"
+        assert ready_requests(owner, 1)
+        assert torch.equal(public.get(timeout_secs=WAIT), torch.zeros(9_000))
+
+
+def test_a_reused_id_never_inherits_a_private_failure(signaling_url: str, tmp_path: Path) -> None:
+    with session(signaling_url, tmp_path) as (owner, scientist):
+        x = host(owner, scientist, torch.arange(5000.0) % 10, "x")
+        selected = x.masked_select(x > 4.5)
+        core = scientist._core
+        get_runtime().run(core.flush(), timeout=WAIT)
+        for _ in range(3):
+            result = uuid.uuid4().hex
+            failing = Action(op="torch.Tensor.view", result=result,
+                             target=ObjectRef(selected.id), args=[7, -1])  # fmt: skip
+            public = Action(op="torch.zeros", result=result, args=[3])
+
+            async def send(failing: Action = failing, public: Action = public) -> None:
+                endpoint = core.endpoint
+                await endpoint.send(Actions(actions=[failing]))
+                await endpoint.send(Describe(call_id=endpoint.next_call_id(), object_id="0" * 32))
+                await endpoint.send(Actions(actions=[public]))
+                await endpoint.send(Actions(actions=[failing, public]))  # and in one batch
+
+            get_runtime().run(send(), timeout=WAIT)
+            assert _describe(scientist, _Ref(result)) == {
+                "exists": True, "error": None, "private": False
+            }  # fmt: skip
+
+
+def test_python_values_count_against_the_private_budget(signaling_url: str, tmp_path: Path) -> None:
+    """``tolist()`` of a private selection is tens of megabytes of Python objects: counted
+    as such (it used to count as nothing), it cannot crowd public work out of the worker."""
+    with session(signaling_url, tmp_path) as (owner, scientist):
+        x = host(owner, scientist, (torch.arange(4_000_000) % 100).float(), "x")
+        kept = x.masked_select(x < 10).tolist()  # 400 thousand Python floats
+        get_runtime().run(scientist._core.flush(), timeout=WAIT)
+        assert owner._core.holdings().bytes >= 400_000 * 40
+        del kept
