@@ -180,6 +180,6 @@ def test_python_values_count_against_the_private_budget(signaling_url: str, tmp_
     with session(signaling_url, tmp_path) as (owner, scientist):
         x = host(owner, scientist, (torch.arange(4_000_000) % 100).float(), "x")
         kept = x.masked_select(x < 10).tolist()  # 400 thousand Python floats
-        get_runtime().run(scientist._core.flush(), timeout=WAIT)
+        scientist.torch.ones(1).get(timeout_secs=WAIT)  # a barrier: queued after the actions
         assert owner._core.holdings().bytes >= 400_000 * 40
         del kept
