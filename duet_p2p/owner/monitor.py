@@ -149,6 +149,8 @@ class Admission:
     budget: float
     """Seconds the worker may spend on it."""
     refused: bool = False
+    inputs: list[str] = field(default_factory=list)
+    """The IDs the action names, in order (for the audit log)."""
 
 
 @dataclass
@@ -272,12 +274,14 @@ class Monitor:
     def admit(self, action: Action) -> Admission:
         """Label an action's result and apply its effects; or refuse it (a public error)."""
         budget = self.limits.max_op_seconds
+        refs = action_refs(action)
+        inputs = [ref.id for ref in refs]
         try:
             if action.op in plan_spec.PLAN_OPS:
                 node = self._plan(action)
                 budget = self.limits.max_plan_seconds
             else:
-                node = self._apply(action, None)
+                node = self._apply(action, None, refs)
         except Refused as refused:
             node = Node(
                 id=action.result, own=PUBLIC, group=Group(), origin="peer",
@@ -285,11 +289,14 @@ class Monitor:
             )  # fmt: skip
             if action.result not in self.nodes or self.nodes[action.result].origin == "peer":
                 self._add(node)
-            return Admission(node, private=False, budget=0.0, refused=True)
-        return Admission(node, private=self.label(node).private, budget=budget)
+            return Admission(node, private=False, budget=0.0, refused=True, inputs=inputs)
+        return Admission(node, private=self.label(node).private, budget=budget, inputs=inputs)
 
-    def _apply(self, action: Action, env: dict[str, Node] | None) -> Node:
-        """Label one action (inside a plan's replay, ``env`` holds its own values)."""
+    def _apply(
+        self, action: Action, env: dict[str, Node] | None, refs: list[ObjectRef] | None = None
+    ) -> Node:
+        """Label one action (inside a plan's replay, ``env`` holds its own values; ``refs``:
+        its references, when the caller has them already)."""
         op = action.op
         if env is None:
             existing = self.nodes.get(action.result)
@@ -298,7 +305,7 @@ class Monitor:
             if len(self.nodes) >= self.limits.max_peer_objects:
                 raise _refusal(op, "too many objects held for the peer; free some")
         entry = self._entry(op)
-        refs = action_refs(action)
+        refs = action_refs(action) if refs is None else refs
         if len(refs) > MAX_REFS:
             raise _refusal(op, f"it names more than {MAX_REFS:,} objects")
         nodes = [self._resolve(ref, op, env) for ref in refs]

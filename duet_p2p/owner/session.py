@@ -53,7 +53,6 @@ from duet_p2p.rpc.messages import (
     StoreQuery,
     Upload,
 )
-from duet_p2p.rpc.refs import action_refs
 from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
 
 log = logging.getLogger(__name__)
@@ -437,8 +436,7 @@ class OwnerCore:
         for action in actions:
             verdict = self.monitor.admit(action)
             error = verdict.node.error or {}
-            inputs = [ref.id for ref in action_refs(action)]
-            audited.append((action.op, inputs, action.result, not verdict.refused,
+            audited.append((action.op, verdict.inputs, action.result, not verdict.refused,
                             error.get("type")))  # fmt: skip
             if verdict.refused:
                 continue

@@ -376,15 +376,20 @@ def test_map_writes_are_replayed_until_settled(shared: Any) -> None:
 # -- the owner's modules -----------------------------------------------------------------------
 
 
+def _hosted_linear(owner: sy.Duet, scientist: sy.Duet) -> tuple[Any, torch.Tensor]:
+    """A hosted Linear with negative weights (what an in-place ReLU would change), and a
+    copy of those weights."""
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0, 2.0], [3.0, -4.0]]))
+    return hosted_module(owner, scientist, model, "model"), model.weight.detach().clone()
+
+
 def test_owner_module_written_by_unseen_inplace(signaling_url: str, tmp_path: Path) -> None:
     """Was a hole: F.relu(param.detach(), 1) rewrites a hosted module: modules are not sealed,
     and the in-place write is unseen."""
     with session(signaling_url, tmp_path) as (owner, scientist):
-        model = nn.Linear(2, 2)
-        with torch.no_grad():
-            model.weight.copy_(torch.tensor([[-1.0, 2.0], [3.0, -4.0]]))
-        before = model.weight.detach().clone()
-        remote = hosted_module(owner, scientist, model, "model")
+        remote, before = _hosted_linear(owner, scientist)
         scientist.torch.nn.functional.relu(remote.parameters()[0].detach(), 1)
         got = remote.get(timeout_secs=WAIT)
         assert torch.equal(got.weight.detach(), before), "the hosted model was rewritten"
@@ -394,11 +399,7 @@ def test_inplace_layer_by_truthy_position_writes_owner_module(
     signaling_url: str, tmp_path: Path
 ) -> None:
     with session(signaling_url, tmp_path) as (owner, scientist):
-        model = nn.Linear(2, 2)
-        with torch.no_grad():
-            model.weight.copy_(torch.tensor([[-1.0, 2.0], [3.0, -4.0]]))
-        before = model.weight.detach().clone()
-        remote = hosted_module(owner, scientist, model, "model")
+        remote, before = _hosted_linear(owner, scientist)
         scientist.torch.nn.ReLU(1)(remote.parameters()[0].detach())
         got = remote.get(timeout_secs=WAIT)
         assert torch.equal(got.weight.detach(), before), "the hosted model was rewritten"
