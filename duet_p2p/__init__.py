@@ -6,12 +6,15 @@ peer-to-peer WebRTC channel; nothing leaves the owner's side unless the owner ap
 
 from duet_p2p import patches as _patches
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, Allowlist, ReturnKind
+from duet_p2p.dp_client import DPHistogram
 from duet_p2p.duet import Duet, join_duet, join_duet_async, launch_duet, launch_duet_async
 from duet_p2p.errors import (
+    BudgetExceeded,
     ConfigurationError,
     ConnectionTimeout,
     DuetConnectionError,
     DuetError,
+    InvalidQuery,
     OperationNotAllowed,
     PeerClosed,
     PeerVerificationError,
@@ -25,6 +28,8 @@ from duet_p2p.errors import (
     ValueTooLarge,
 )
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.permissions.disclosure import DisclosureRules
+from duet_p2p.permissions.ledger import PrivacyLedger
 from duet_p2p.pointer import Pointer
 
 _patches.install()
@@ -34,17 +39,22 @@ __all__ = [
     "DEFAULT_ALLOWLIST",
     "AllowedOp",
     "Allowlist",
+    "BudgetExceeded",
     "ConfigurationError",
     "ConnectionTimeout",
+    "DPHistogram",
+    "DisclosureRules",
     "Duet",
     "DuetConnectionError",
     "DuetError",
+    "InvalidQuery",
     "OperationNotAllowed",
     "OwnerLimits",
     "PeerClosed",
     "PeerVerificationError",
     "PermissionDenied",
     "Pointer",
+    "PrivacyLedger",
     "PrivateValueError",
     "ValueTooLarge",
     "ProtocolError",

@@ -19,12 +19,16 @@ from typing import Any
 from duet_p2p import config
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake, join
+from duet_p2p.dp_client import RemoteDP
 from duet_p2p.errors import DuetError
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import OwnerCore
+from duet_p2p.owner.dp_controls import OwnerDP
 from duet_p2p.owner.session import new_supervisor
 from duet_p2p.owner.worker import WorkerSupervisor
 from duet_p2p.permissions import AuditLog
+from duet_p2p.permissions.disclosure import DisclosureRules
+from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
 from duet_p2p.remote_torch import RemoteNamespace
 from duet_p2p.runtime import get_runtime
 from duet_p2p.scientist import ScientistCore
@@ -53,9 +57,13 @@ class Duet:
         self.client_id = connection.client_id
         if isinstance(core, OwnerCore):
             self.store: OwnerStoreView | RemoteStore = OwnerStoreView(core)
+            self.dp: OwnerDP | RemoteDP = OwnerDP(core)
+            """Owner: privacy budgets (``set_budget``, ``budget``)."""
         else:
             self.store = RemoteStore(core)
             self.torch = RemoteNamespace(core)
+            self.dp = RemoteDP(core, self.store)
+            """Scientist: differentially private statistics (``mean``, ``histogram``...)."""
         self._closed = False
 
     # -- owner ------------------------------------------------------------------------
@@ -168,19 +176,25 @@ class _OwnerSettings:
     limits: OwnerLimits
     audit: AuditLog
     supervisor: WorkerSupervisor
+    min_aggregation: int = 1
+    ledger: PrivacyLedger | None = None
+    disclosure: DisclosureRules | None = None
 
 
 def _prepare_owner(
     options: ConnectOptions, allowlist: Allowlist | None, limits: OwnerLimits | None,
-    audit_path: Any,
+    audit_path: Any, min_aggregation: int, dp_ledger: Any, disclosure: DisclosureRules | None,
 ) -> _OwnerSettings:  # fmt: skip
     """The owner's settings; caps incoming messages. Start the worker with ``prestart()``
     on the session's loop, so importing torch there overlaps the connection setup."""
     allowlist, limits = allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits()
     _cap_owner_messages(options, limits)
+    if dp_ledger is not None and not isinstance(dp_ledger, PrivacyLedger):
+        dp_ledger = open_ledger(dp_ledger)
     return _OwnerSettings(
-        allowlist, limits, AuditLog(audit_path), new_supervisor(allowlist, limits)
-    )
+        allowlist, limits, AuditLog(audit_path), new_supervisor(allowlist, limits),
+        min_aggregation, dp_ledger, disclosure,
+    )  # fmt: skip
 
 
 async def _prestart(settings: _OwnerSettings) -> None:
@@ -221,14 +235,22 @@ def launch_duet(
     audit_path: Any = None,
     min_aggregation: int = 1,
     channel: ChannelOptions | None = None,
+    dp_ledger: Any = None,
+    disclosure: DisclosureRules | None = None,
 ) -> Duet:
     """Start a Duet as the data owner and wait for the scientist to join.
 
     Prints the line to send to the scientist, then confirms the scientist's Client ID:
     ``client_id=`` if given, else ``client_id_callback(duet_id)``, else typed at a prompt.
+
+    ``min_aggregation``: accept handlers never release an exact value summarising fewer
+    records. ``disclosure``: further checks on exact releases (DisclosureRules).
+    ``dp_ledger``: the privacy budget ledger's file (default: in the owner's data
+    directory, ``$DUET_HOME`` if set), shared by all the owner's sessions.
     """
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
-    settings = _prepare_owner(options, allowlist, limits, audit_path)
+    settings = _prepare_owner(options, allowlist, limits, audit_path, min_aggregation,
+                              dp_ledger, disclosure)  # fmt: skip
     runtime = get_runtime()
     runtime.run(_prestart(settings))
     handshake = OwnerHandshake(options)
@@ -243,7 +265,7 @@ def launch_duet(
         with contextlib.suppress(Exception):
             runtime.run(settings.supervisor.close(), timeout=10)
         raise
-    duet = runtime.run(_start_owner(connection, settings, min_aggregation))
+    duet = runtime.run(_start_owner(connection, settings))
     runtime.add_closer(duet.aclose)
     _say("Connected!")
     return duet
@@ -263,10 +285,11 @@ def _confirm_client_id(
     return input("Duet Client ID: ")
 
 
-async def _start_owner(connection: Connection, settings: _OwnerSettings, k: int) -> Duet:
+async def _start_owner(connection: Connection, settings: _OwnerSettings) -> Duet:
     core = OwnerCore(
         connection, allowlist=settings.allowlist, limits=settings.limits,
-        audit=settings.audit, min_aggregation=k, supervisor=settings.supervisor,
+        audit=settings.audit, min_aggregation=settings.min_aggregation,
+        supervisor=settings.supervisor, ledger=settings.ledger, disclosure=settings.disclosure,
     )  # fmt: skip
     try:
         await core.start()
@@ -297,10 +320,13 @@ async def launch_duet_async(
     audit_path: Any = None,
     min_aggregation: int = 1,
     channel: ChannelOptions | None = None,
+    dp_ledger: Any = None,
+    disclosure: DisclosureRules | None = None,
 ) -> Duet:
     """``launch_duet`` on the caller's asyncio loop; the callback may be async."""
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
-    settings = _prepare_owner(options, allowlist, limits, audit_path)
+    settings = _prepare_owner(options, allowlist, limits, audit_path, min_aggregation,
+                              dp_ledger, disclosure)  # fmt: skip
     settings.supervisor.prestart()
     handshake = OwnerHandshake(options)
     try:
@@ -317,7 +343,7 @@ async def launch_duet_async(
         await handshake.abort()
         await settings.supervisor.close()
         raise
-    duet = await _start_owner(connection, settings, min_aggregation)
+    duet = await _start_owner(connection, settings)
     _say("Connected!")
     return duet
 

@@ -64,6 +64,23 @@ class PermissionDenied(DuetError):
         self.reason = reason
 
 
+class InvalidQuery(DuetError, ValueError):
+    """A differentially private query does not fit the dataset's public schema or its own
+    rules (a missing bound, an unknown column); refused before it ran, at no cost."""
+
+
+class BudgetExceeded(DuetError):
+    """A differentially private query would spend more privacy budget than is left; refused
+    before it ran. ``dataset`` and ``remaining_epsilon`` say which budget and what is left."""
+
+    def __init__(
+        self, message: str, *, dataset: str | None = None, remaining_epsilon: float | None = None
+    ):
+        super().__init__(message)
+        self.dataset = dataset
+        self.remaining_epsilon = remaining_epsilon
+
+
 class RequestTimeout(DuetError):
     """No decision on a request arrived in time."""
 
@@ -73,6 +90,8 @@ class PrivateValueError(DuetError):
 
 
 __all__ = [
+    "BudgetExceeded",
+    "InvalidQuery",
     "ConfigurationError",
     "ConnectionTimeout",
     "DuetConnectionError",

@@ -35,6 +35,9 @@ class OwnerLimits:
     waiting in the queue, and values kept for requests awaiting a decision (and previews)."""
     max_requests: int = 10_000
     """Requests (pending or decided) remembered at once; the oldest decided go first."""
+    max_dp_rows: int = 2**24
+    """Records a differentially private sum assumes at most (OpenDP samples this many from
+    a larger selection); larger values cost a little utility, never privacy."""
     seccomp: bool = True
     """Filter the worker's system calls (where the kernel and libseccomp allow)."""
     max_upload_bytes: int = 1024**3

@@ -40,6 +40,7 @@ from duet_p2p.lineage import render_call
 from duet_p2p.modules import module_to_spec, spec_to_module
 from duet_p2p.pointer import Pointer, pointer_class
 from duet_p2p.rpc import codec
+from duet_p2p.rpc.dp_spec import QuerySpec
 from duet_p2p.rpc.endpoint import _HEADER_LENGTH, _WITH_ATTACHMENT, Endpoint
 from duet_p2p.rpc.errors import raise_from_info
 from duet_p2p.rpc.messages import (
@@ -47,9 +48,11 @@ from duet_p2p.rpc.messages import (
     PROTOCOL_VERSION,
     Action,
     Actions,
+    BudgetQuery,
     CancelRequest,
     Decision,
     Delete,
+    DPQuery,
     GetRequest,
     Hello,
     Message,
@@ -76,6 +79,8 @@ EARLY_DECISIONS = 256
 """Most decisions kept for request IDs this side does not know (yet)."""
 EARLY_DECISION_BYTES = 1024**2
 """Bytes of such decisions kept beyond the ``max_bytes`` of the gets awaiting a reply."""
+DP_VALUE_BYTES = 1024**2
+"""Largest differentially private result taken (a histogram of 10,000 bins fits)."""
 MAX_ERROR_CHARS = 1000
 """Longest text of the owner's kept in an exception (its message, a reason)."""
 _OP_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -374,16 +379,37 @@ class ScientistCore:
         """Ask for a value of at most ``max_bytes`` encoded bytes (default
         ``max_get_bytes``); returns once the owner has registered the request."""
         limit = self._get_limit(max_bytes)
+
+        def get(call_id: int) -> Message:
+            return GetRequest(call_id=call_id, object_id=object_id, reason=reason[:4000],
+                              delete=delete, max_bytes=limit)  # fmt: skip
+
+        return await self._ask(get, object_id, limit, RequestHandle)
+
+    async def dp_query(
+        self, dataset_id: str, query: QuerySpec, reason: str, handle: type[RequestHandle]
+    ) -> RequestHandle:
+        """Ask for a differentially private statistic of a hosted dataset."""
+
+        def ask(call_id: int) -> Message:
+            return DPQuery(call_id=call_id, dataset=dataset_id, query=query, reason=reason[:4000])
+
+        return await self._ask(ask, dataset_id, DP_VALUE_BYTES, handle)
+
+    async def dp_budget(self) -> Any:
+        """The owner's account of this scientist's privacy budgets (checked by the caller)."""
+        return await self._call(BudgetQuery(call_id=self.endpoint.next_call_id()))
+
+    async def _ask(
+        self, make: Any, object_id: str, limit: int, handle: type[RequestHandle]
+    ) -> RequestHandle:
         await self.flush()
         self._allow_incoming(limit)
         call_id = self.endpoint.next_call_id()
         self._gets_in_flight[call_id] = limit
         try:
-            reply = await self._call(GetRequest(
-                call_id=call_id, object_id=object_id, reason=reason[:4000], delete=delete,
-                max_bytes=limit,
-            ))  # fmt: skip
-            return RequestHandle(self, self._new_request_id(reply), object_id, limit)
+            reply = await self._call(make(call_id))
+            return handle(self, self._new_request_id(reply), object_id, limit)
         finally:
             del self._gets_in_flight[call_id]
             self._early.trim(self._early_budget())

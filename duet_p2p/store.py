@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from duet_p2p.schema import TableSchema
+
 MAX_TAGS = 64
 MAX_TAG_CHARS = 100
 MAX_DESCRIPTION_CHARS = 4000
@@ -52,6 +54,8 @@ class StoredObject:
     budget: str = "public"
     """Which of the peer's two memory budgets it counts against: results whose labels are
     private count apart, so a public op's refusal never depends on a private size."""
+    schema: TableSchema | None = None
+    """Column names (and categories, identifier) the owner declared; listed to scientists."""
     created_at: float = field(default_factory=time.time)
 
     @property

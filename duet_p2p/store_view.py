@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from duet_p2p.errors import DuetError
+from duet_p2p.schema import schema_from_peer
 from duet_p2p.table import Table, TableView, uid_label
 from duet_p2p.text import printable
 
@@ -50,6 +51,9 @@ def entry_from_peer(entry: object) -> dict[str, Any] | None:
         checked["shape"] = shape
     if "dtype" in entry:
         checked["dtype"] = printable(entry["dtype"], MAX_NAME_CHARS)
+    schema = schema_from_peer(entry.get("schema"))
+    if schema is not None:
+        checked["schema"] = schema
     return checked
 
 
@@ -176,14 +180,25 @@ class OwnerStoreView(TableView):
         searchable: bool = True,
         public: bool = False,
         show_metadata: bool = False,
+        columns: list[str] | tuple[str, ...] | None = None,
+        identifier: str | None = None,
+        rows_per_identifier: int = 1,
     ) -> HostedObject:
-        """Host ``obj`` (a tensor or module); private unless ``public=True``."""
+        """Host ``obj`` (a tensor, module or pandas DataFrame); private unless
+        ``public=True``.
+
+        ``columns`` names a tensor's columns (its second dimension; a 1-D tensor is one
+        column): the names are listed, so scientists can ask differentially private
+        statistics of a column. ``identifier`` names the column that says which person a
+        row belongs to: DP queries then protect each person's first ``rows_per_identifier``
+        rows together (later rows are left out of DP statistics)."""
         tags = tuple(tags) if tags is not None else tuple(getattr(obj, "_duet_tags", ()))
         if description is None:
             description = getattr(obj, "_duet_description", "")
         record = self._core.host(
             obj, tags=tags, description=description or "", searchable=searchable,
-            public=public, show_metadata=show_metadata,
+            public=public, show_metadata=show_metadata, columns=columns, identifier=identifier,
+            rows_per_identifier=rows_per_identifier,
         )  # fmt: skip
         return HostedObject(record.id, record.tags, record.description, searchable, public)
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +22,7 @@ from signaling_server.app import ServerConfig, start_server
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "tests" / "peers"
 os.environ.setdefault("DUET_ICE_HOST_ADDRESSES", "127.0.0.1")
+os.environ["DUET_HOME"] = tempfile.mkdtemp(prefix="duet_home_")  # never the user's own files
 T = TypeVar("T")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,3 +65,19 @@ def seal(tensor: torch.Tensor) -> SealedTensor:
         os.close(fd)
         raise
     return SealedTensor(fd, nbytes, dtype, shape)
+
+
+def read_only_view(sealed: SealedTensor) -> torch.Tensor:
+    """The sealed bytes as a tensor the monitor can read (mapped read-only, no copy); the
+    mapping lives as long as the tensor, even after the memfd is closed."""
+    dtype = getattr(torch, sealed.dtype)
+    if not sealed.nbytes:
+        return torch.empty(sealed.shape, dtype=dtype)
+    if sealed.inline is not None:
+        buffer: Any = bytearray(sealed.inline)
+    else:
+        buffer = mmap.mmap(sealed.fd, sealed.nbytes, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the buffer is not writable
+        flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    return flat.view(dtype).reshape(sealed.shape)

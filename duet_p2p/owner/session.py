@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -32,20 +33,25 @@ from duet_p2p.connect import Connection
 from duet_p2p.errors import DuetError, PeerClosed, ProtocolError, RemoteError
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.modules import module_to_spec, spec_to_module
+from duet_p2p.owner.dp_service import DPQueries
 from duet_p2p.owner.hosted import SealedTensor, seal
 from duet_p2p.owner.labels import Label
 from duet_p2p.owner.monitor import Monitor, Node, elements_of
 from duet_p2p.owner.worker import SNAP_SECONDS, WorkerLost, WorkerSupervisor
 from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
+from duet_p2p.permissions.disclosure import DisclosureRules
+from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.endpoint import Endpoint
 from duet_p2p.rpc.messages import (
     PROTOCOL_VERSION,
     Actions,
+    BudgetQuery,
     CancelRequest,
     Decision,
     Delete,
     Describe,
+    DPQuery,
     GetRequest,
     Hello,
     Message,
@@ -53,6 +59,7 @@ from duet_p2p.rpc.messages import (
     StoreQuery,
     Upload,
 )
+from duet_p2p.schema import TableSchema, from_dataframe, schema_for_tensor
 from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,8 @@ def listing_entry(record: StoredObject) -> dict[str, Any]:
     if (record.show_metadata or not record.private) and isinstance(value, torch.Tensor):
         entry["shape"] = list(value.shape)
         entry["dtype"] = str(value.dtype).removeprefix("torch.")
+    if record.schema is not None:
+        entry["schema"] = record.schema.listing()
     return entry
 
 
@@ -169,6 +178,8 @@ class OwnerCore:
         audit: AuditLog,
         min_aggregation: int = 1,
         supervisor: WorkerSupervisor | None = None,
+        ledger: PrivacyLedger | None = None,
+        disclosure: DisclosureRules | None = None,
     ) -> None:
         self.connection = connection
         self.allowlist = allowlist
@@ -189,6 +200,9 @@ class OwnerCore:
             on_decision=self._on_decision, audit=audit, min_aggregation=min_aggregation,
             max_history=limits.max_requests,
         )  # fmt: skip
+        self._ledger = ledger
+        self.disclosure = disclosure if disclosure is not None else DisclosureRules()
+        self.dp = DPQueries(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._work: collections.deque[Any] = collections.deque()
         self._work_ready = asyncio.Event()
@@ -199,7 +213,7 @@ class OwnerCore:
         """Failures the worker reported, by object (released only as labels allow)."""
         self._sealed: dict[str, SealedTensor] = {}
         self._held: dict[str, _Held] = {}
-        self._gets: dict[str, GetRequest] = {}
+        self._gets: dict[str, GetRequest | DPQuery] = {}
         self._snaps: dict[str, asyncio.Event] = {}
         """Set once a private request's value (or failure) is held."""
         self._answered: dict[str, asyncio.Event] = {}
@@ -218,9 +232,10 @@ class OwnerCore:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         await self.worker.start()
-        for kind in ("actions", "delete", "upload", "get", "describe"):
+        for kind in ("actions", "delete", "upload", "get", "describe", "dp_query"):
             self.endpoint.on(kind, self._enqueue)
         self.endpoint.on("store_query", self._on_store_query)
+        self.endpoint.on("dp_budget", self._on_budget_query)
         self.endpoint.on("cancel_request", self._on_cancel)
         self._tasks = [
             asyncio.ensure_future(self._work_loop()),
@@ -238,6 +253,14 @@ class OwnerCore:
                          client_id=self.connection.client_id,
                          worker_sandbox=self.worker.sandbox)  # fmt: skip
 
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The privacy budget ledger (opened on first use: the default file lives in the
+        owner's data directory, so budgets and spends survive restarts)."""
+        if self._ledger is None:
+            self._ledger = open_ledger()
+        return self._ledger
+
     # -- the owner's own calls (any thread) ---------------------------------------------
 
     def host(
@@ -249,10 +272,25 @@ class OwnerCore:
         searchable: bool = True,
         public: bool = False,
         show_metadata: bool = False,
+        columns: list[str] | tuple[str, ...] | None = None,
+        identifier: str | None = None,
+        rows_per_identifier: int = 1,
     ) -> StoredObject:
-        """Place ``value`` in the store; the peer is told the listing changed."""
+        """Place ``value`` in the store; the peer is told the listing changed. A pandas
+        DataFrame is hosted as a float64 tensor with its columns as the schema."""
+        schema: TableSchema | None = None
+        if _is_dataframe(value):
+            if columns is not None:
+                raise ValueError("a DataFrame brings its own columns: leave out columns=")
+            value, schema = from_dataframe(value, identifier, rows_per_identifier)
+        elif isinstance(value, torch.Tensor):
+            schema = schema_for_tensor(value, columns, identifier, rows_per_identifier)
+        elif columns is not None or identifier is not None:
+            raise ValueError("columns= and identifier= describe a tensor or a DataFrame")
         if not isinstance(value, (torch.Tensor, torch.nn.Module)):
-            raise TypeError(f"only tensors and modules can be hosted, not {type(value).__name__}")
+            raise TypeError(
+                f"only tensors, modules and DataFrames can be hosted, not {type(value).__name__}"
+            )
         tags = clean_tags(tags)
         label = tags[0] if tags else None
         record = StoredObject(
@@ -267,6 +305,7 @@ class OwnerCore:
             expression=label if label and label.isidentifier() else "",
             lineage_tags=frozenset(tags),
             nbytes=value_nbytes(value),
+            schema=schema,
         )
         if not record.expression:
             record.expression = f"obj_{record.id[:8]}"
@@ -363,6 +402,14 @@ class OwnerCore:
         entries = [listing_entry(r) for r in self.store.listing() if r.id in self.monitor.nodes]
         await self.endpoint.reply(message.call_id, entries)
 
+    async def _on_budget_query(self, message: BudgetQuery) -> None:
+        try:
+            await self.dp.on_budget(message)
+        except Exception:  # noqa: BLE001 - e.g. an unreadable ledger: say so, keep serving
+            log.exception("reading the privacy ledger failed")
+            await self._send_error(message.call_id, _refused_info(
+                "dp.budget", "the owner's privacy ledger could not be read"))  # fmt: skip
+
     def _on_cancel(self, message: CancelRequest) -> None:
         with contextlib.suppress(DuetError, KeyError):
             self.requests.cancel(message.request_id)
@@ -402,6 +449,8 @@ class OwnerCore:
                     self._on_get(message)
                 elif isinstance(message, Describe):
                     self._on_describe(message)
+                elif isinstance(message, DPQuery):
+                    self.dp.on_query(message)
                 await self.worker.drain()
             except WorkerLost:
                 continue  # the session stopped serving; said to the peer already
@@ -640,6 +689,18 @@ class OwnerCore:
             self.public_held_bytes += size
         return _Held(payload, bool(head.get("module")), None, max_bytes, private)
 
+    def _hold_value(self, payload: bytes) -> _Held:
+        """A private value computed in the monitor itself (a DP release), held for its
+        request."""
+        if self.held_bytes + len(payload) > self.limits.max_pending_bytes:
+            return self._hold_failure(_refused_info(
+                "dp", "the owner's memory for values awaiting a decision is used up"))  # fmt: skip
+        self.held_bytes += len(payload)
+        return _Held(bytearray(payload), False, None, None, True)
+
+    def _hold_failure(self, info: dict[str, Any]) -> _Held:
+        return _Held(None, False, _clean_error(info), None, True)
+
     def _release_hold(self, held: _Held) -> None:
         if held.payload is not None:
             if held.private:
@@ -663,9 +724,25 @@ class OwnerCore:
             return
         if isinstance(value, torch.nn.Module):
             request.elements = sum(p.numel() for p in value.parameters())
+        elif isinstance(value, dict) and request.dp is not None:
+            request.elements = len(value.get("counts", ())) + 1
         else:
             elements = elements_of(value)
             request.elements = int(min(elements, 2**62))
+        if request.dp is None and not math.isinf(request.aggregation):
+            request.checks = self.disclosure.check(value, request.ops,
+                                                   self._records_of(request.tags))  # fmt: skip
+
+    def _records_of(self, tags: frozenset[str]) -> int | None:
+        """The fewest rows among the hosted private tensors carrying any of ``tags``: at
+        most how many records a value deriving from them was fitted on (None: none)."""
+        rows = [
+            self._sealed[record.id].shape[0]
+            for record in self.store.owner_records()
+            if record.private and record.id in self._sealed and set(record.tags) & tags
+            and self._sealed[record.id].shape
+        ]  # fmt: skip
+        return min(rows) if rows else None
 
     def _decode(self, held: _Held, *, borrow: bool = False) -> Any:
         """The held value, decoded under strict limits; ``borrow``: tensors view the held
@@ -704,11 +781,17 @@ class OwnerCore:
         ready = self._snaps.pop(request.request_id, None)
         if ready is not None:
             await ready.wait()  # decided before the value was held: wait for it
+        denial = self.dp.settle(request) if request.dp is not None else None
         get = self._gets.pop(request.request_id, None)
         held = self._held.pop(request.request_id, None)
         if get is None or held is None:
             return
         try:
+            if denial is not None:
+                decision = Decision(request_id=request.request_id, status="denied",
+                                    reason=denial[:4000])  # fmt: skip
+                await self._send_quietly(decision)
+                return
             await self._send_decision(request, held)
         finally:
             self._release_hold(held)
@@ -795,11 +878,16 @@ class OwnerCore:
         await self.endpoint.close()
         for task in self._tasks:
             task.cancel()
+        self.dp.close()
         await self.worker.close()
         for sealed in self._sealed.values():
             sealed.close()
         self._sealed.clear()
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
+
+
+def _is_dataframe(value: Any) -> bool:
+    return type(value).__name__ == "DataFrame" and hasattr(value, "columns")
 
 
 def _compact(action: Any, private: bool) -> list[Any]:

@@ -55,6 +55,13 @@ class Handler:
     counts only aggregations it is certain of (a sum or mean over the owner's records); a
     model's accuracy on a test set counts as one record, so an owner who releases such a
     value by its op and tags says so here, e.g. ``min_aggregation=1``."""
+    dp: bool | None = None
+    """True: matches only differentially private releases (the budget ledger has already
+    reserved their cost); False: only exact releases; None: either."""
+    max_epsilon: float | None = None
+    """Matches a DP release of at most this epsilon (implies ``dp=True``)."""
+    max_delta: float | None = None
+    """Matches a DP release of at most this delta (implies ``dp=True``)."""
     matched: int = 0
     """How many requests this handler has decided."""
 
@@ -68,6 +75,17 @@ class Handler:
                 raise ValueError(f"{field_name} must be a non-negative integer or None")
         if self.timeout_secs is not None and not (self.timeout_secs >= 0):
             raise ValueError("timeout_secs must be a non-negative number or None")
+        for field_name in ("max_epsilon", "max_delta"):
+            value = getattr(self, field_name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{field_name} must be a non-negative number or None")
+            if self.dp is False:
+                raise ValueError(f"{field_name} applies to DP releases: it cannot go with dp=False")
+            self.dp = True
+        if self.dp not in (None, True, False):
+            raise ValueError("dp must be True, False or None")
 
     @property
     def remaining(self) -> int | None:
@@ -86,9 +104,18 @@ class Handler:
             return False
         if self.timeout_secs is not None and now - request.requested_at < self.timeout_secs:
             return False
-        floor = min_aggregation if self.min_aggregation is None else self.min_aggregation
-        if self.action == "accept" and not (request.aggregation >= floor):
+        release = getattr(request, "dp", None)
+        if self.dp is not None and self.dp != (release is not None):
             return False
+        if release is not None:
+            if self.max_epsilon is not None and not release.epsilon <= self.max_epsilon:
+                return False
+            if self.max_delta is not None and not release.delta <= self.max_delta:
+                return False
+        elif self.action == "accept":
+            floor = min_aggregation if self.min_aggregation is None else self.min_aggregation
+            if not (request.aggregation >= floor) or getattr(request, "checks", ()):
+                return False
         if self.tags is not None and not self.tags <= request.tags:
             return False
         if self.op is not None and not _op_matches(self.op, request):
@@ -110,6 +137,12 @@ class Handler:
             parts.append(f"max_elements={self.max_elements}")
         if self.max_requests is not None:
             parts.append(f"max_requests={self.max_requests}")
+        if self.dp is not None:
+            parts.append("dp" if self.dp else "exact only")
+        if self.max_epsilon is not None:
+            parts.append(f"max_epsilon={self.max_epsilon:g}")
+        if self.max_delta is not None:
+            parts.append(f"max_delta={self.max_delta:g}")
         if self.timeout_secs is not None:
             parts.append(f"after {self.timeout_secs:g}s")
         if len(parts) == 1:
@@ -122,6 +155,17 @@ def as_tags(tags: Iterable[str] | None) -> frozenset[str] | None:
     if tags is None:
         return None
     return frozenset([tags] if isinstance(tags, str) else tags)
+
+
+def _dp_text(handler: Handler) -> str:
+    if handler.dp is None:
+        return "any"
+    if not handler.dp:
+        return "exact only"
+    limits = [f"eps<={handler.max_epsilon:g}"] if handler.max_epsilon is not None else []
+    if handler.max_delta is not None:
+        limits.append(f"delta<={handler.max_delta:g}")
+    return " ".join(["dp", *limits])
 
 
 def _op_matches(op: str, request: Request) -> bool:
@@ -143,10 +187,12 @@ class HandlerList(TableView, list[Handler]):
                 h.max_elements,
                 "" if h.max_requests is None else f"{h.remaining}/{h.max_requests}",
                 h.timeout_secs,
+                _dp_text(h),
                 h.name,
                 h.matched,
             ]
             for h in self
         ]
-        columns = ["Action", "Tags", "Op", "Max Elements", "Quota Left", "After (s)", "Name"]
+        columns = ["Action", "Tags", "Op", "Max Elements", "Quota Left", "After (s)", "DP",
+                   "Name"]  # fmt: skip
         return Table([*columns, "Matched"], rows, empty_text="No handlers.")

@@ -42,6 +42,29 @@ DEFAULT_MAX_HISTORY = 10_000
 """Decided requests kept for ``all()``; the oldest are forgotten first (the audit log keeps all)."""
 
 
+@dataclass
+class DPRelease:
+    """What a differentially private request releases and what it costs."""
+
+    statistic: str
+    query: str
+    """The query as the owner reads it, e.g. ``dp.mean(ages['age'], bounds=(0, 100), ...)``."""
+    epsilon: float
+    delta: float
+    budget_before: dict[str, tuple[float, float]]
+    """(epsilon, delta) left on each budgeted dataset before this release."""
+    noise: str = ""
+    """How the value is protected (set once computed), e.g. ``"Laplace, scale 200"``."""
+
+    def budget_rows(self) -> list[tuple[str, str]]:
+        rows = []
+        for dataset, (epsilon, delta) in sorted(self.budget_before.items()):
+            after = (max(0.0, epsilon - self.epsilon), max(0.0, delta - self.delta))
+            rows.append((f"Budget {dataset}", f"epsilon {epsilon:g} -> {after[0]:g}, "
+                                              f"delta {delta:g} -> {after[1]:g}"))  # fmt: skip
+        return rows
+
+
 class RequestStatus(StrEnum):
     """Where a request stands; it leaves PENDING exactly once."""
 
@@ -87,6 +110,10 @@ class Request:
     error: str | None = None
     """Set when the computation failed: what failed (owner-side only; the scientist learns
     of the failure only if the request is accepted)."""
+    dp: DPRelease | None = None
+    """Set on a differentially private release: handlers match it by ``dp=True``."""
+    checks: tuple[str, ...] = ()
+    """Disclosure checks that fired on this exact release (accept handlers skip it)."""
     _preview: Callable[[], Any] | None = None
     _queue: RequestQueue | None = None
 
@@ -124,7 +151,9 @@ class Request:
 
     def _details(self) -> list[tuple[str, str]]:
         noun = "element" if self.elements == 1 else "elements"
-        if math.isinf(self.aggregation):
+        if self.dp is not None:
+            aggregation = f"differentially private ({self.dp.noise or 'being computed'})"
+        elif math.isinf(self.aggregation):
             aggregation = "depends on no private data"
         else:
             aggregation = f"each value summarises >= {self.aggregation:g} records"
@@ -141,6 +170,11 @@ class Request:
             ("Tags", ", ".join(sorted(self.tags))),
             ("Requested at", format_clock(self.requested_at)),
         ]
+        if self.dp is not None:
+            rows[4:4] = [("Privacy loss", f"epsilon {self.dp.epsilon:g}, delta {self.dp.delta:g}"),
+                         *self.dp.budget_rows()]  # fmt: skip
+        if self.checks:
+            rows.insert(3, ("Disclosure checks", "; ".join(self.checks)))
         if self.error is not None:
             rows.insert(3, ("Failed", self.error))
         if not self.pending:
@@ -309,8 +343,15 @@ class RequestQueue(TableView):
         name: str | None = None,
         reason: str = "",
         min_aggregation: float | None = None,
+        dp: bool | None = None,
+        max_epsilon: float | None = None,
+        max_delta: float | None = None,
     ) -> Handler:
-        """Append an auto-decision rule (see Handler); it applies to pending requests too."""
+        """Append an auto-decision rule (see Handler); it applies to pending requests too.
+
+        ``add_handler("accept", dp=True, max_epsilon=0.5)`` releases differentially private
+        queries of at most 0.5 epsilon each, within the scientist's budget: the way to run
+        unattended."""
         handler = Handler(
             action=action,
             tags=as_tags(tags),
@@ -323,6 +364,9 @@ class RequestQueue(TableView):
             name=name,
             reason=_cap(reason),
             min_aggregation=min_aggregation,
+            dp=dp,
+            max_epsilon=max_epsilon,
+            max_delta=max_delta,
         )
         decided: list[Request] = []
         with self._lock:

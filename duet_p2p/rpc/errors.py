@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from duet_p2p import errors
+from duet_p2p.text import printable
 
 _BY_CODE: dict[str, type[errors.DuetError]] = {
     "not_allowed": errors.OperationNotAllowed,
@@ -14,8 +15,12 @@ _BY_CODE: dict[str, type[errors.DuetError]] = {
     "request_timeout": errors.RequestTimeout,
     "private": errors.PrivateValueError,
     "not_found": errors.RemoteError,
+    "budget_exceeded": errors.BudgetExceeded,
+    "invalid_query": errors.InvalidQuery,
 }
 _CODE_OF: dict[type[BaseException], str] = {
+    errors.BudgetExceeded: "budget_exceeded",
+    errors.InvalidQuery: "invalid_query",
     errors.OperationNotAllowed: "not_allowed",
     errors.ProtocolError: "protocol",
     errors.PermissionDenied: "permission_denied",
@@ -38,6 +43,9 @@ def error_info(
     }
     if op is not None:
         info["op"] = op
+    if isinstance(exc, errors.BudgetExceeded):
+        info["dataset"] = exc.dataset
+        info["remaining_epsilon"] = exc.remaining_epsilon
     return info
 
 
@@ -54,6 +62,16 @@ def raise_from_info(info: Any) -> None:
         prefix = f"{op} failed on the owner's side" if op else "failed on the owner's side"
         kind = f" ({error_type})" if error_type else ""
         raise errors.RemoteError(f"{prefix}{kind}: {message}", op=op, error_type=error_type)
+    if cls is errors.BudgetExceeded:
+        dataset = info.get("dataset")
+        remaining = info.get("remaining_epsilon")
+        raise errors.BudgetExceeded(
+            message,
+            dataset=printable(dataset, 100) if isinstance(dataset, str) else None,
+            remaining_epsilon=float(remaining)
+            if isinstance(remaining, (int, float)) and not isinstance(remaining, bool)
+            else None,
+        )
     if cls is errors.PermissionDenied:
         raise errors.PermissionDenied(message, reason=info.get("reason"))
     raise cls(message)

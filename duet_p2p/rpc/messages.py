@@ -12,9 +12,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from duet_p2p.errors import ProtocolError
+from duet_p2p.rpc.dp_spec import QuerySpec
 
-PROTOCOL_VERSION = 2
-"""2: gets carry max_bytes; failures of private results are released like values."""
+PROTOCOL_VERSION = 3
+"""2: gets carry max_bytes; failures of private results are released like values.
+3: differentially private queries and budgets."""
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")]
 OpPath = Annotated[str, Field(min_length=1, max_length=200)]
 Text = Annotated[str, Field(max_length=4000)]
@@ -111,6 +113,24 @@ class Describe(Message):
     object_id: ObjectId
 
 
+class DPQuery(Message):
+    """A differentially private statistic of a hosted dataset; answered like a get (a
+    request ID and status, then a Decision carrying the noisy value)."""
+
+    kind: Literal["dp_query"] = "dp_query"
+    call_id: int = Field(ge=0)
+    dataset: ObjectId
+    query: QuerySpec
+    reason: Text = ""
+
+
+class BudgetQuery(Message):
+    """What is left of the scientist's privacy budgets."""
+
+    kind: Literal["dp_budget"] = "dp_budget"
+    call_id: int = Field(ge=0)
+
+
 class Reply(Message):
     """The answer to a message that had a ``call_id``."""
 
@@ -158,6 +178,8 @@ AnyMessage = Annotated[
     | GetRequest
     | CancelRequest
     | Describe
+    | DPQuery
+    | BudgetQuery
     | Reply
     | Decision
     | StoreChanged
@@ -189,6 +211,8 @@ def to_wire(message: Message) -> dict[str, Any]:
         value = getattr(message, name)
         if isinstance(value, Message):
             value = to_wire(value)
+        elif isinstance(value, BaseModel):
+            value = value.model_dump(mode="python")
         elif isinstance(value, list) and value and isinstance(value[0], Message):
             value = [to_wire(item) for item in value]
         wire[name] = value

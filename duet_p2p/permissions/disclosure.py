@@ -1,0 +1,123 @@
+"""Disclosure checks for exact (non-DP) releases, in the manner of DataSHIELD's filters.
+
+An exact value can identify people even when it is an aggregate: a table cell counting
+two patients, or a model with more parameters than the records it was fitted on (it can
+memorise them). These checks look at a value the owner is about to release; when one
+fires, no accept handler releases it and the owner decides, seeing which check fired.
+Values summarising fewer records than the session's ``min_aggregation`` (DataSHIELD's
+subset rule) are held back by the handlers already.
+
+The checks do not make exact releases safe against differencing (two approved sums over
+overlapping records reveal one record); only a differentially private release with a
+budget does. See docs/PRIVACY.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from duet_p2p.lineage import name_of
+
+COUNTING_OPS = frozenset(
+    "bincount histc histogram histogramdd unique unique_consecutive count_nonzero".split()
+)
+"""Ops whose results count records per cell."""
+COMPARISON_OPS = frozenset(
+    "eq ne gt ge lt le greater greater_equal less less_equal not_equal isin isnan isinf "
+    "isfinite isneginf isposinf logical_and logical_or logical_not logical_xor".split()
+)
+"""Ops that turn records into 0/1 indicators: summing them counts records."""
+SUMS = frozenset("sum nansum".split())
+MAX_ITEMS = 100_000
+"""Items of a released sequence looked at (a longer one is not a table of counts)."""
+
+
+@dataclass(frozen=True)
+class DisclosureRules:
+    """Thresholds for exact releases (None turns a check off)."""
+
+    min_cell_count: int | None = 3
+    """A table of counts (a histogram, ``bincount``, a sum of 0/1 indicators) with a
+    nonzero cell below this is withheld from auto-accept."""
+    max_parameter_ratio: float | None = 0.33
+    """A model with more parameters than this times the records it derives from is
+    withheld from auto-accept (DataSHIELD's default for regressions is 0.33)."""
+
+    def __post_init__(self) -> None:
+        cell = self.min_cell_count
+        if cell is not None and (isinstance(cell, bool) or not isinstance(cell, int) or cell < 1):
+            raise ValueError("min_cell_count must be a positive integer or None")
+        ratio = self.max_parameter_ratio
+        if ratio is not None and not (isinstance(ratio, (int, float)) and ratio > 0):
+            raise ValueError("max_parameter_ratio must be a positive number or None")
+
+    def check(self, value: Any, ops: tuple[str, ...], records: int | None) -> tuple[str, ...]:
+        """The checks ``value`` (about to be released, made by ``ops``) fails; ``records``:
+        how many records it derives from at most (None: not known)."""
+        fired: list[str] = []
+        if self.min_cell_count is not None and is_count_table(ops):
+            smallest = smallest_cell(_count_part(value, ops))
+            if smallest is not None and math.isnan(smallest):
+                fired.append("cell count: the table could not be checked")
+            elif smallest is not None and smallest < self.min_cell_count:
+                fired.append(
+                    f"cell count: a cell counts {smallest:g} records, below the minimum "
+                    f"{self.min_cell_count}"
+                )
+        if self.max_parameter_ratio is not None and isinstance(value, torch.nn.Module):
+            parameters = sum(p.numel() for p in value.parameters())
+            if records is None:
+                fired.append(f"model size: {parameters} parameters, trained on records "
+                             "whose number is not known")  # fmt: skip
+            elif parameters > self.max_parameter_ratio * records:
+                fired.append(
+                    f"model size: {parameters} parameters for {records} records, above the "
+                    f"ratio {self.max_parameter_ratio:g}"
+                )
+        return tuple(fired)
+
+
+def is_count_table(ops: tuple[str, ...]) -> bool:
+    """Whether a value made by ``ops`` counts records: a counting op, or a sum of
+    indicators."""
+    shorts = [op.rpartition(".")[2].strip("_") for op in ops]
+    if any(short in COUNTING_OPS for short in shorts):
+        return True
+    last = name_of(ops) if ops else ""
+    return last in SUMS and any(short in COMPARISON_OPS for short in shorts)
+
+
+def smallest_cell(value: Any, depth: int = 0) -> float | None:
+    """The smallest nonzero count in ``value`` (tensors, numbers, or sequences of them)."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        flat = (flat.abs() if flat.is_complex() else flat).to(torch.float64).abs()
+        flat = flat[(flat != 0) & torch.isfinite(flat)]
+        return float(flat.min()) if flat.numel() else None
+    if isinstance(value, (bool, int, float)):
+        number = abs(float(value))
+        return number if number != 0 and math.isfinite(number) else None
+    if isinstance(value, (tuple, list)):
+        if depth >= 8 or len(value) > MAX_ITEMS:
+            return math.nan  # too large to check: fail closed
+        found = [smallest_cell(item, depth + 1) for item in value]
+        present = [number for number in found if number is not None]
+        return math.nan if any(math.isnan(n) for n in present) else min(present, default=None)
+    return math.nan if value is not None and not isinstance(value, str) else None
+
+
+def _count_part(value: Any, ops: tuple[str, ...]) -> Any:
+    """The counts of a result that also carries other values: ``histogram`` gives (counts,
+    edges), ``unique(return_counts=True)`` gives (values, counts)."""
+    if not isinstance(value, (tuple, list)) or not value:
+        return value
+    shorts = {op.rpartition(".")[2] for op in ops}
+    if shorts & {"histogram", "histogramdd"}:
+        return value[0]
+    if shorts & {"unique", "unique_consecutive"}:
+        return value[-1]
+    return value
