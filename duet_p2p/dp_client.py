@@ -80,21 +80,22 @@ class RemoteDP:
         return self._ask(data, "count", column=column, where=where, epsilon=epsilon,
                          delta=delta, noise=noise, **request)  # fmt: skip
 
-    def sum(self, data: Any, column: str | int | None = None, *, bounds: tuple[float, float],
-            epsilon: float, where: Where = None, delta: float = 0.0, noise: str = "laplace",
-            **request: Any) -> Any:  # fmt: skip
+    def sum(self, data: Any, column: str | int | None = None, *,
+            bounds: tuple[float, float] | None = None, epsilon: float, where: Where = None,
+            delta: float = 0.0, noise: str = "laplace", **request: Any) -> Any:  # fmt: skip
         """A noisy sum of the column, each value clamped to ``bounds`` first."""
         return self._ask(data, "sum", column=column, where=where, bounds=bounds,
                          epsilon=epsilon, delta=delta, noise=noise, **request)  # fmt: skip
 
-    def mean(self, data: Any, column: str | int | None = None, *, bounds: tuple[float, float],
-             epsilon: float, where: Where = None, **request: Any) -> Any:  # fmt: skip
+    def mean(self, data: Any, column: str | int | None = None, *,
+             bounds: tuple[float, float] | None = None, epsilon: float, where: Where = None,
+             **request: Any) -> Any:  # fmt: skip
         """A noisy mean (half the epsilon counts the records, half goes to the mean)."""
         return self._ask(data, "mean", column=column, where=where, bounds=bounds,
                          epsilon=epsilon, **request)  # fmt: skip
 
     def variance(self, data: Any, column: str | int | None = None, *,
-                 bounds: tuple[float, float], epsilon: float, where: Where = None,
+                 bounds: tuple[float, float] | None = None, epsilon: float, where: Where = None,
                  **request: Any) -> Any:  # fmt: skip
         """A noisy sample variance (half the epsilon counts the records)."""
         return self._ask(data, "variance", column=column, where=where, bounds=bounds,
@@ -112,7 +113,7 @@ class RemoteDP:
                          **request)  # fmt: skip
 
     def quantile(self, data: Any, q: float, column: str | int | None = None, *,
-                 bounds: tuple[float, float], epsilon: float, where: Where = None,
+                 bounds: tuple[float, float] | None = None, epsilon: float, where: Where = None,
                  candidates: int = 1000, **request: Any) -> Any:  # fmt: skip
         """A noisy ``q``-quantile (0.5: the median), chosen among ``candidates`` evenly
         spaced values over ``bounds`` by the exponential mechanism."""

@@ -250,8 +250,10 @@ class PrivacyLedger:
             with self._connect() as db:
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._check(db, reservation.client_id, reservation.datasets,
-                                reservation.epsilon, reservation.delta, exclude=reservation)  # fmt: skip
+                    self._check(
+                        db, reservation.client_id, reservation.datasets, reservation.epsilon,
+                        reservation.delta, exclude=reservation,
+                    )  # fmt: skip
                     now = time.time()
                     debits = [
                         Debit(now, name, reservation.client_id, reservation.epsilon,
