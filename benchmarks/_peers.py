@@ -468,6 +468,8 @@ class DuetPeer:
         self.objects: dict[str, Any] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="duet-bench-")
         self._sessions = 0
+        self.owner_options: dict[str, Any] = {}
+        """Further ``launch_duet`` arguments for the owner."""
 
     def handlers(self) -> Handlers:
         return {
@@ -496,8 +498,9 @@ class DuetPeer:
         self._sessions += 1
         audit = Path(self._dir.name) / f"audit-{self._sessions}.jsonl"
         self.duet = sy.launch_duet(
-            url, client_id_callback=confirm, audit_path=audit, channel=self._channel(options)
-        )
+            url, client_id_callback=confirm, audit_path=audit, channel=self._channel(options),
+            **self.owner_options,
+        )  # fmt: skip
 
     def join(self, duet_id: str, url: str, options: dict[str, Any] | None = None) -> dict:
         """Scientist: join_duet, timed from the call to its return."""

@@ -140,14 +140,19 @@ class RemoteStore(TableView):
                 _metadata(entry),
             ])  # fmt: skip
         return Table(
-            ["ID", "Tags", "Description", "Type", "Shape"], rows, empty_text="The store is empty."
+            ["ID", "Tags", "Description", "Type", "Shape / Columns"],
+            rows,
+            empty_text="The store is empty.",
         )
 
 
 def _metadata(entry: dict[str, Any]) -> str:
+    parts = []
     if "shape" in entry:
-        return f"{tuple(entry['shape'])} {entry.get('dtype', '')}".strip()
-    return ""
+        parts.append(f"{tuple(entry['shape'])} {entry.get('dtype', '')}".strip())
+    if "schema" in entry:
+        parts.append("columns: " + ", ".join(entry["schema"]["columns"]))
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)

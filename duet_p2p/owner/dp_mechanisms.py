@@ -75,28 +75,37 @@ _FLOATS = dp.vector_domain(dp.atom_domain(T=float, nan=True))
 
 def _count(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, _rows: int):
     count = dp.t.make_count(_FLOATS, _METRIC, TO=dp.i64)
-    measurement = _calibrate(lambda s: count >> _noise(spec, s), spec, records, epsilon, delta)
+    measurement = _calibrate(count, spec, records, epsilon, delta)
     return int(measurement(records.values)), _describe(spec, measurement)
 
 
 def _sum(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, max_rows: int):
     lo, hi = _bounds(spec)
     total = _clamped(lo, hi) >> dp.t.make_bounded_float_checked_sum(max_rows, (lo, hi))
-    measurement = _calibrate(lambda s: total >> _noise(spec, s), spec, records, epsilon, delta)
+    measurement = _calibrate(total, spec, records, epsilon, delta)
     return float(measurement(records.values)), _describe(spec, measurement)
 
 
-def _mean(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, _rows: int):
-    return _sized(spec, records, epsilon, dp.t.then_mean(), minimum=1)
+def _mean(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, max_rows: int):
+    return _sized(spec, records, epsilon, dp.t.then_mean(), 1, max_rows)
 
 
-def _variance(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, _rows: int):
-    return _sized(spec, records, epsilon, dp.t.then_variance(), minimum=2)
+def _variance(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, max_rows: int):
+    return _sized(spec, records, epsilon, dp.t.then_variance(), 2, max_rows)
 
 
-def _sized(spec: QuerySpec, records: Records, epsilon: Decimal, statistic: Any, minimum: int):
+def _sized(
+    spec: QuerySpec,
+    records: Records,
+    epsilon: Decimal,
+    statistic: Any,
+    minimum: int,
+    max_rows: int,
+):
     """A noisy count (half the budget), then the statistic over the records resized to that
-    count (imputing the midpoint, or dropping records at random) with the other half."""
+    count (imputing the midpoint, or dropping records at random) with the other half. The
+    size is capped at ``max_rows``: a tiny epsilon makes the noisy count huge, and the
+    monitor must not allocate for it."""
     lo, hi = _bounds(spec)
     half = epsilon / 2
     d_in = records.contributions
@@ -105,16 +114,12 @@ def _sized(spec: QuerySpec, records: Records, epsilon: Decimal, statistic: Any, 
         _FLOATS, _METRIC, dp.max_divergence(), d_in=d_in, d_mids=[first, second]
     )
     queryable = composition(records.values)
-    count_scale = dp.binary_search_param(
-        lambda s: dp.t.make_count(_FLOATS, _METRIC, TO=dp.i64) >> dp.m.then_laplace(s),
-        d_in=d_in, d_out=first,
-    )  # fmt: skip
-    count = dp.t.make_count(_FLOATS, _METRIC, TO=dp.i64) >> dp.m.then_laplace(count_scale)
-    size = max(minimum, int(queryable(count)))
+    count = _laplace(dp.t.make_count(_FLOATS, _METRIC, TO=dp.i64), d_in, first)
+    size = min(max(minimum, int(queryable(count.measurement))), max(minimum, max_rows))
     sized = _clamped(lo, hi) >> dp.t.then_resize(size=size, constant=(lo + hi) / 2) >> statistic
-    scale = dp.binary_search_param(lambda s: sized >> dp.m.then_laplace(s), d_in=d_in,
-                                   d_out=second)  # fmt: skip
-    value = float(queryable(sized >> dp.m.then_laplace(scale)))
+    measured = _laplace(sized, d_in, second)
+    value = float(queryable(measured.measurement))
+    count_scale, scale = count.scale, measured.scale
     if composition.map(d_in) > float_at_most(epsilon):
         raise AssertionError("the composition costs more than the budget debited")
     return value, (
@@ -131,8 +136,7 @@ def _histogram(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decim
             domain, _METRIC, categories=list(range(len(records.categories))),
             null_category=True, MO=_distance(spec), TOA=dp.i64,
         )  # fmt: skip
-        measurement = _calibrate(lambda s: counting >> _noise(spec, s), spec, records,
-                                 epsilon, delta, data=codes)  # fmt: skip
+        measurement = _calibrate(counting, spec, records, epsilon, delta)
         counts = [int(c) for c in measurement(codes)]
         value = {"counts": counts[:-1], "categories": list(records.categories),
                  "outside": counts[-1]}  # fmt: skip
@@ -148,8 +152,7 @@ def _histogram(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decim
         categories=list(range(len(edges) + 1)), null_category=False, MO=_distance(spec),
         TOA=dp.i64,
     )  # fmt: skip
-    measurement = _calibrate(lambda s: counting >> _noise(spec, s), spec, records, epsilon,
-                             delta, data=values)  # fmt: skip
+    measurement = _calibrate(counting, spec, records, epsilon, delta)
     counts = [int(c) for c in measurement(values)]
     value = {"counts": counts[1:-1], "edges": edges, "outside": counts[0] + counts[-1]}
     return value, _describe(spec, measurement)
@@ -165,7 +168,8 @@ def _quantile(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decima
             dp.max_divergence(), candidates=candidates, alpha=spec.q, scale=scale
         )
 
-    measurement = _calibrate(chain, spec, records, epsilon, delta)
+    measurement = _searched(chain, _cache_key(spec, records), records.contributions,
+                            float_at_most(epsilon))  # fmt: skip
     return float(measurement(records.values)), _describe(spec, measurement)
 
 
@@ -213,34 +217,66 @@ def _noise(spec: QuerySpec, scale: float) -> Any:
 
 
 def _calibrate(
-    chain: Any,
-    spec: QuerySpec,
-    records: Records,
-    epsilon: Decimal,
-    delta: Decimal,
-    data: Any = None,
-) -> Any:
-    """The chain with the smallest noise whose privacy map, at the records' input
-    distance, stays within (epsilon, delta)."""
+    transformation: Any, spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal
+) -> _Calibrated:
+    """``transformation`` followed by the least noise whose privacy map, at the records'
+    input distance, stays within (epsilon, delta)."""
     d_in = records.contributions
     target = float_at_most(epsilon)
-    if spec.noise == "gaussian":
-        fixed_delta = float_at_most(delta)
+    if spec.noise != "gaussian":
+        return _laplace(transformation, d_in, target)
+    fixed_delta = float_at_most(delta)
 
-        def approximate(scale: float) -> Any:
-            return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(chain(scale)), fixed_delta)
+    def approximate(scale: float) -> Any:
+        noisy = transformation >> dp.m.then_gaussian(scale)
+        return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(noisy), fixed_delta)
 
-        scale = dp.binary_search_param(approximate, d_in=d_in, d_out=(target, fixed_delta))
-        measurement = approximate(scale)
-        spent = measurement.map(d_in)
-        if spent[0] > target or spent[1] > fixed_delta:
-            raise AssertionError("the measurement costs more than the budget debited")
-    else:
+    return _searched(approximate, _cache_key(spec, records), d_in, (target, fixed_delta))
+
+
+def _laplace(transformation: Any, d_in: int, target: float) -> _Calibrated:
+    """Laplace noise of scale sensitivity / epsilon, from the transformation's own
+    stability map; nudged up until OpenDP's privacy map confirms it is within ``target``."""
+    sensitivity = float(transformation.map(d_in))
+    scale = sensitivity / target
+    for _ in range(64):
+        measurement = transformation >> dp.m.then_laplace(scale)
+        if measurement.map(d_in) <= target:
+            return _Calibrated(measurement, scale)
+        scale = math.nextafter(scale * (1 + 1e-12), math.inf)
+    return _searched(lambda s: transformation >> dp.m.then_laplace(s), None, d_in, target)
+
+
+_SCALES: dict[tuple[Any, ...], float] = {}
+MAX_CACHED_SCALES = 4096
+
+
+def _searched(chain: Any, key: tuple[Any, ...] | None, d_in: int, target: Any) -> _Calibrated:
+    """OpenDP's binary search for the scale (remembered per query shape: it costs tens of
+    milliseconds), checked against the privacy map each time."""
+    scale = _SCALES.get(key) if key is not None else None
+    if scale is None:
         scale = dp.binary_search_param(chain, d_in=d_in, d_out=target)
-        measurement = chain(scale)
-        if measurement.map(d_in) > target:
-            raise AssertionError("the measurement costs more than the budget debited")
+        if key is not None:
+            if len(_SCALES) >= MAX_CACHED_SCALES:
+                _SCALES.clear()
+            _SCALES[key] = scale
+    measurement = chain(scale)
+    spent = measurement.map(d_in)
+    within = spent <= target if not isinstance(target, tuple) else (
+        spent[0] <= target[0] and spent[1] <= target[1]
+    )  # fmt: skip
+    if not within:
+        raise AssertionError("the measurement costs more than the budget debited")
     return _Calibrated(measurement, scale)
+
+
+def _cache_key(spec: QuerySpec, records: Records) -> tuple[Any, ...]:
+    """What determines a scale: the query without its column and filters, the input
+    distance, and the number of categories."""
+    shape = spec.model_dump_json(exclude={"column", "where"})
+    categories = len(records.categories) if records.categories is not None else None
+    return (shape, records.contributions, categories)
 
 
 @dataclass(frozen=True)

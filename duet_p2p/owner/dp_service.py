@@ -74,6 +74,13 @@ class DPQueries:
             info = error_info(refusal, op=f"dp.{message.query.statistic}")
             asyncio.ensure_future(self._core._send_error(message.call_id, info))
             return
+        except Exception:  # noqa: BLE001 - e.g. an unwritable ledger: refuse, keep serving
+            log.exception("taking a DP query failed")
+            info = {"code": "remote_error", "type": "DPQueryRefused",
+                    "message": "the owner could not take this query (its privacy ledger "
+                               "failed); nothing was computed or spent"}  # fmt: skip
+            asyncio.ensure_future(self._core._send_error(message.call_id, info))
+            return
         request = self._new_request(message, record, reservation)
         self._reservations[request.request_id] = reservation
         asyncio.ensure_future(self._serve(message, request, record, plan, view))

@@ -173,8 +173,13 @@ class Request:
         if self.dp is not None:
             rows[4:4] = [("Privacy loss", f"epsilon {self.dp.epsilon:g}, delta {self.dp.delta:g}"),
                          *self.dp.budget_rows()]  # fmt: skip
-        if self.checks:
-            rows.insert(3, ("Disclosure checks", "; ".join(self.checks)))
+        checks = list(self.checks)
+        floor = self._queue.min_aggregation if self._queue is not None else 1
+        if self.dp is None and self.aggregation < floor:
+            checks.append(f"subset: summarises {self.aggregation:g} records, below the "
+                          f"minimum {floor:g} (min_aggregation)")  # fmt: skip
+        if checks:
+            rows.insert(3, ("Disclosure checks", "; ".join(checks)))
         if self.error is not None:
             rows.insert(3, ("Failed", self.error))
         if not self.pending:

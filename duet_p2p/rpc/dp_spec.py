@@ -18,6 +18,8 @@ MAX_PREDICATES = 16
 MAX_BINS = 10_000
 MAX_CANDIDATES = 10_000
 MAX_EPSILON_PER_QUERY = 100.0
+MIN_EPSILON_PER_QUERY = 1e-6
+"""Smaller losses give noise so large that OpenDP's calibration can fail."""
 MAX_DELTA = 1e-3
 
 
@@ -54,7 +56,11 @@ class QuerySpec(BaseModel):
     column: ColumnRef | None = None
     where: list[Predicate] = Field(default_factory=list, max_length=MAX_PREDICATES)
     bounds: tuple[Number, Number] | None = None
-    epsilon: Annotated[float, NoBool, Field(gt=0, le=MAX_EPSILON_PER_QUERY, allow_inf_nan=False)]
+    epsilon: Annotated[
+        float,
+        NoBool,
+        Field(ge=MIN_EPSILON_PER_QUERY, le=MAX_EPSILON_PER_QUERY, allow_inf_nan=False),
+    ]
     delta: Annotated[float, NoBool, Field(ge=0, le=MAX_DELTA, allow_inf_nan=False)] = 0.0
     noise: Literal["laplace", "gaussian"] = "laplace"
     bins: (

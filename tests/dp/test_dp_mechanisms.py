@@ -137,3 +137,12 @@ def test_empty_selection_still_releases_a_noisy_value():
         QuerySpec(statistic="histogram", bins=3, bounds=(0.0, 1.0), epsilon=1.0),
     ):
         assert release(spec, empty).value is not None
+
+
+def test_a_tiny_epsilon_cannot_make_the_monitor_allocate_a_huge_resize():
+    """A mean at epsilon 1e-6 gets a noisy count in the millions: the resize is capped."""
+    spec = QuerySpec(statistic="mean", bounds=(0.0, 100.0), epsilon=1e-6)
+    released = release(spec, Records(AGES, 1), max_rows=10_000)
+    assert np.isfinite(released.value)
+    records = int(released.noise.split(" of ")[1].split()[0])
+    assert 1 <= records <= 10_000
