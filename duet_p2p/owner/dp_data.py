@@ -139,7 +139,9 @@ def select(data: torch.Tensor, plan: QueryPlan) -> Records:
     rows = data.shape[0] if data.dim() else 1
     if plan.column is None and not plan.conditions and plan.identifier is None:
         return Records(np.zeros(rows), 1, None)
-    table = data.reshape(rows, -1) if data.dim() != 2 else data
+    if data.dim() > 2:
+        raise AssertionError("plan_query allows columns of 1-D and 2-D datasets only")
+    table = data.reshape(rows, 1) if data.dim() < 2 else data
     keep = np.ones(rows, dtype=bool)
     for condition in plan.conditions:
         keep &= _matches(_as_floats(table[:, condition.column]), condition)

@@ -67,22 +67,45 @@ def release(spec: QuerySpec, records: Records, *, max_rows: int = DEFAULT_MAX_RO
     return Release(value, epsilon, delta, noise)
 
 
+def rehearse(
+    spec: QuerySpec, contributions: int, categories: tuple[str, ...] | None, max_rows: int
+) -> None:
+    """Build and run the query's measurement on two made-up records. A query that cannot
+    run on them (bounds whose sensitivity overflows, bins that collapse, an epsilon too
+    small to calibrate) cannot run on any data: it is refused (ValueError) before it
+    reserves budget, and a failure later can only be a fault, never a property of the
+    data. Also warms the scale cache for the real run."""
+    if categories is not None:
+        values = np.zeros(2)
+    elif spec.bounds is not None:
+        values = np.full(2, spec.bounds[0] / 2 + spec.bounds[1] / 2)
+    else:
+        values = np.zeros(2)
+    try:
+        release(spec, Records(values, contributions, categories), max_rows=max_rows)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the query's own
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"this query cannot be computed with these parameters ({reason})"
+        ) from None
+
+
 # -- the statistics ----------------------------------------------------------------------
 
 _METRIC = dp.symmetric_distance()
 _FLOATS = dp.vector_domain(dp.atom_domain(T=float, nan=True))
 
 
-def _count(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, _rows: int):
+def _count(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, max_rows: int):
     count = dp.t.make_count(_FLOATS, _METRIC, TO=dp.i64)
-    measurement = _calibrate(count, spec, records, epsilon, delta)
+    measurement = _calibrate(count, spec, records, epsilon, delta, max_rows)
     return int(measurement(records.values)), _describe(spec, measurement)
 
 
 def _sum(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, max_rows: int):
     lo, hi = _bounds(spec)
     total = _clamped(lo, hi) >> dp.t.make_bounded_float_checked_sum(max_rows, (lo, hi))
-    measurement = _calibrate(total, spec, records, epsilon, delta)
+    measurement = _calibrate(total, spec, records, epsilon, delta, max_rows)
     return float(measurement(records.values)), _describe(spec, measurement)
 
 
@@ -128,7 +151,7 @@ def _sized(
     )
 
 
-def _histogram(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, _rows: int):
+def _histogram(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, max_rows: int):
     if records.categories is not None:
         codes = np.where(np.isnan(records.values), -1, records.values).astype(np.int64)
         domain = dp.vector_domain(dp.atom_domain(T=dp.i64))
@@ -136,7 +159,7 @@ def _histogram(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decim
             domain, _METRIC, categories=list(range(len(records.categories))),
             null_category=True, MO=_distance(spec), TOA=dp.i64,
         )  # fmt: skip
-        measurement = _calibrate(counting, spec, records, epsilon, delta)
+        measurement = _calibrate(counting, spec, records, epsilon, delta, max_rows)
         counts = [int(c) for c in measurement(codes)]
         value = {"counts": counts[:-1], "categories": list(records.categories),
                  "outside": counts[-1]}  # fmt: skip
@@ -152,13 +175,13 @@ def _histogram(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decim
         categories=list(range(len(edges) + 1)), null_category=False, MO=_distance(spec),
         TOA=dp.i64,
     )  # fmt: skip
-    measurement = _calibrate(counting, spec, records, epsilon, delta)
+    measurement = _calibrate(counting, spec, records, epsilon, delta, max_rows)
     counts = [int(c) for c in measurement(values)]
     value = {"counts": counts[1:-1], "edges": edges, "outside": counts[0] + counts[-1]}
     return value, _describe(spec, measurement)
 
 
-def _quantile(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, _rows: int):
+def _quantile(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal, max_rows: int):
     lo, hi = _bounds(spec)
     candidates = [float(c) for c in np.linspace(lo, hi, spec.candidates)]
     assert spec.q is not None
@@ -168,7 +191,7 @@ def _quantile(spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decima
             dp.max_divergence(), candidates=candidates, alpha=spec.q, scale=scale
         )
 
-    measurement = _searched(chain, _cache_key(spec, records), records.contributions,
+    measurement = _searched(chain, _cache_key(spec, records, max_rows), records.contributions,
                             float_at_most(epsilon))  # fmt: skip
     return float(measurement(records.values)), _describe(spec, measurement)
 
@@ -217,7 +240,12 @@ def _noise(spec: QuerySpec, scale: float) -> Any:
 
 
 def _calibrate(
-    transformation: Any, spec: QuerySpec, records: Records, epsilon: Decimal, delta: Decimal
+    transformation: Any,
+    spec: QuerySpec,
+    records: Records,
+    epsilon: Decimal,
+    delta: Decimal,
+    max_rows: int,
 ) -> _Calibrated:
     """``transformation`` followed by the least noise whose privacy map, at the records'
     input distance, stays within (epsilon, delta)."""
@@ -231,7 +259,8 @@ def _calibrate(
         noisy = transformation >> dp.m.then_gaussian(scale)
         return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(noisy), fixed_delta)
 
-    return _searched(approximate, _cache_key(spec, records), d_in, (target, fixed_delta))
+    key = _cache_key(spec, records, max_rows)
+    return _searched(approximate, key, d_in, (target, fixed_delta))
 
 
 def _laplace(transformation: Any, d_in: int, target: float) -> _Calibrated:
@@ -252,31 +281,68 @@ MAX_CACHED_SCALES = 4096
 
 
 def _searched(chain: Any, key: tuple[Any, ...] | None, d_in: int, target: Any) -> _Calibrated:
-    """OpenDP's binary search for the scale (remembered per query shape: it costs tens of
-    milliseconds), checked against the privacy map each time."""
+    """The least scale whose privacy map fits ``target``, by bisection (remembered per
+    query shape: it costs tens of milliseconds), checked against the privacy map each
+    time."""
     scale = _SCALES.get(key) if key is not None else None
     if scale is None:
-        scale = dp.binary_search_param(chain, d_in=d_in, d_out=target)
+        scale = _bisect(chain, d_in, target)
         if key is not None:
             if len(_SCALES) >= MAX_CACHED_SCALES:
                 _SCALES.clear()
             _SCALES[key] = scale
     measurement = chain(scale)
-    spent = measurement.map(d_in)
-    within = spent <= target if not isinstance(target, tuple) else (
-        spent[0] <= target[0] and spent[1] <= target[1]
-    )  # fmt: skip
-    if not within:
+    if not _within(measurement.map(d_in), target):
         raise AssertionError("the measurement costs more than the budget debited")
     return _Calibrated(measurement, scale)
 
 
-def _cache_key(spec: QuerySpec, records: Records) -> tuple[Any, ...]:
+def _bisect(chain: Any, d_in: int, target: Any) -> float:
+    """Bisection over the noise scale (more noise, less loss). A scale whose chain OpenDP
+    cannot build or account for (its conversions overflow for too little noise) counts as
+    not fitting, so the search never ends on an exception."""
+
+    def fits(scale: float) -> bool:
+        try:
+            return _within(chain(scale).map(d_in), target)
+        except Exception:  # noqa: BLE001 - OpenDP refuses this scale: too small
+            return False
+
+    high = 1.0
+    for _ in range(1100):
+        if fits(high):
+            break
+        high *= 2
+    else:
+        raise ValueError("no noise scale fits this privacy loss")
+    low = high / 2
+    for _ in range(1100):
+        if low == 0 or not fits(low):
+            break
+        high, low = low, low / 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        if fits(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _within(spent: Any, target: Any) -> bool:
+    if isinstance(target, tuple):
+        return bool(spent[0] <= target[0] and spent[1] <= target[1])
+    return bool(spent <= target)
+
+
+def _cache_key(spec: QuerySpec, records: Records, max_rows: int) -> tuple[Any, ...]:
     """What determines a scale: the query without its column and filters, the input
-    distance, and the number of categories."""
+    distance, the number of categories, and the records a sum assumes at most."""
     shape = spec.model_dump_json(exclude={"column", "where"})
     categories = len(records.categories) if records.categories is not None else None
-    return (shape, records.contributions, categories)
+    return (shape, records.contributions, categories, max_rows)
 
 
 @dataclass(frozen=True)

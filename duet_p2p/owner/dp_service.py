@@ -23,7 +23,7 @@ from duet_p2p.errors import BudgetExceeded, InvalidQuery
 from duet_p2p.owner import dp_data, dp_mechanisms
 from duet_p2p.owner.hosted import read_only_view
 from duet_p2p.permissions import Request, RequestStatus
-from duet_p2p.permissions.ledger import Left, PrivacyLedger, Reservation
+from duet_p2p.permissions.ledger import Left, PrivacyLedger, Reservation, exact_text
 from duet_p2p.permissions.request import DPRelease
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.errors import error_info
@@ -62,28 +62,55 @@ class DPQueries:
         try:
             record, plan = self._check(message)
             view = read_only_view(self._core._sealed[record.id])
+        except ValueError as exc:
+            self._refuse(message, InvalidQuery(str(exc)))
+            return
+        asyncio.ensure_future(self._take(message, record, plan, view))
+
+    async def _take(
+        self,
+        message: DPQuery,
+        record: StoredObject,
+        plan: dp_data.QueryPlan,
+        view: torch.Tensor,
+    ) -> None:
+        """Rehearse the query on made-up records (off the event loop), reserve its cost,
+        then register the request and compute it."""
+        statistic = f"dp.{message.query.statistic}"
+        try:
+            await asyncio.to_thread(
+                dp_mechanisms.rehearse, message.query, plan.contributions, plan.categories,
+                self._core.limits.max_dp_rows,
+            )  # fmt: skip
             epsilon, delta = dp_mechanisms.cost(message.query)
-            statistic = f"dp.{message.query.statistic}"
             reservation = self.ledger.reserve(
                 self.client_id, record.tags, epsilon, delta, statistic
             )
-        except (ValueError, BudgetExceeded) as exc:
-            refusal = exc if isinstance(exc, BudgetExceeded) else InvalidQuery(str(exc))
-            self._core.audit.event("dp_refused", client_id=self.client_id,
-                                   dataset=message.dataset, why=str(exc)[:500])  # fmt: skip
-            info = error_info(refusal, op=f"dp.{message.query.statistic}")
-            asyncio.ensure_future(self._core._send_error(message.call_id, info))
+        except ValueError as exc:
+            self._refuse(message, InvalidQuery(str(exc)))
+            return
+        except BudgetExceeded as exc:
+            self._refuse(message, exc)
             return
         except Exception:  # noqa: BLE001 - e.g. an unwritable ledger: refuse, keep serving
             log.exception("taking a DP query failed")
             info = {"code": "remote_error", "type": "DPQueryRefused",
                     "message": "the owner could not take this query (its privacy ledger "
                                "failed); nothing was computed or spent"}  # fmt: skip
-            asyncio.ensure_future(self._core._send_error(message.call_id, info))
+            await self._core._send_error(message.call_id, info)
+            return
+        if self._core._closed:
+            reservation.cancel()
             return
         request = self._new_request(message, record, reservation)
         self._reservations[request.request_id] = reservation
-        asyncio.ensure_future(self._serve(message, request, record, plan, view))
+        await self._serve(message, request, record, plan, view)
+
+    def _refuse(self, message: DPQuery, refusal: Exception) -> None:
+        self._core.audit.event("dp_refused", client_id=self.client_id,
+                               dataset=message.dataset, why=str(refusal)[:500])  # fmt: skip
+        info = error_info(refusal, op=f"dp.{message.query.statistic}")
+        asyncio.ensure_future(self._core._send_error(message.call_id, info))
 
     def _check(self, message: DPQuery) -> tuple[StoredObject, dp_data.QueryPlan]:
         """The dataset and the query's plan, from public facts only (ValueError if not)."""
@@ -191,8 +218,8 @@ class DPQueries:
                 "dp_debit", client_id=debit.client_id, dataset=debit.dataset,
                 request_id=debit.request_id, statistic=debit.statistic,
                 epsilon=str(debit.epsilon), delta=str(debit.delta),
-                epsilon_left=str(left.epsilon) if left else None,
-                delta_left=str(left.delta) if left else None,
+                epsilon_left=exact_text(left.epsilon) if left else None,
+                delta_left=exact_text(left.delta) if left else None,
             )  # fmt: skip
         return None
 

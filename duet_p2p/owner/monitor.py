@@ -71,7 +71,7 @@ def _refusal(op: str, why: str) -> Refused:
 class Group:
     """Objects that may share memory (union-find, with the group's taint at the root)."""
 
-    __slots__ = ("parent", "taint", "owner", "grads", "mode", "__weakref__")
+    __slots__ = ("parent", "taint", "owner", "grads", "mode", "fitted", "__weakref__")
 
     def __init__(self, *, owner: bool = False, grads: bool = False) -> None:
         self.parent: Group | None = None
@@ -83,6 +83,10 @@ class Group:
         """Holds an object the owner hosts."""
         self.grads = grads
         """Holds tensors ``backward`` may accumulate gradients into."""
+        self.fitted: int | None = None
+        """For a module: the fewest records of the private inputs it was called on (rows of
+        a hosted tensor, or its elementwise maps); UNKNOWN_RECORDS once it was called on a
+        private input whose records are not known (a slice, a mask, another output)."""
 
     def root(self) -> Group:
         group = self
@@ -110,7 +114,19 @@ def _union(groups: Iterable[Group]) -> Group:
             first.mode = other.mode if first.mode is None else (None, True)  # unsure: training
         if other.taint is not None:
             first.taint = other.taint if first.taint is None else first.taint.merge(other.taint)
+        first.fitted = _fewer_records(first.fitted, other.fitted)
     return first
+
+
+UNKNOWN_RECORDS = -1
+
+
+def _fewer_records(a: int | None, b: int | None) -> int | None:
+    if a is None or b is None:
+        return b if a is None else a
+    if UNKNOWN_RECORDS in (a, b):
+        return UNKNOWN_RECORDS
+    return min(a, b)
 
 
 @dataclass(slots=True)
@@ -320,6 +336,8 @@ class Monitor:
             raise _refusal(op, "it would modify an object the owner hosts")
         if is_call and self._calls_writing_owner_module(ctx):
             raise _refusal(op, "that module of the owner's changes itself when called")
+        if is_call:
+            self._note_fit(ctx)
         inputs = merged(ctx.labels)
         draws = self._call_draws(ctx) if is_call else (entry is not None and entry.draws)
         if draws:
@@ -446,6 +464,24 @@ class Monitor:
         if not facts.known or facts.inplace:
             written.extend(n.group for n in ctx.nodes if n is not target)
         return written
+
+    def _note_fit(self, ctx: _Context) -> None:
+        """Remember how many records a module was called on (for the model-size check)."""
+        target = _node_of(ctx.action.target, ctx)
+        if target is None:
+            return
+        root = target.group.root()
+        for node, label in zip(ctx.nodes, ctx.labels, strict=True):
+            if node is target or not label.private:
+                continue
+            records = UNKNOWN_RECORDS if label.records is None else label.records
+            root.fitted = _fewer_records(root.fitted, records)
+
+    def records_fitted(self, node: Node) -> int | None:
+        """The fewest records a module was called on, when known (None: not known, or
+        never called on private data)."""
+        fitted = node.group.root().fitted
+        return None if fitted is None or fitted == UNKNOWN_RECORDS else fitted
 
     def _call_draws(self, ctx: _Context) -> bool:
         """Whether a module call may draw from the generator (dropout while training)."""

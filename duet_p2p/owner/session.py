@@ -164,6 +164,8 @@ class _Held:
     max_bytes: int | None
     private: bool = True
     """Which budget it is held in (private values' sizes are private)."""
+    dp: bool = False
+    """A DP release, held in a budget of its own (see ``_hold_value``)."""
 
 
 class OwnerCore:
@@ -212,6 +214,8 @@ class OwnerCore:
         """The nodes of each batch sent to the worker and not yet done, in order."""
         """Failures the worker reported, by object (released only as labels allow)."""
         self._sealed: dict[str, SealedTensor] = {}
+        self._fitted: dict[str, int | None] = {}
+        """For a module's request: the records it was fitted on, as the monitor knows them."""
         self._held: dict[str, _Held] = {}
         self._gets: dict[str, GetRequest | DPQuery] = {}
         self._snaps: dict[str, asyncio.Event] = {}
@@ -221,6 +225,8 @@ class OwnerCore:
         """Bytes of private values held for requests awaiting a decision (their sizes are
         private, so this budget is kept apart from anything the peer can observe)."""
         self.public_held_bytes = 0
+        self.dp_held_bytes = 0
+        """Bytes of DP releases awaiting a decision."""
         """Bytes of public values on their way out (their own budget, for the same reason)."""
         self.queued_bytes = 0
         """Bytes of uploads waiting for the monitor."""
@@ -597,6 +603,8 @@ class OwnerCore:
             return
         label = self.monitor.label(node)
         request = self._new_request(message, node, label)
+        if node.kind == "module":
+            self._fitted[request.request_id] = self.monitor.records_fitted(node)
         snap = self.worker.ask({"t": "snap", "id": node.id}, (SNAP_SECONDS, "preparing a value"))
         if message.delete:
             self._free([node.id])
@@ -690,20 +698,21 @@ class OwnerCore:
         return _Held(payload, bool(head.get("module")), None, max_bytes, private)
 
     def _hold_value(self, payload: bytes) -> _Held:
-        """A private value computed in the monitor itself (a DP release), held for its
-        request."""
-        if self.held_bytes + len(payload) > self.limits.max_pending_bytes:
-            return self._hold_failure(_refused_info(
-                "dp", "the owner's memory for values awaiting a decision is used up"))  # fmt: skip
-        self.held_bytes += len(payload)
-        return _Held(bytearray(payload), False, None, None, True)
+        """A DP release computed in the monitor, held for its request. Never refused for
+        room: a refusal that depended on the private values held beside it would tell of
+        them. It needs no cap of its own: its size follows from the query (at most
+        ``MAX_BINS`` counts), and pending requests are capped in number."""
+        self.dp_held_bytes += len(payload)
+        return _Held(bytearray(payload), False, None, None, True, dp=True)
 
     def _hold_failure(self, info: dict[str, Any]) -> _Held:
         return _Held(None, False, _clean_error(info), None, True)
 
     def _release_hold(self, held: _Held) -> None:
         if held.payload is not None:
-            if held.private:
+            if held.dp:
+                self.dp_held_bytes -= len(held.payload)
+            elif held.private:
                 self.held_bytes -= len(held.payload)
             else:
                 self.public_held_bytes -= len(held.payload)
@@ -729,20 +738,9 @@ class OwnerCore:
         else:
             elements = elements_of(value)
             request.elements = int(min(elements, 2**62))
+        fitted = self._fitted.pop(request.request_id, None)
         if request.dp is None and not math.isinf(request.aggregation):
-            request.checks = self.disclosure.check(value, request.ops,
-                                                   self._records_of(request.tags))  # fmt: skip
-
-    def _records_of(self, tags: frozenset[str]) -> int | None:
-        """The fewest rows among the hosted private tensors carrying any of ``tags``: at
-        most how many records a value deriving from them was fitted on (None: none)."""
-        rows = [
-            self._sealed[record.id].shape[0]
-            for record in self.store.owner_records()
-            if record.private and record.id in self._sealed and set(record.tags) & tags
-            and self._sealed[record.id].shape
-        ]  # fmt: skip
-        return min(rows) if rows else None
+            request.checks = self.disclosure.check(value, request.ops, fitted)
 
     def _decode(self, held: _Held, *, borrow: bool = False) -> Any:
         """The held value, decoded under strict limits; ``borrow``: tensors view the held

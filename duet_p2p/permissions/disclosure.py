@@ -20,18 +20,15 @@ from typing import Any
 
 import torch
 
-from duet_p2p.lineage import name_of
-
-COUNTING_OPS = frozenset(
-    "bincount histc histogram histogramdd unique unique_consecutive count_nonzero".split()
+COMBINING_OPS = frozenset(
+    """sum nansum mean nanmean cumsum count_nonzero bincount histc histogram histogramdd
+    unique unique_consecutive one_hot matmul mm mv bmm dot vdot inner outer einsum
+    tensordot addmm addmv addbmm baddbmm linear bilinear trace conv1d conv2d conv3d
+    """.split()
 )
-"""Ops whose results count records per cell."""
-COMPARISON_OPS = frozenset(
-    "eq ne gt ge lt le greater greater_equal less less_equal not_equal isin isnan isinf "
-    "isfinite isneginf isposinf logical_and logical_or logical_not logical_xor".split()
-)
-"""Ops that turn records into 0/1 indicators: summing them counts records."""
-SUMS = frozenset("sum nansum".split())
+"""Ops that can add records together. A whole-numbered value made with any of them may be
+a count, however the indicators were made (comparisons, clamps, ``relu``, ``one_hot``) and
+whatever came after (``* 1``): it is checked as a table of counts."""
 MAX_ITEMS = 100_000
 """Items of a released sequence looked at (a longer one is not a table of counts)."""
 
@@ -44,8 +41,9 @@ class DisclosureRules:
     """A table of counts (a histogram, ``bincount``, a sum of 0/1 indicators) with a
     nonzero cell below this is withheld from auto-accept."""
     max_parameter_ratio: float | None = 0.33
-    """A model with more parameters than this times the records it derives from is
-    withheld from auto-accept (DataSHIELD's default for regressions is 0.33)."""
+    """A model with more parameters than this times the records it was called on (whole
+    hosted datasets; a slice or a batch counts as unknown) is withheld from auto-accept
+    (DataSHIELD's default for regressions is 0.33)."""
 
     def __post_init__(self) -> None:
         cell = self.min_cell_count
@@ -57,9 +55,10 @@ class DisclosureRules:
 
     def check(self, value: Any, ops: tuple[str, ...], records: int | None) -> tuple[str, ...]:
         """The checks ``value`` (about to be released, made by ``ops``) fails; ``records``:
-        how many records it derives from at most (None: not known)."""
+        for a model, the fewest records it was called on (None: not known, e.g. batches
+        sliced from a dataset, so the check fires)."""
         fired: list[str] = []
-        if self.min_cell_count is not None and is_count_table(ops):
+        if self.min_cell_count is not None and is_count_table(ops, value):
             smallest = smallest_cell(_count_part(value, ops))
             if smallest is not None and math.isnan(smallest):
                 fired.append("cell count: the table could not be checked")
@@ -71,8 +70,8 @@ class DisclosureRules:
         if self.max_parameter_ratio is not None and isinstance(value, torch.nn.Module):
             parameters = sum(p.numel() for p in value.parameters())
             if records is None:
-                fired.append(f"model size: {parameters} parameters, trained on records "
-                             "whose number is not known")  # fmt: skip
+                fired.append(f"model size: {parameters} parameters, fitted on a selection "
+                             "of records whose number is not known")  # fmt: skip
             elif parameters > self.max_parameter_ratio * records:
                 fired.append(
                     f"model size: {parameters} parameters for {records} records, above the "
@@ -81,14 +80,35 @@ class DisclosureRules:
         return tuple(fired)
 
 
-def is_count_table(ops: tuple[str, ...]) -> bool:
-    """Whether a value made by ``ops`` counts records: a counting op, or a sum of
-    indicators."""
-    shorts = [op.rpartition(".")[2].strip("_") for op in ops]
-    if any(short in COUNTING_OPS for short in shorts):
+def is_count_table(ops: tuple[str, ...], value: Any) -> bool:
+    """Whether a value made by ``ops`` may count records: an op that adds records together
+    made it, and its numbers are whole."""
+    shorts = {op.rpartition(".")[2].strip("_") for op in ops}
+    return bool(shorts & COMBINING_OPS) and whole_numbers(_count_part(value, ops))
+
+
+def whole_numbers(value: Any, depth: int = 0) -> bool:
+    """Every number in ``value`` is a whole number (a value too large to look at counts)."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        if not (flat.is_floating_point() or flat.is_complex()):
+            return True
+        flat = flat.to(torch.complex128) if flat.is_complex() else flat.to(torch.float64)
+        finite = flat[torch.isfinite(flat)]
+        if finite.is_complex():
+            return bool(
+                torch.all(finite.imag == 0) and torch.all(finite.real == finite.real.round())
+            )
+        return bool(torch.all(finite == finite.round()))
+    if isinstance(value, bool | int):
         return True
-    last = name_of(ops) if ops else ""
-    return last in SUMS and any(short in COMPARISON_OPS for short in shorts)
+    if isinstance(value, float):
+        return not math.isfinite(value) or value == round(value)
+    if isinstance(value, tuple | list):
+        if depth >= 8 or len(value) > MAX_ITEMS:
+            return True
+        return all(whole_numbers(item, depth + 1) for item in value)
+    return False
 
 
 def smallest_cell(value: Any, depth: int = 0) -> float | None:

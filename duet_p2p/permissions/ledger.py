@@ -9,8 +9,9 @@ the value leaves) when the release is accepted, or is returned when it is not.
 
 Releases compose sequentially: a scientist's spend on a dataset is the sum of the (epsilon,
 delta) of its releases, each the privacy map OpenDP computed for that measurement. Amounts
-are kept as exact decimals, so ten queries of 0.1 fit a budget of 1.0 exactly, and no
-rounding ever lets a release through that the budget does not cover.
+are stored as exact decimals and added as exact fractions, so ten queries of 0.1 fit a
+budget of 1.0 exactly, and no rounding ever lets a release through that the budget does
+not cover (however small or many the amounts).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal, localcontext
+from fractions import Fraction
 from pathlib import Path
 
 from duet_p2p.errors import BudgetExceeded, DuetError
@@ -90,15 +92,25 @@ class Cap:
 @dataclass(frozen=True)
 class Left:
     """What is left of the budgets one scientist has on one dataset (the tighter of the
-    scientist's own and the shared total)."""
+    scientist's own and the shared total), as exact fractions."""
 
     dataset: str
-    epsilon: Decimal
-    delta: Decimal
-    epsilon_budget: Decimal
-    epsilon_spent: Decimal
-    delta_budget: Decimal
-    delta_spent: Decimal
+    epsilon: Fraction
+    delta: Fraction
+    epsilon_budget: Fraction
+    epsilon_spent: Fraction
+    delta_budget: Fraction
+    delta_spent: Fraction
+
+
+def exact_text(value: Fraction | Decimal) -> str:
+    """An amount as a decimal string, to 28 significant digits rounded down (what is shown
+    as left is never more than what is left)."""
+    fraction = Fraction(value)
+    with localcontext() as context:
+        context.rounding = ROUND_FLOOR
+        text = str(Decimal(fraction.numerator) / Decimal(fraction.denominator))
+    return text
 
 
 @dataclass(frozen=True)
@@ -295,12 +307,12 @@ class PrivacyLedger:
             left = self._left(db, client_id, name, exclude)
             if left is None:
                 continue
-            if epsilon > left.epsilon or delta > left.delta:
-                what = "epsilon" if epsilon > left.epsilon else "delta"
+            if Fraction(epsilon) > left.epsilon or Fraction(delta) > left.delta:
+                what = "epsilon" if Fraction(epsilon) > left.epsilon else "delta"
                 raise BudgetExceeded(
                     f"this query needs {what} {epsilon if what == 'epsilon' else delta} but "
-                    f"only epsilon {left.epsilon}, delta {left.delta} is left of your privacy "
-                    f"budget on {name!r}",
+                    f"only epsilon {exact_text(left.epsilon)}, delta {exact_text(left.delta)} "
+                    f"is left of your privacy budget on {name!r}",
                     dataset=name,
                     remaining_epsilon=float(left.epsilon),
                 )
@@ -319,7 +331,7 @@ class PrivacyLedger:
         self, db: sqlite3.Connection, client_id: str, dataset: str, exclude: Reservation | None
     ) -> Left | None:
         rows = dict(
-            (scope, (Decimal(e), Decimal(d)))
+            (scope, (Fraction(Decimal(e)), Fraction(Decimal(d))))
             for scope, e, d in db.execute(
                 "SELECT scope, epsilon, delta FROM budgets WHERE dataset = ?", (dataset,)
             )
@@ -332,14 +344,14 @@ class PrivacyLedger:
         held_own = self._held(dataset, client_id, exclude)
         spent_all = self._spent(db, dataset, None)
         held_all = self._held(dataset, None, exclude)
-        limits: list[tuple[Decimal, Decimal, Decimal, Decimal]] = []
+        limits: list[tuple[Fraction, Fraction, Fraction, Fraction]] = []
         if own is not None:
             limits.append((own[0], own[1], spent_own[0] + held_own[0], spent_own[1] + held_own[1]))
         if total is not None:
             limits.append((total[0], total[1], spent_all[0] + held_all[0],
                            spent_all[1] + held_all[1]))  # fmt: skip
-        epsilon_left = min(max(Decimal(0), cap - used) for cap, _, used, _ in limits)
-        delta_left = min(max(Decimal(0), cap - used) for _, cap, _, used in limits)
+        epsilon_left = min(max(Fraction(0), cap - used) for cap, _, used, _ in limits)
+        delta_left = min(max(Fraction(0), cap - used) for _, cap, _, used in limits)
         budget = own if own is not None else total
         assert budget is not None
         return Left(dataset, epsilon_left, delta_left, budget[0], spent_own[0], budget[1],
@@ -347,7 +359,7 @@ class PrivacyLedger:
 
     def _spent(
         self, db: sqlite3.Connection, dataset: str, client_id: str | None
-    ) -> tuple[Decimal, Decimal]:
+    ) -> tuple[Fraction, Fraction]:
         if client_id is None:
             rows = db.execute("SELECT epsilon, delta FROM spends WHERE dataset = ?", (dataset,))
         else:
@@ -355,22 +367,22 @@ class PrivacyLedger:
                 "SELECT epsilon, delta FROM spends WHERE dataset = ? AND client_id = ?",
                 (dataset, client_id),
             )
-        epsilon = delta = Decimal(0)
+        epsilon = delta = Fraction(0)
         for e, d in rows:
-            epsilon += Decimal(e)
-            delta += Decimal(d)
+            epsilon += Fraction(Decimal(e))
+            delta += Fraction(Decimal(d))
         return epsilon, delta
 
     def _held(
         self, dataset: str, client_id: str | None, exclude: Reservation | None
-    ) -> tuple[Decimal, Decimal]:
-        epsilon = delta = Decimal(0)
+    ) -> tuple[Fraction, Fraction]:
+        epsilon = delta = Fraction(0)
         for reservation in self._reserved.values():
             if reservation is exclude or dataset not in reservation.datasets:
                 continue
             if client_id is None or reservation.client_id == client_id:
-                epsilon += reservation.epsilon
-                delta += reservation.delta
+                epsilon += Fraction(reservation.epsilon)
+                delta += Fraction(reservation.delta)
         return epsilon, delta
 
     @contextmanager
@@ -403,10 +415,11 @@ class LedgerTable(TableView):
                 # spend of scientists with their own budget counts there, not here
                 own = {c.scope for c in self._ledger.caps() if c.dataset == cap.dataset}
                 mine = [d for d in mine if _scientist_scope(d.client_id) not in own]
-            spent = sum((d.epsilon for d in mine), Decimal(0))
+            spent = sum((Fraction(d.epsilon) for d in mine), Fraction(0))
+            spent_delta = sum((Fraction(d.delta) for d in mine), Fraction(0))
             scientists = len({d.client_id for d in mine})
-            rows.append([cap.dataset, _scope_text(cap.scope), str(cap.epsilon), str(spent),
-                         str(cap.delta), str(sum((d.delta for d in mine), Decimal(0))),
+            rows.append([cap.dataset, _scope_text(cap.scope), str(cap.epsilon),
+                         exact_text(spent), str(cap.delta), exact_text(spent_delta),
                          scientists, format_clock(mine[-1].at) if mine else ""])  # fmt: skip
         columns = ["Dataset", "Applies to", "Epsilon", "Epsilon Spent", "Delta", "Delta Spent",
                    "Scientists", "Last Spend"]  # fmt: skip

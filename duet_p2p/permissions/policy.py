@@ -108,6 +108,8 @@ class Handler:
         if self.dp is not None and self.dp != (release is not None):
             return False
         if release is not None:
+            if getattr(request, "error", None) is not None:
+                return False  # a failed DP computation is the owner's to look at
             if self.max_epsilon is not None and not release.epsilon <= self.max_epsilon:
                 return False
             if self.max_delta is not None and not release.delta <= self.max_delta:
