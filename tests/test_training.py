@@ -152,7 +152,9 @@ def test_minibatches_by_index_and_evaluation_accuracy(data_pair: Pair) -> None:
     with scientist.no_grad():
         model_ptr.eval()
         accuracy = (model_ptr(x).argmax(dim=1) == y).float().mean().item()
-    owner.requests.add_handler("accept", op="mean", max_elements=1)
+    # an accuracy is a proportion of correct answers: a rescaled count, which the
+    # disclosure checks cannot read, so the owner's rule opts out of them explicitly
+    owner.requests.add_handler("accept", op="mean", max_elements=1, ignore_disclosure_checks=True)
     assert accuracy.get(reason="accuracy", timeout_secs=WAIT) > 0.9
 
 

@@ -78,11 +78,14 @@ class DPQueries:
         then register the request and compute it."""
         statistic = f"dp.{message.query.statistic}"
         try:
-            await asyncio.to_thread(
-                dp_mechanisms.rehearse, message.query, plan.contributions, plan.categories,
-                self._core.limits.max_dp_rows,
-            )  # fmt: skip
             epsilon, delta = dp_mechanisms.cost(message.query)
+            # over budget: refused before any work (reserved for real below)
+            self.ledger.reserve(self.client_id, record.tags, epsilon, delta, statistic).cancel()
+            async with self._computing:
+                await asyncio.to_thread(
+                    dp_mechanisms.rehearse, message.query, plan.contributions,
+                    plan.categories, self._core.limits.max_dp_rows,
+                )  # fmt: skip
             reservation = self.ledger.reserve(
                 self.client_id, record.tags, epsilon, delta, statistic
             )

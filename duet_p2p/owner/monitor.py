@@ -84,9 +84,9 @@ class Group:
         self.grads = grads
         """Holds tensors ``backward`` may accumulate gradients into."""
         self.fitted: int | None = None
-        """For a module: the fewest records of the private inputs it was called on (rows of
-        a hosted tensor, or its elementwise maps); UNKNOWN_RECORDS once it was called on a
-        private input whose records are not known (a slice, a mask, another output)."""
+        """For a module: the fewest records of the private data that reached it, by a call
+        or by a write (rows of a hosted tensor, or its elementwise maps); UNKNOWN_RECORDS
+        once anything else did (a slice, a batch, a loss's gradients, a copied record)."""
 
     def root(self) -> Group:
         group = self
@@ -337,7 +337,7 @@ class Monitor:
         if is_call and self._calls_writing_owner_module(ctx):
             raise _refusal(op, "that module of the owner's changes itself when called")
         if is_call:
-            self._note_fit(ctx)
+            self._note_fit(ctx, written)
         inputs = merged(ctx.labels)
         draws = self._call_draws(ctx) if is_call else (entry is not None and entry.draws)
         if draws:
@@ -346,8 +346,8 @@ class Monitor:
                 self.version += 1
             inputs = inputs.merge(self.rng)
         label = result_label(ctx, inputs) if not draws else _plain(inputs)
-        for group in written:
-            self._taint(group, inputs)
+        for group in written:  # a call's own inputs were counted by _note_fit
+            self._taint(group, inputs, fit=not is_call)
         if effect is Effect.GRADIENTS:
             # gradients land in every leaf the graph reaches, and the graph is freed for
             # every tensor it runs through: whether that happened is the backward's secret
@@ -465,16 +465,21 @@ class Monitor:
             written.extend(n.group for n in ctx.nodes if n is not target)
         return written
 
-    def _note_fit(self, ctx: _Context) -> None:
-        """Remember how many records a module was called on (for the model-size check)."""
+    def _note_fit(self, ctx: _Context, written: list[Group]) -> None:
+        """Remember how many records a module was called on (for the model-size check). A
+        call that writes into the module (running statistics, ``max_norm``) keeps
+        aggregates of its input there, which two such modules can difference: its records
+        count as unknown."""
         target = _node_of(ctx.action.target, ctx)
         if target is None:
             return
         root = target.group.root()
+        writes_itself = any(group.root() is root for group in written)
         for node, label in zip(ctx.nodes, ctx.labels, strict=True):
             if node is target or not label.private:
                 continue
-            records = UNKNOWN_RECORDS if label.records is None else label.records
+            known = label.records is not None and not writes_itself
+            records = label.records if known else UNKNOWN_RECORDS
             root.fitted = _fewer_records(root.fitted, records)
 
     def records_fitted(self, node: Node) -> int | None:
@@ -536,9 +541,12 @@ class Monitor:
             return _union([n.group for n in aliased]) if aliased else self._new_group()
         return _union([n.group for n in ctx.nodes]) if ctx.nodes else self._new_group()
 
-    def _taint(self, group: Group, label: Label) -> None:
+    def _taint(self, group: Group, label: Label, *, fit: bool = True) -> None:
         """Something with ``label`` wrote into ``group``: every member is at least that now."""
         root = group.root()
+        if fit and label.private:  # private data reached it other than by a call
+            records = UNKNOWN_RECORDS if label.records is None else label.records
+            root.fitted = _fewer_records(root.fitted, records)
         if root.taint is None or not root.taint.covers(label):
             root.taint = label if root.taint is None else root.taint.merge(label)
             self.version += 1

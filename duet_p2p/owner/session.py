@@ -740,7 +740,7 @@ class OwnerCore:
             request.elements = int(min(elements, 2**62))
         fitted = self._fitted.pop(request.request_id, None)
         if request.dp is None and not math.isinf(request.aggregation):
-            request.checks = self.disclosure.check(value, request.ops, fitted)
+            request.checks = self.disclosure.check(value, request.ops, fitted, request.aggregation)
 
     def _decode(self, held: _Held, *, borrow: bool = False) -> Any:
         """The held value, decoded under strict limits; ``borrow``: tensors view the held

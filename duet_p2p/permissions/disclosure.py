@@ -20,15 +20,24 @@ from typing import Any
 
 import torch
 
+from duet_p2p.allowlist_effects import STEPS
+
 COMBINING_OPS = frozenset(
     """sum nansum mean nanmean cumsum count_nonzero bincount histc histogram histogramdd
-    unique unique_consecutive one_hot matmul mm mv bmm dot vdot inner outer einsum
+    unique unique_consecutive matmul mm mv bmm dot vdot inner outer einsum
     tensordot addmm addmv addbmm baddbmm linear bilinear trace conv1d conv2d conv3d
     """.split()
 )
-"""Ops that can add records together. A whole-numbered value made with any of them may be
-a count, however the indicators were made (comparisons, clamps, ``relu``, ``one_hot``) and
-whatever came after (``* 1``): it is checked as a table of counts."""
+"""Ops that can add records together: after indicators of records, they count them."""
+INDICATOR_OPS = STEPS | frozenset(
+    """clamp clamp_min clamp_max clip relu relu6 hardtanh abs absolute one_hot heaviside
+    where masked_fill isin minimum maximum fmin fmax bincount histc histogram histogramdd
+    unique unique_consecutive count_nonzero""".split()
+)
+"""Ops that make indicators of records (or count them): with a combining op after them,
+the value is a count, or a count rescaled (``* 0.5``, ``+ 0.5``, a mean)."""
+MEANS = frozenset("mean nanmean".split())
+WHOLE_TOLERANCE = 1e-6
 MAX_ITEMS = 100_000
 """Items of a released sequence looked at (a longer one is not a table of counts)."""
 
@@ -53,20 +62,16 @@ class DisclosureRules:
         if ratio is not None and not (isinstance(ratio, (int, float)) and ratio > 0):
             raise ValueError("max_parameter_ratio must be a positive number or None")
 
-    def check(self, value: Any, ops: tuple[str, ...], records: int | None) -> tuple[str, ...]:
+    def check(
+        self, value: Any, ops: tuple[str, ...], records: int | None, aggregation: float = 1.0
+    ) -> tuple[str, ...]:
         """The checks ``value`` (about to be released, made by ``ops``) fails; ``records``:
-        for a model, the fewest records it was called on (None: not known, e.g. batches
-        sliced from a dataset, so the check fires)."""
+        for a model, the fewest records it was fitted on (None: not known, e.g. batches
+        sliced from a dataset or gradients of a loss, so the check fires); ``aggregation``:
+        the records each number summarises, as the monitor counted them."""
         fired: list[str] = []
-        if self.min_cell_count is not None and is_count_table(ops, value):
-            smallest = smallest_cell(_count_part(value, ops))
-            if smallest is not None and math.isnan(smallest):
-                fired.append("cell count: the table could not be checked")
-            elif smallest is not None and smallest < self.min_cell_count:
-                fired.append(
-                    f"cell count: a cell counts {smallest:g} records, below the minimum "
-                    f"{self.min_cell_count}"
-                )
+        if self.min_cell_count is not None:
+            fired.extend(self._cells(value, ops, aggregation))
         if self.max_parameter_ratio is not None and isinstance(value, torch.nn.Module):
             parameters = sum(p.numel() for p in value.parameters())
             if records is None:
@@ -79,12 +84,77 @@ class DisclosureRules:
                 )
         return tuple(fired)
 
+    def _cells(self, value: Any, ops: tuple[str, ...], aggregation: float) -> list[str]:
+        assert self.min_cell_count is not None
+        if not is_count_like(ops):
+            return []
+        part = _count_part(value, ops)
+        if whole_numbers(part):
+            return self._smallest(smallest_cell(part))
+        if _bare_proportion(ops) and math.isfinite(aggregation) and aggregation > 1:
+            counts = _scaled(part, aggregation)
+            if counts is not None:  # a proportion of N records: N * p and N * (1 - p)
+                return self._smallest(smallest_cell(counts)) or self._smallest(
+                    smallest_cell(_scaled(1 - _as_tensor(part), aggregation))
+                )
+        return ["cell count: a count rescaled to fractions cannot be checked"]
 
-def is_count_table(ops: tuple[str, ...], value: Any) -> bool:
-    """Whether a value made by ``ops`` may count records: an op that adds records together
-    made it, and its numbers are whole."""
+    def _smallest(self, smallest: float | None) -> list[str]:
+        assert self.min_cell_count is not None
+        if smallest is not None and math.isnan(smallest):
+            return ["cell count: the table could not be checked"]
+        if smallest is not None and smallest < self.min_cell_count:
+            return [f"cell count: a cell counts {smallest:g} records, below the minimum "
+                    f"{self.min_cell_count}"]  # fmt: skip
+        return []
+
+
+CONVERSIONS = frozenset(
+    "float double half bfloat16 to item tolist clone detach contiguous cpu squeeze "
+    "flatten reshape view".split()
+)
+
+
+def _bare_proportion(ops: tuple[str, ...]) -> bool:
+    """The lineage ends with indicators, then only conversions, then a mean, then only
+    conversions: a proportion whose counts ``records * p`` can be read back. Any other
+    step (``* 3`` before or after the mean, ``+ 0.2``) makes it unreadable."""
+    shorts = [op.rpartition(".")[2].strip("_") for op in ops]
+    while shorts and shorts[-1] in CONVERSIONS:
+        shorts.pop()
+    if not shorts or shorts[-1] not in MEANS:
+        return False
+    shorts.pop()
+    while shorts and shorts[-1] in CONVERSIONS:
+        shorts.pop()
+    return bool(shorts) and shorts[-1] in STEPS
+
+
+def is_count_like(ops: tuple[str, ...]) -> bool:
+    """Indicators of records (a comparison, a clamp, ``one_hot``) combined over records,
+    however they were made and whatever came after (``* 1``): a count, or a table of
+    counts. A value made so is checked cell by cell when its numbers are whole."""
     shorts = {op.rpartition(".")[2].strip("_") for op in ops}
-    return bool(shorts & COMBINING_OPS) and whole_numbers(_count_part(value, ops))
+    return bool(shorts & INDICATOR_OPS) and bool(shorts & COMBINING_OPS)
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64)
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def _scaled(value: Any, records: float) -> torch.Tensor | None:
+    """``value * records`` when those are whole numbers (a mean of indicators), else None."""
+    try:
+        counts = _as_tensor(value) * records
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if counts.numel() == 0 or not bool(torch.all(torch.isfinite(counts))):
+        return None
+    if not bool(torch.all((counts - counts.round()).abs() <= WHOLE_TOLERANCE * records)):
+        return None
+    return counts.round()
 
 
 def whole_numbers(value: Any, depth: int = 0) -> bool:

@@ -62,6 +62,10 @@ class Handler:
     """Matches a DP release of at most this epsilon (implies ``dp=True``)."""
     max_delta: float | None = None
     """Matches a DP release of at most this delta (implies ``dp=True``)."""
+    ignore_disclosure_checks: bool = False
+    """Accept an exact release even when a disclosure check fired (a rescaled count, a
+    small cell, a model whose records are not known): the owner's explicit choice for
+    values such as a model's test accuracy, which is a proportion of a few records."""
     matched: int = 0
     """How many requests this handler has decided."""
 
@@ -116,7 +120,9 @@ class Handler:
                 return False
         elif self.action == "accept":
             floor = min_aggregation if self.min_aggregation is None else self.min_aggregation
-            if not (request.aggregation >= floor) or getattr(request, "checks", ()):
+            if not (request.aggregation >= floor):
+                return False
+            if getattr(request, "checks", ()) and not self.ignore_disclosure_checks:
                 return False
         if self.tags is not None and not self.tags <= request.tags:
             return False

@@ -351,6 +351,7 @@ class RequestQueue(TableView):
         dp: bool | None = None,
         max_epsilon: float | None = None,
         max_delta: float | None = None,
+        ignore_disclosure_checks: bool = False,
     ) -> Handler:
         """Append an auto-decision rule (see Handler); it applies to pending requests too.
 
@@ -372,6 +373,7 @@ class RequestQueue(TableView):
             dp=dp,
             max_epsilon=max_epsilon,
             max_delta=max_delta,
+            ignore_disclosure_checks=ignore_disclosure_checks,
         )
         decided: list[Request] = []
         with self._lock:

@@ -7,8 +7,10 @@ it, accepts a request. The rules a careful owner sets for a remote training sess
 * the test accuracy: a single number, a mean whose lineage reaches the test labels, a
   few times at most. The session's minimum aggregation (100 records) counts only sums and
   means straight over the owner's records, so a model's accuracy counts as one record;
-  this handler accepts it by its op and tags instead (``min_aggregation=1``), and
-  everything else still needs 100 records per number;
+  this handler accepts it by its op and tags instead (``min_aggregation=1``; and,
+  since an accuracy is a rescaled count of correct answers, which the disclosure checks
+  cannot read, ``ignore_disclosure_checks=True``), and everything else still needs 100
+  records per number;
 * the trained model, once: an ``nn.Module`` of modest size that never saw the test set
   (its lineage carries no test tag); the weights are a summary of the training set, but
   a model can memorise its data, so the owner caps its size and counts the releases;
@@ -94,7 +96,7 @@ def set_policy(duet: sy.Duet) -> ReleaseTrainedModel:
     requests = duet.requests
     requests.add_handler(
         "accept", op="mean", tags=[TEST_LABELS], max_elements=1, max_requests=3,
-        name="test accuracy", min_aggregation=1,
+        name="test accuracy", min_aggregation=1, ignore_disclosure_checks=True,
     )  # fmt: skip
     release_model = ReleaseTrainedModel(MAX_MODEL_PARAMETERS, {TEST_IMAGES, TEST_LABELS})
     requests.add_callback(release_model)
