@@ -83,8 +83,15 @@ def rehearse(
         values = np.zeros(2)
     # a mean or variance resizes to its noisy count: two made-up records need little room
     rows = min(max_rows, 16) if spec.statistic in ("mean", "variance") else max_rows
+    records = Records(values, contributions, categories)
+    key = (_cache_key(spec, records, max_rows), spec.q, repr(spec.bins))
+    if key in _REHEARSED:
+        return
     try:
-        release(spec, Records(values, contributions, categories), max_rows=rows)
+        release(spec, records, max_rows=rows)
+        if len(_REHEARSED) >= MAX_CACHED_SCALES:
+            _REHEARSED.clear()
+        _REHEARSED.add(key)
     except Exception as exc:  # noqa: BLE001 - any failure here is the query's own
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ValueError(
@@ -279,6 +286,8 @@ def _laplace(transformation: Any, d_in: int, target: float) -> _Calibrated:
 
 
 _SCALES: dict[tuple[Any, ...], float] = {}
+_REHEARSED: set[tuple[Any, ...]] = set()
+"""Query shapes already rehearsed (their measurement is built from these alone)."""
 MAX_CACHED_SCALES = 4096
 
 

@@ -77,25 +77,29 @@ class DPQueries:
         """Rehearse the query on made-up records (off the event loop), reserve its cost,
         then register the request and compute it."""
         statistic = f"dp.{message.query.statistic}"
+        reservation: Reservation | None = None
         try:
             epsilon, delta = dp_mechanisms.cost(message.query)
-            # over budget: refused before any work (reserved for real below)
-            self.ledger.reserve(self.client_id, record.tags, epsilon, delta, statistic).cancel()
+            # over budget: refused before any work; returned if the rehearsal fails
+            reservation = self.ledger.reserve(
+                self.client_id, record.tags, epsilon, delta, statistic
+            )
             async with self._computing:
                 await asyncio.to_thread(
                     dp_mechanisms.rehearse, message.query, plan.contributions,
                     plan.categories, self._core.limits.max_dp_rows,
                 )  # fmt: skip
-            reservation = self.ledger.reserve(
-                self.client_id, record.tags, epsilon, delta, statistic
-            )
         except ValueError as exc:
+            if reservation is not None:
+                reservation.cancel()
             self._refuse(message, InvalidQuery(str(exc)))
             return
         except BudgetExceeded as exc:
             self._refuse(message, exc)
             return
         except Exception:  # noqa: BLE001 - e.g. an unwritable ledger: refuse, keep serving
+            if reservation is not None:
+                reservation.cancel()
             log.exception("taking a DP query failed")
             info = {"code": "remote_error", "type": "DPQueryRefused",
                     "message": "the owner could not take this query (its privacy ledger "

@@ -160,10 +160,12 @@ class PrivacyLedger:
         self.path = Path(path) if path is not None else data_dir() / LEDGER_FILE
         self._lock = threading.RLock()
         self._reserved: dict[int, Reservation] = {}
+        self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
             db.executescript(_SCHEMA)
 
     # -- the owner's settings ----------------------------------------------------------
@@ -387,11 +389,14 @@ class PrivacyLedger:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            yield db
-        finally:
-            db.close()
+        """This thread's connection (kept open: opening one costs more than a query).
+        Every write is its own transaction, synced to disk before it returns."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        yield db
 
     # -- views -------------------------------------------------------------------------
 
