@@ -15,23 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from duet_p2p.errors import BudgetExceeded, InvalidQuery
+from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import dp_data, dp_mechanisms
-from duet_p2p.owner.hosted import read_only_view
-from duet_p2p.permissions import Request, RequestStatus
+from duet_p2p.owner.hosted import SealedTensor, read_only_view
+from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
 from duet_p2p.permissions.ledger import Left, PrivacyLedger, Reservation, exact_text
 from duet_p2p.permissions.request import DPRelease
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import BudgetQuery, DPQuery
 from duet_p2p.store import StoredObject, new_object_id
-
-if TYPE_CHECKING:
-    from duet_p2p.owner.session import OwnerCore
 
 log = logging.getLogger(__name__)
 NOT_A_DATASET = (
@@ -40,10 +38,41 @@ NOT_A_DATASET = (
 )
 
 
+class SessionCore(Protocol):
+    """What DP queries use of the owner's session (``owner.session.OwnerCore``)."""
+
+    connection: Any
+    store: Any
+    monitor: Any
+    audit: AuditLog
+    limits: OwnerLimits
+    requests: RequestQueue
+    _sealed: dict[str, SealedTensor]
+    _gets: dict[str, Any]
+    _snaps: dict[str, asyncio.Event]
+    _held: dict[str, Any]
+    _closed: bool
+
+    @property
+    def ledger(self) -> PrivacyLedger: ...
+
+    async def _reply(self, call_id: int, value: Any) -> None: ...
+
+    async def _send_error(self, call_id: int, info: dict[str, Any]) -> None: ...
+
+    def _preview(self, request_id: str) -> Any: ...
+
+    def _hold_value(self, payload: bytes) -> Any: ...
+
+    def _hold_failure(self, info: dict[str, Any]) -> Any: ...
+
+    def _fill(self, request: Request, held: Any) -> None: ...
+
+
 class DPQueries:
     """One session's DP queries, against the owner's ledger."""
 
-    def __init__(self, core: OwnerCore) -> None:
+    def __init__(self, core: SessionCore) -> None:
         self._core = core
         self._reservations: dict[str, Reservation] = {}
         self._computing = asyncio.Semaphore(1)
