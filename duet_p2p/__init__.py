@@ -6,7 +6,6 @@ peer-to-peer WebRTC channel; nothing leaves the owner's side unless the owner ap
 
 from duet_p2p import patches as _patches
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, Allowlist, ReturnKind
-from duet_p2p.dp_client import DPHistogram
 from duet_p2p.duet import Duet, join_duet, join_duet_async, launch_duet, launch_duet_async
 from duet_p2p.errors import (
     BudgetExceeded,
@@ -30,7 +29,8 @@ from duet_p2p.errors import (
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import PrivacyLedger
-from duet_p2p.pointer import Pointer
+from duet_p2p.scientist.dp import DPHistogram
+from duet_p2p.scientist.pointer import Pointer
 
 _patches.install()
 

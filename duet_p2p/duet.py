@@ -19,20 +19,21 @@ from typing import Any
 from duet_p2p import config
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake, join
-from duet_p2p.dp_client import RemoteDP
 from duet_p2p.errors import DuetError
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import OwnerCore
 from duet_p2p.owner.dp_controls import OwnerDP
 from duet_p2p.owner.session import new_supervisor
+from duet_p2p.owner.store_view import OwnerStoreView
 from duet_p2p.owner.worker import WorkerSupervisor
 from duet_p2p.permissions import AuditLog
 from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
-from duet_p2p.remote_torch import RemoteNamespace
 from duet_p2p.runtime import get_runtime
-from duet_p2p.scientist import ScientistCore
-from duet_p2p.store_view import OwnerStoreView, RemoteStore
+from duet_p2p.scientist.dp import RemoteDP
+from duet_p2p.scientist.remote_store import RemoteStore
+from duet_p2p.scientist.remote_torch import RemoteNamespace
+from duet_p2p.scientist.session import ScientistCore
 from duet_p2p.transport.channel import ChannelOptions
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Duet:
         ``step = duet.plan(lambda x, y: ...)`` runs ``function`` on placeholder pointers
         (its arguments) and sends the recorded ops; ``step(x_ptr, y_ptr)`` then runs them
         all from one action, ``step.map(batches, ...)`` once per item of a remote sequence.
-        See ``duet_p2p.plans``.
+        See ``duet_p2p.scientist.plans``.
         """
         if isinstance(self._core, OwnerCore):
             raise DuetError("plans are recorded by the scientist")

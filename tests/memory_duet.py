@@ -19,7 +19,7 @@ from duet_p2p.owner import OwnerCore
 from duet_p2p.owner.session import new_supervisor
 from duet_p2p.permissions import AuditLog
 from duet_p2p.runtime import get_runtime
-from duet_p2p.scientist import ScientistCore
+from duet_p2p.scientist.session import ScientistCore
 from duet_p2p.transport.memory import memory_pair
 
 DUET_ID = "d" * 32

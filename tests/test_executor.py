@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST
-from duet_p2p.executor import INDEX_OP, Executor
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner.execution.executor import Executor
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.messages import Action
+from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.store import OwnerStore, StoredObject, new_object_id
 
 

@@ -18,8 +18,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST
-from duet_p2p.executor import Executor
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner.execution.executor import Executor
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.messages import Action
 from duet_p2p.store import OwnerStore, StoredObject, new_object_id

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import duet_p2p as sy
-from duet_p2p import scientist as scientist_module
+from duet_p2p.scientist import session as scientist_module
 from tests.conftest import wait_for
 
 TIMEOUT = 10.0

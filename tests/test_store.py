@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import duet_p2p as sy
-from duet_p2p.pointer import Pointer
+from duet_p2p.scientist.pointer import Pointer
 from tests.conftest import wait_for
 
 TIMEOUT = 10.0

@@ -22,7 +22,8 @@ from duet_p2p.modules import module_to_spec
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.messages import Decision
 from duet_p2p.runtime import get_runtime
-from duet_p2p.scientist import RequestHandle
+from duet_p2p.scientist.pointer import ModulePointer
+from duet_p2p.scientist.requests import RequestHandle
 from tests.conftest import ROOT, accept_next, close_pair, make_pair
 
 Pair = tuple[sy.Duet, sy.Duet]
@@ -103,7 +104,7 @@ def test_adam_trains_a_remotely_built_model(data_pair: Pair, optimizer: str) -> 
     model_ptr = nn_remote.Sequential(
         nn_remote.Linear(8, 16), nn_remote.ReLU(), nn_remote.Linear(16, 2)
     )
-    assert isinstance(model_ptr, sy.pointer.ModulePointer)
+    assert isinstance(model_ptr, ModulePointer)
     opt = getattr(scientist.torch.optim, optimizer)(model_ptr.parameters(), lr=0.05)
     model_ptr.train()
     losses = []
@@ -244,7 +245,7 @@ def test_huge_module_constructor_fails_fast(duet_pair: Pair) -> None:
         huge.get(timeout_secs=WAIT)
     assert time.monotonic() - started < 5
     small = scientist.torch.nn.Linear(4, 2)
-    assert isinstance(small, sy.pointer.ModulePointer)
+    assert isinstance(small, ModulePointer)
     assert isinstance(small.get(timeout_secs=WAIT), nn.Linear)  # public: no data in it
 
 

@@ -52,6 +52,7 @@ class SessionCore(Protocol):
     _snaps: dict[str, asyncio.Event]
     _held: dict[str, Any]
     _closed: bool
+    owner: Any
 
     @property
     def ledger(self) -> PrivacyLedger: ...
@@ -211,6 +212,7 @@ class DPQueries:
         request.ready = False
         core._gets[rid] = message
         core._snaps[rid] = ready
+        core.owner.route(rid, core)
         core.requests.submit(request)
         await core._reply(message.call_id, {"request_id": rid, "status": "pending"})
         limit = core.limits.max_dp_rows

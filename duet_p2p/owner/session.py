@@ -34,13 +34,13 @@ from duet_p2p.errors import DuetError, PeerClosed, ProtocolError, RemoteError
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.modules import module_to_spec, spec_to_module
 from duet_p2p.owner.dp_service import DPQueries
-from duet_p2p.owner.hosted import SealedTensor, seal
 from duet_p2p.owner.labels import Label
 from duet_p2p.owner.monitor import Monitor, Node, elements_of
+from duet_p2p.owner.owner import Owner
 from duet_p2p.owner.worker import SNAP_SECONDS, WorkerLost, WorkerSupervisor
-from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
+from duet_p2p.permissions import AuditLog, Request, RequestStatus
 from duet_p2p.permissions.disclosure import DisclosureRules
-from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
+from duet_p2p.permissions.ledger import PrivacyLedger
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.endpoint import Endpoint
 from duet_p2p.rpc.messages import (
@@ -59,8 +59,7 @@ from duet_p2p.rpc.messages import (
     StoreQuery,
     Upload,
 )
-from duet_p2p.schema import TableSchema, from_dataframe, schema_for_tensor
-from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
+from duet_p2p.store import StoredObject, new_object_id, value_nbytes
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -121,20 +120,6 @@ async def _none() -> None:
     return None
 
 
-class HostedStore(OwnerStore):
-    """The owner's hosted objects (the monitor's own copies; peer objects live in workers)."""
-
-    def __init__(self, core: OwnerCore) -> None:
-        super().__init__()
-        self._core = core
-
-    def remove(self, object_id: str) -> StoredObject | None:
-        record = super().remove(object_id)
-        if record is not None:
-            self._core._call_on_loop(self._core._unhost, object_id)
-        return record
-
-
 @dataclasses.dataclass(frozen=True)
 class _RefusedUpload:
     """An upload refused on arrival; its refusal takes its place in the order."""
@@ -182,13 +167,24 @@ class OwnerCore:
         supervisor: WorkerSupervisor | None = None,
         ledger: PrivacyLedger | None = None,
         disclosure: DisclosureRules | None = None,
+        owner: Owner | None = None,
     ) -> None:
+        """``owner``: the owner this session serves a scientist for (None: a new owner of
+        this session's own, closed with it: the one-off Duet)."""
+        self._owns_owner = owner is None
+        self.owner = owner or Owner(
+            allowlist=allowlist, limits=limits, audit=audit, min_aggregation=min_aggregation,
+            ledger=ledger, disclosure=disclosure,
+        )  # fmt: skip
         self.connection = connection
-        self.allowlist = allowlist
-        self.limits = limits
-        self.audit = audit
-        self.store = HostedStore(self)
-        self.monitor = Monitor(allowlist, limits)
+        self.allowlist = self.owner.allowlist
+        self.limits = self.owner.limits
+        self.audit = self.owner.audit
+        self.store = self.owner.store
+        self.requests = self.owner.requests
+        self._sealed = self.owner.sealed
+        self.disclosure = self.owner.disclosure
+        self.monitor = Monitor(self.allowlist, self.limits)
         self.worker = supervisor or new_supervisor(allowlist, limits)
         self.worker.on_done = self._on_worker_done
         self.worker.on_lost = self._on_worker_lost
@@ -198,12 +194,6 @@ class OwnerCore:
             role="owner",
             limits=codec.DecodeLimits(max_bytes=limits.max_upload_bytes),
         )
-        self.requests = RequestQueue(
-            on_decision=self._on_decision, audit=audit, min_aggregation=min_aggregation,
-            max_history=limits.max_requests,
-        )  # fmt: skip
-        self._ledger = ledger
-        self.disclosure = disclosure if disclosure is not None else DisclosureRules()
         self.dp = DPQueries(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._work: collections.deque[Any] = collections.deque()
@@ -213,7 +203,6 @@ class OwnerCore:
         self._sent: collections.deque[list[Node]] = collections.deque()
         """The nodes of each batch sent to the worker and not yet done, in order."""
         """Failures the worker reported, by object (released only as labels allow)."""
-        self._sealed: dict[str, SealedTensor] = {}
         self._fitted: dict[str, int | None] = {}
         """For a module's request: the records it was fitted on, as the monitor knows them."""
         self._held: dict[str, _Held] = {}
@@ -237,6 +226,7 @@ class OwnerCore:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.owner.attach(self)
         await self.worker.start()
         for kind in ("actions", "delete", "upload", "get", "describe", "dp_query"):
             self.endpoint.on(kind, self._enqueue)
@@ -261,68 +251,23 @@ class OwnerCore:
 
     @property
     def ledger(self) -> PrivacyLedger:
-        """The privacy budget ledger (opened on first use: the default file lives in the
-        owner's data directory, so budgets and spends survive restarts)."""
-        if self._ledger is None:
-            self._ledger = open_ledger()
-        return self._ledger
+        """The owner's privacy budget ledger."""
+        return self.owner.ledger
 
     # -- the owner's own calls (any thread) ---------------------------------------------
 
-    def host(
-        self,
-        value: Any,
-        *,
-        tags: tuple[str, ...] = (),
-        description: str = "",
-        searchable: bool = True,
-        public: bool = False,
-        show_metadata: bool = False,
-        columns: list[str] | tuple[str, ...] | None = None,
-        identifier: str | None = None,
-        rows_per_identifier: int = 1,
-    ) -> StoredObject:
-        """Place ``value`` in the store; the peer is told the listing changed. A pandas
-        DataFrame is hosted as a float64 tensor with its columns as the schema."""
-        schema: TableSchema | None = None
-        if _is_dataframe(value):
-            if columns is not None:
-                raise ValueError("a DataFrame brings its own columns: leave out columns=")
-            value, schema = from_dataframe(value, identifier, rows_per_identifier)
-        elif isinstance(value, torch.Tensor):
-            schema = schema_for_tensor(value, columns, identifier, rows_per_identifier)
-        elif columns is not None or identifier is not None:
-            raise ValueError("columns= and identifier= describe a tensor or a DataFrame")
-        if not isinstance(value, (torch.Tensor, torch.nn.Module)):
-            raise TypeError(
-                f"only tensors, modules and DataFrames can be hosted, not {type(value).__name__}"
-            )
-        tags = clean_tags(tags)
-        label = tags[0] if tags else None
-        record = StoredObject(
-            id=new_object_id(),
-            value=value,
-            origin="owner",
-            private=not public,
-            tags=tags,
-            description=description[:4000],
-            searchable=searchable,
-            show_metadata=show_metadata,
-            expression=label if label and label.isidentifier() else "",
-            lineage_tags=frozenset(tags),
-            nbytes=value_nbytes(value),
-            schema=schema,
-        )
-        if not record.expression:
-            record.expression = f"obj_{record.id[:8]}"
-        if isinstance(value, torch.Tensor):
-            self._sealed[record.id] = seal(value)  # a snapshot: later local edits stay local
-        else:
-            module_to_spec(value)  # refuses custom code now, in the owner's hands
-        self.store.put(record)
-        self.audit.event("hosted", object_id=record.id, tags=list(tags), public=public)
+    def host(self, value: Any, **options: Any) -> StoredObject:
+        """Place ``value`` in the owner's store (see ``Owner.host``); every session, this
+        one included, is told."""
+        return self.owner.host(value, **options)
+
+    # -- the owner's changes, as the sessions hear of them --------------------------------
+
+    def on_hosted(self, record: StoredObject) -> None:
         self._call_on_loop(self._host_on_loop, record)
-        return record
+
+    def on_unhosted(self, object_id: str) -> None:
+        self._call_on_loop(self._unhost, object_id)
 
     def _call_on_loop(self, function: Any, *args: Any) -> None:
         if self.loop is None or self._closed:
@@ -337,6 +282,8 @@ class OwnerCore:
             self.loop.call_soon_threadsafe(function, *args)
 
     def _host_on_loop(self, record: StoredObject) -> None:
+        if self.store.get(record.id) is not record:
+            return  # removed before this session heard of it
         self.monitor.host(
             record.id, record.value, private=record.private, tags=record.tags,
             expression=record.expression,
@@ -348,6 +295,8 @@ class OwnerCore:
 
     def _send_hosted(self, record: StoredObject) -> None:
         sealed = self._sealed.get(record.id)
+        if isinstance(record.value, torch.Tensor) and sealed is None:
+            return  # unhosted meanwhile
         if sealed is not None:
             self.worker.send(
                 {"t": "host", "id": record.id, "dtype": sealed.dtype,
@@ -367,9 +316,6 @@ class OwnerCore:
 
     def _unhost(self, object_id: str) -> None:
         self.monitor.unhost(object_id)
-        sealed = self._sealed.pop(object_id, None)
-        if sealed is not None:
-            sealed.close()
         with contextlib.suppress(WorkerLost):
             self.worker.send({"t": "unhost", "id": object_id})
         self._notify_store_changed()
@@ -642,6 +588,7 @@ class OwnerCore:
             request.ready = False
             self._gets[rid] = message
             self._snaps[rid] = ready
+            self.owner.route(rid, self)
             self.requests.submit(request)
             await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
         try:
@@ -877,15 +824,11 @@ class OwnerCore:
         for task in self._tasks:
             task.cancel()
         self.dp.close()
+        self.owner.detach(self)
         await self.worker.close()
-        for sealed in self._sealed.values():
-            sealed.close()
-        self._sealed.clear()
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
-
-
-def _is_dataframe(value: Any) -> bool:
-    return type(value).__name__ == "DataFrame" and hasattr(value, "columns")
+        if self._owns_owner:
+            self.owner.close()
 
 
 def _compact(action: Any, private: bool) -> list[Any]:

@@ -56,7 +56,7 @@ def serve_on(sock_fd: int, fd_sock_fd: int, progress_fd: int) -> None:
     channel = BlockingChannel(sock)
     import torch  # the slow part when spawned (about a second); instant when forked
 
-    from duet_p2p.sizes import _meta_add
+    from duet_p2p.owner.execution.sizes import _meta_add
 
     _meta_add()
     channel.send({"t": "ready", "pid": os.getpid()})
@@ -77,9 +77,9 @@ class Worker:
         import torch
 
         from duet_p2p.allowlist import DEFAULT_ALLOWLIST, AllowedOp, Allowlist
-        from duet_p2p.executor import Executor
         from duet_p2p.limits import OwnerLimits
         from duet_p2p.owner import sandbox
+        from duet_p2p.owner.execution.executor import Executor
         from duet_p2p.store import OwnerStore
 
         self.channel = channel

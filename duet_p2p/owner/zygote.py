@@ -79,7 +79,7 @@ def serve(ctrl_fd: int) -> None:
     import torch  # noqa: F401 - the point of this process
 
     from duet_p2p.owner import worker_main
-    from duet_p2p.sizes import _meta_add
+    from duet_p2p.owner.execution.sizes import _meta_add
 
     _meta_add()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel

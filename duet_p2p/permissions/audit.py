@@ -19,12 +19,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
+from duet_p2p.permissions.facts import RequestFacts
 from duet_p2p.table import Table, TableView
-
-if TYPE_CHECKING:
-    from duet_p2p.permissions.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +68,7 @@ class AuditLog(TableView):
         ]  # fmt: skip
         self._append(lines)
 
-    def request(self, request: Request) -> None:
+    def request(self, request: RequestFacts) -> None:
         """A request arrived."""
         self._write(
             "request",
@@ -87,7 +85,7 @@ class AuditLog(TableView):
             requester=request.requester,
         )
 
-    def decision(self, request: Request) -> None:
+    def decision(self, request: RequestFacts) -> None:
         """A request left PENDING: accepted, denied, expired or cancelled, and by whom."""
         self._write(
             "decision",

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from duet_p2p.permissions.facts import RequestFacts
 from duet_p2p.table import Table, TableView
-
-if TYPE_CHECKING:
-    from duet_p2p.permissions.request import Request
 
 Action = Literal["accept", "deny"]
 ACTIONS: tuple[str, ...] = ("accept", "deny")
@@ -98,7 +96,7 @@ class Handler:
             return None
         return max(0, self.max_requests - self.matched)
 
-    def matches(self, request: Request, now: float, *, min_aggregation: float = 1) -> bool:
+    def matches(self, request: RequestFacts, now: float, *, min_aggregation: float = 1) -> bool:
         """Whether this handler decides ``request`` at time ``now``.
 
         An accept handler never matches a request whose value summarises fewer than
@@ -176,7 +174,7 @@ def _dp_text(handler: Handler) -> str:
     return " ".join(["dp", *limits])
 
 
-def _op_matches(op: str, request: Request) -> bool:
+def _op_matches(op: str, request: RequestFacts) -> bool:
     return op == request.name or (bool(request.ops) and op == request.ops[-1])
 
 

@@ -2,7 +2,7 @@
 
 ``Action(op=DEFINE_OP, result=<plan id>, args=[name, input ids, output ids, steps])`` where
 each step is an Action as a map; ``Action(op=RUN_OP | MAP_OP, target=<plan ref>,
-args=[inputs...])`` runs it. Recording lives on the scientist's side (``duet_p2p.plans``).
+args=[inputs...])`` runs it. Recording lives on the scientist's side (``duet_p2p.scientist.plans``).
 """
 
 from __future__ import annotations

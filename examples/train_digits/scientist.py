@@ -6,7 +6,7 @@ actions, without waiting for replies. Then it asks for one number, the test accu
 (one request), and for the trained weights (one more request).
 
 Each step here is 8 small actions. For speed, record the step once as a plan and let the
-owner replay it (see ``duet_p2p.plans``)::
+owner replay it (see ``duet_p2p.scientist.plans``)::
 
     step = duet.plan(lambda index: ...)      # the body of the inner loop, returning loss
     losses = step.map(duet.torch.randperm(n_train).split(BATCH))   # a whole epoch

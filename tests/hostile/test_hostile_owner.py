@@ -25,11 +25,12 @@ import torch
 
 import duet_p2p as sy
 from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake
-from duet_p2p.pointer import Pointer
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.messages import PROTOCOL_VERSION
 from duet_p2p.runtime import get_runtime
-from duet_p2p.scientist import (
+from duet_p2p.scientist.pointer import Pointer
+from duet_p2p.scientist.remote_store import RemoteStore
+from duet_p2p.scientist.session import (
     DEFAULT_MAX_GET_BYTES,
     EARLY_DECISION_BYTES,
     EARLY_DECISIONS,
@@ -37,7 +38,6 @@ from duet_p2p.scientist import (
     ScientistCore,
     ValueTooLarge,
 )
-from duet_p2p.store_view import RemoteStore
 from duet_p2p.text import printable
 from duet_p2p.transport import framing
 from duet_p2p.transport.memory import memory_pair

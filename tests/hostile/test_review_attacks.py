@@ -24,10 +24,10 @@ from torch import nn
 
 import duet_p2p as sy
 from duet_p2p.limits import OwnerLimits
-from duet_p2p.pointer import pointer_class
 from duet_p2p.rpc.messages import Action
 from duet_p2p.runtime import get_runtime
-from duet_p2p.scientist import _to_wire
+from duet_p2p.scientist.pointer import pointer_class
+from duet_p2p.scientist.session import _to_wire
 from tests.conftest import wait_for
 from tests.hostile.common import WAIT, assert_serving, host, released, session
 

@@ -14,15 +14,15 @@ from typing import Any
 import torch
 
 from duet_p2p import lineage
-from duet_p2p.actions import ActionFailed, Inputs, refusal
 from duet_p2p.errors import DuetError
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner.execution.actions import ActionFailed, Inputs, refusal
+from duet_p2p.owner.execution.sizes import numel
 from duet_p2p.rpc import plan_spec
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import Action
 from duet_p2p.rpc.ops import INDEX_OP
-from duet_p2p.sizes import numel
 from duet_p2p.store import OwnerStore, StoredObject, value_nbytes
 
 

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from duet_p2p.allowlist import OPERATOR_DUNDERS
 from duet_p2p.errors import OperationNotAllowed, PrivateValueError
-from duet_p2p.executor import INDEX_OP
+from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
-    from duet_p2p.scientist import RequestHandle, ScientistCore
+    from duet_p2p.scientist.protocol import SessionCore
+    from duet_p2p.scientist.requests import RequestHandle
 
 TENSOR = "torch.Tensor"
 MODULE = "torch.nn.Module"
@@ -32,7 +33,7 @@ class Pointer:
     _receiver: str | None = None
 
     def __init__(
-        self, core: ScientistCore, object_id: str, *, expression: str, kind: str, owned: bool
+        self, core: SessionCore, object_id: str, *, expression: str, kind: str, owned: bool
     ) -> None:
         self._core = core
         self.id = object_id

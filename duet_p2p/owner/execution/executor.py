@@ -21,19 +21,20 @@ from typing import Any
 
 import torch
 
-from duet_p2p import inplace, lineage, sizes
-from duet_p2p.actions import ActionFailed, Inputs, op_error, refusal
+from duet_p2p import lineage
 from duet_p2p.allowlist import AllowedOp, Allowlist, ReturnKind, check_path_syntax
 from duet_p2p.errors import DuetError, OperationNotAllowed, RemoteError
 from duet_p2p.limits import OwnerLimits
-from duet_p2p.plan_runner import PlanRunner
+from duet_p2p.owner.execution import inplace, sizes
+from duet_p2p.owner.execution.actions import ActionFailed, Inputs, op_error, refusal
+from duet_p2p.owner.execution.plan_runner import PlanRunner
+from duet_p2p.owner.execution.sizes import warm_up
 from duet_p2p.rpc import plan_spec
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.errors import error_info
 from duet_p2p.rpc.messages import Action
 from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.rpc.refs import action_refs
-from duet_p2p.sizes import warm_up
 from duet_p2p.store import OwnerStore, StoredObject, value_nbytes
 
 __all__ = ["FORBIDDEN_KWARGS", "INDEX_OP", "ActionFailed", "Executor", "action_refs", "warm_up"]

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from duet_p2p.actions import ActionFailed, Inputs, op_error, refusal
 from duet_p2p.allowlist import AllowedOp, Allowlist, ReturnKind
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner.execution.actions import ActionFailed, Inputs, op_error, refusal
 from duet_p2p.store import OwnerStore
 
 _BOUNDED_CATEGORIES = frozenset(

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 from duet_p2p.errors import OperationNotAllowed
 
 if TYPE_CHECKING:
-    from duet_p2p.pointer import Pointer
-    from duet_p2p.scientist import ScientistCore
+    from duet_p2p.scientist.pointer import Pointer
+    from duet_p2p.scientist.protocol import SessionCore
 
 
 class RemoteNamespace:
     """A dotted path under ``torch``; calling it runs that function on the owner's side."""
 
-    def __init__(self, core: ScientistCore, path: str = "torch") -> None:
+    def __init__(self, core: SessionCore, path: str = "torch") -> None:
         self._core = core
         self._path = path
 

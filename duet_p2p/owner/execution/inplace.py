@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from duet_p2p.actions import ActionFailed, Inputs, refusal
 from duet_p2p.allowlist import AllowedOp, Allowlist
-from duet_p2p.autograd_facts import graph_leaves, updates_running_stats
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.owner.execution.actions import ActionFailed, Inputs, refusal
+from duet_p2p.owner.execution.autograd_facts import graph_leaves, updates_running_stats
 from duet_p2p.store import OwnerStore
 
 

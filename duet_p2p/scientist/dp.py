@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from duet_p2p.errors import ProtocolError
-from duet_p2p.pointer import Pointer
 from duet_p2p.rpc.dp_spec import Predicate, QuerySpec
-from duet_p2p.scientist import RequestHandle
+from duet_p2p.scientist.pointer import Pointer
+from duet_p2p.scientist.requests import RequestHandle
 from duet_p2p.table import Table, TableView
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
-    from duet_p2p.scientist import ScientistCore
-    from duet_p2p.store_view import RemoteStore
+    from duet_p2p.scientist.protocol import SessionCore
+    from duet_p2p.scientist.remote_store import RemoteStore
 
 Where = Iterable[tuple[str | int, str, Any]] | Mapping[str | int, Any] | None
 MAX_BUDGET_ROWS = 10_000
@@ -69,7 +69,7 @@ class DPQueryHandle(RequestHandle):
 class RemoteDP:
     """``duet.dp`` on the scientist's side (see the module docstring)."""
 
-    def __init__(self, core: ScientistCore, store: RemoteStore) -> None:
+    def __init__(self, core: SessionCore, store: RemoteStore) -> None:
         self._core = core
         self._store = store
 

@@ -27,8 +27,8 @@ from duet_p2p.errors import DuetError, OperationNotAllowed
 from duet_p2p.rpc.messages import Action, to_wire
 
 if TYPE_CHECKING:
-    from duet_p2p.pointer import Pointer
-    from duet_p2p.scientist import ScientistCore
+    from duet_p2p.scientist.pointer import Pointer
+    from duet_p2p.scientist.protocol import SessionCore
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class RemotePlan:
     """
 
     def __init__(
-        self, core: ScientistCore, pointer: Pointer, name: str, arity: int, kind: str
+        self, core: SessionCore, pointer: Pointer, name: str, arity: int, kind: str
     ) -> None:
         self._core = core
         self._pointer = pointer
@@ -119,14 +119,14 @@ class RemotePlan:
         return f"<RemotePlan {self.name}({self.arity} inputs)>"
 
 
-def record_plan(core: ScientistCore, function: Callable[..., Any], name: str | None) -> RemotePlan:
+def record_plan(core: SessionCore, function: Callable[..., Any], name: str | None) -> RemotePlan:
     """Run ``function`` on placeholder tensor pointers, recording its ops, and send the plan.
 
     The function may use any pointer it can reach (a model, an optimizer, hosted data);
     its arguments stand for the pointers each call passes. Getting a value inside it is
     refused: a plan runs without round trips.
     """
-    from duet_p2p.pointer import Pointer, TensorPointer
+    from duet_p2p.scientist.pointer import Pointer, TensorPointer
 
     name = name or getattr(function, "__name__", "plan")
     if not name.isidentifier():

@@ -1,21 +1,18 @@
-"""Views of the store: the scientist's listing of the owner's objects, the owner's own."""
+"""The scientist's view of the owner's store: the listing, never a value."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from duet_p2p.errors import DuetError
 from duet_p2p.schema import schema_from_peer
 from duet_p2p.table import Table, TableView, uid_label
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
-    from duet_p2p.owner import OwnerCore
-    from duet_p2p.pointer import Pointer
-    from duet_p2p.scientist import ScientistCore
+    from duet_p2p.scientist.pointer import Pointer
+    from duet_p2p.scientist.protocol import SessionCore
 
 MAX_TAGS = 64
 """Tags kept per listed object."""
@@ -75,7 +72,7 @@ def _shape(value: object) -> list[int] | None:
 class RemoteStore(TableView):
     """The owner's searchable objects, as the scientist sees them (never their values)."""
 
-    def __init__(self, core: ScientistCore) -> None:
+    def __init__(self, core: SessionCore) -> None:
         self._core = core
         self._entries: list[dict[str, Any]] | None = None
         self._version = -1
@@ -153,88 +150,3 @@ def _metadata(entry: dict[str, Any]) -> str:
     if "schema" in entry:
         parts.append("columns: " + ", ".join(entry["schema"]["columns"]))
     return "; ".join(parts)
-
-
-@dataclass(frozen=True)
-class HostedObject:
-    """The owner's receipt for an object placed in the store."""
-
-    id: str
-    tags: tuple[str, ...]
-    description: str
-    searchable: bool
-    public: bool
-
-    def __repr__(self) -> str:
-        tags = ", ".join(self.tags)
-        return f"<HostedObject {uid_label(self.id)} [{tags}]>"
-
-
-class OwnerStoreView(TableView):
-    """``duet.store`` on the owner's side: what is hosted, and ``send`` to host more."""
-
-    def __init__(self, core: OwnerCore) -> None:
-        self._core = core
-
-    def send(
-        self,
-        obj: Any,
-        *,
-        tags: list[str] | tuple[str, ...] | None = None,
-        description: str | None = None,
-        searchable: bool = True,
-        public: bool = False,
-        show_metadata: bool = False,
-        columns: list[str] | tuple[str, ...] | None = None,
-        identifier: str | None = None,
-        rows_per_identifier: int = 1,
-    ) -> HostedObject:
-        """Host ``obj`` (a tensor, module or pandas DataFrame); private unless
-        ``public=True``.
-
-        ``columns`` names a tensor's columns (its second dimension; a 1-D tensor is one
-        column): the names are listed, so scientists can ask differentially private
-        statistics of a column. ``identifier`` names the column that says which person a
-        row belongs to: DP queries then protect each person's first ``rows_per_identifier``
-        rows together (later rows are left out of DP statistics)."""
-        tags = tuple(tags) if tags is not None else tuple(getattr(obj, "_duet_tags", ()))
-        if description is None:
-            description = getattr(obj, "_duet_description", "")
-        record = self._core.host(
-            obj, tags=tags, description=description or "", searchable=searchable,
-            public=public, show_metadata=show_metadata, columns=columns, identifier=identifier,
-            rows_per_identifier=rows_per_identifier,
-        )  # fmt: skip
-        return HostedObject(record.id, record.tags, record.description, searchable, public)
-
-    def remove(self, object_id: str) -> None:
-        """Stop hosting an object."""
-        record = self._core.store.get(object_id)
-        if record is None or record.origin != "owner":
-            raise DuetError(f"no hosted object {object_id}")
-        self._core.store.remove(object_id)
-        core = self._core
-        if record.searchable and core.loop is not None and not core._closed:
-            core.loop.call_soon_threadsafe(core._notify_store_changed)  # the peer re-lists
-
-    def _hosted(self) -> list[Any]:
-        return self._core.store.owner_records()
-
-    def __len__(self) -> int:
-        return len(self._hosted())
-
-    def __getitem__(self, index: int) -> Any:
-        """The hosted value itself (the owner's own data)."""
-        return self._hosted()[index].value
-
-    def table(self) -> Table:
-        rows = [
-            [uid_label(r.id), list(r.tags), r.description, r.type_name,
-             "yes" if r.searchable else "no", "no" if r.private else "yes"]
-            for r in self._hosted()
-        ]  # fmt: skip
-        return Table(
-            ["ID", "Tags", "Description", "Type", "Searchable", "Public"],
-            rows,
-            empty_text="Nothing is hosted yet: tensor.send(duet) or duet.store.send(obj).",
-        )

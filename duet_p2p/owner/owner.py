@@ -1,0 +1,192 @@
+"""The owner's domain: what is hosted, the requests and rules, the audit log, the ledger.
+
+An ``Owner`` exists without any connection. Each connected scientist is served by a
+session (``session.OwnerCore``) against it: the sessions share the hosted objects (sealed
+once, mapped into every session's worker), the request queue and its handlers (each
+request is routed back to the session that made it), the audit log and the privacy
+ledger; each session keeps its own monitor, worker and objects. A one-off Duet is an owner
+with a single session, which closes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import torch
+
+from duet_p2p.allowlist import Allowlist
+from duet_p2p.limits import OwnerLimits
+from duet_p2p.modules import module_to_spec
+from duet_p2p.owner.hosted import SealedTensor, seal
+from duet_p2p.permissions import AuditLog, Request, RequestQueue
+from duet_p2p.permissions.disclosure import DisclosureRules
+from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
+from duet_p2p.schema import TableSchema, from_dataframe, schema_for_tensor
+from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
+
+
+class Session(Protocol):
+    """What the owner needs of a session serving one scientist."""
+
+    def on_hosted(self, record: StoredObject) -> None: ...
+
+    def on_unhosted(self, object_id: str) -> None: ...
+
+    def _on_decision(self, request: Request) -> None: ...
+
+
+class HostedStore(OwnerStore):
+    """The owner's hosted objects (the monitor's own copies; peer objects live in workers)."""
+
+    def __init__(self, owner: Owner) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def remove(self, object_id: str) -> StoredObject | None:
+        record = super().remove(object_id)
+        if record is not None:
+            self._owner._unhost(object_id)
+        return record
+
+
+class Owner:
+    """Hosted objects, requests, handlers, audit, ledger and limits, shared by sessions."""
+
+    def __init__(
+        self,
+        *,
+        allowlist: Allowlist,
+        limits: OwnerLimits,
+        audit: AuditLog,
+        min_aggregation: int = 1,
+        ledger: PrivacyLedger | None = None,
+        disclosure: DisclosureRules | None = None,
+    ) -> None:
+        self.allowlist = allowlist
+        self.limits = limits
+        self.audit = audit
+        self.store = HostedStore(self)
+        self.sealed: dict[str, SealedTensor] = {}
+        """Hosted tensors' sealed bytes, by object ID."""
+        self.requests = RequestQueue(
+            on_decision=self._route_decision, audit=audit, min_aggregation=min_aggregation,
+            max_history=limits.max_requests,
+        )  # fmt: skip
+        self.disclosure = disclosure if disclosure is not None else DisclosureRules()
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self._sessions: list[Session] = []
+        self._routes: dict[str, Session] = {}
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The privacy budget ledger (opened on first use: the default file lives in the
+        owner's data directory, so budgets and spends survive restarts)."""
+        if self._ledger is None:
+            self._ledger = open_ledger()
+        return self._ledger
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def attach(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.append(session)
+
+    def detach(self, session: Session) -> None:
+        with self._lock:
+            if session in self._sessions:
+                self._sessions.remove(session)
+            for request_id in [r for r, s in self._routes.items() if s is session]:
+                del self._routes[request_id]
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions)
+
+    def route(self, request_id: str, session: Session) -> None:
+        """Decisions on ``request_id`` go to ``session`` (call before submitting it)."""
+        with self._lock:
+            self._routes[request_id] = session
+
+    def _route_decision(self, request: Request) -> None:
+        with self._lock:
+            session = self._routes.pop(request.request_id, None)
+        if session is not None:
+            session._on_decision(request)
+
+    # -- hosting ------------------------------------------------------------------------
+
+    def host(
+        self,
+        value: Any,
+        *,
+        tags: tuple[str, ...] = (),
+        description: str = "",
+        searchable: bool = True,
+        public: bool = False,
+        show_metadata: bool = False,
+        columns: list[str] | tuple[str, ...] | None = None,
+        identifier: str | None = None,
+        rows_per_identifier: int = 1,
+    ) -> StoredObject:
+        """Place ``value`` in the store; every session is told (its scientist sees the
+        listing change). A pandas DataFrame is hosted as a float64 tensor with its columns
+        as the schema."""
+        schema: TableSchema | None = None
+        if _is_dataframe(value):
+            if columns is not None:
+                raise ValueError("a DataFrame brings its own columns: leave out columns=")
+            value, schema = from_dataframe(value, identifier, rows_per_identifier)
+        elif isinstance(value, torch.Tensor):
+            schema = schema_for_tensor(value, columns, identifier, rows_per_identifier)
+        elif columns is not None or identifier is not None:
+            raise ValueError("columns= and identifier= describe a tensor or a DataFrame")
+        if not isinstance(value, (torch.Tensor, torch.nn.Module)):
+            raise TypeError(
+                f"only tensors, modules and DataFrames can be hosted, not {type(value).__name__}"
+            )
+        tags = clean_tags(tags)
+        label = tags[0] if tags else None
+        record = StoredObject(
+            id=new_object_id(),
+            value=value,
+            origin="owner",
+            private=not public,
+            tags=tags,
+            description=description[:4000],
+            searchable=searchable,
+            show_metadata=show_metadata,
+            expression=label if label and label.isidentifier() else "",
+            lineage_tags=frozenset(tags),
+            nbytes=value_nbytes(value),
+            schema=schema,
+        )
+        if not record.expression:
+            record.expression = f"obj_{record.id[:8]}"
+        if isinstance(value, torch.Tensor):
+            self.sealed[record.id] = seal(value)  # a snapshot: later local edits stay local
+        else:
+            module_to_spec(value)  # refuses custom code now, in the owner's hands
+        self.store.put(record)
+        self.audit.event("hosted", object_id=record.id, tags=list(tags), public=public)
+        for session in self.sessions():
+            session.on_hosted(record)
+        return record
+
+    def _unhost(self, object_id: str) -> None:
+        for session in self.sessions():
+            session.on_unhosted(object_id)
+        sealed = self.sealed.pop(object_id, None)
+        if sealed is not None:
+            sealed.close()  # each worker keeps its own mapping while it runs
+
+    def close(self) -> None:
+        """Release the sealed memory of every hosted tensor."""
+        for sealed in self.sealed.values():
+            sealed.close()
+        self.sealed.clear()
+
+
+def _is_dataframe(value: Any) -> bool:
+    return type(value).__name__ == "DataFrame" and hasattr(value, "columns")
