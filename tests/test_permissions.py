@@ -6,6 +6,8 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import stat
 import sys
 import threading
 import time
@@ -406,11 +408,15 @@ def test_audit_log_records_flow_without_values(tmp_path: Path, decided: Recorder
 
 
 def test_audit_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the data directory, never the working directory; readable by the owner only."""
+    monkeypatch.setenv("DUET_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     with AuditLog() as audit:
         audit.event("connect")
-    (created,) = tmp_path.glob("duet_audit_*.jsonl")
+    (created,) = (tmp_path / "home" / "audit").glob("duet_audit_*.jsonl")
     assert created == audit.path and read_lines(created)[0]["event"] == "connect"
+    assert not list(tmp_path.glob("duet_audit_*"))
+    assert stat.S_IMODE(os.stat(created).st_mode) == 0o600
 
 
 def test_audit_write_failure_keeps_request_pending(tmp_path: Path, decided: Recorder) -> None:

@@ -21,6 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any
 
+from duet_p2p.paths import data_dir
 from duet_p2p.permissions.facts import RequestFacts
 from duet_p2p.table import Table, TableView
 
@@ -32,16 +33,19 @@ _MAX_DEPTH = 4
 
 
 def default_audit_path() -> Path:
-    """``./duet_audit_<YYYYmmdd-HHMMSS>_<pid>.jsonl`` in the current working directory."""
+    """``audit/duet_audit_<YYYYmmdd-HHMMSS>_<pid>.jsonl`` in the data directory
+    (``$DUET_HOME`` or the per-user one; created 0700), never the working directory."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path.cwd() / f"duet_audit_{stamp}_{os.getpid()}.jsonl"
+    folder = data_dir() / "audit"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"duet_audit_{stamp}_{os.getpid()}.jsonl"
 
 
 class AuditLog(TableView):
     """Append-only JSON Lines log; thread-safe; the file is created on the first entry."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, fsync: bool = False) -> None:
-        """``path=None`` picks a fresh file in the working directory (see default_audit_path);
+        """``path=None`` picks a fresh file in the data directory (see default_audit_path);
         an existing file is appended to. ``fsync=True`` also forces each entry to disk."""
         self.path = Path(path) if path is not None else default_audit_path()
         self.fsync = fsync

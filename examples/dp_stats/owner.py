@@ -37,7 +37,9 @@ def load_table():  # noqa: ANN201 - a pandas DataFrame
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("signaling_url")
-    parser.add_argument("--audit", default=None, help="audit log path (default: ./duet_audit_*)")
+    parser.add_argument(
+        "--audit", default=None, help="audit log path (default: in the data directory)"
+    )
     parser.add_argument("--ledger", default=None, help="privacy ledger file (default: per user)")
     options = parser.parse_args()
     duet = sy.launch_duet(

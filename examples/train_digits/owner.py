@@ -109,7 +109,9 @@ def set_policy(duet: sy.Duet) -> ReleaseTrainedModel:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("signaling_url")
-    parser.add_argument("--audit", default=None, help="audit log path (default: ./duet_audit_*)")
+    parser.add_argument(
+        "--audit", default=None, help="audit log path (default: in the data directory)"
+    )
     options = parser.parse_args()
     torch.set_num_threads(1)  # small ops: one thread avoids contention with the session's
     torch.manual_seed(0)
