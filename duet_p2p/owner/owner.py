@@ -109,6 +109,11 @@ class Owner:
         with self._lock:
             self._routes[request_id] = session
 
+    def routed_to(self, request_id: str, session: Session) -> bool:
+        """Whether ``request_id`` is a pending request of ``session``."""
+        with self._lock:
+            return self._routes.get(request_id) is session
+
     def _route_decision(self, request: Request) -> None:
         with self._lock:
             session = self._routes.pop(request.request_id, None)

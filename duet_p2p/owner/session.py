@@ -363,6 +363,10 @@ class OwnerCore:
                 "dp.budget", "the owner's privacy ledger could not be read"))  # fmt: skip
 
     def _on_cancel(self, message: CancelRequest) -> None:
+        """The scientist withdraws one of its own requests (another session's are not
+        its to name)."""
+        if not self.owner.routed_to(message.request_id, self):
+            return
         with contextlib.suppress(DuetError, KeyError):
             self.requests.cancel(message.request_id)
 

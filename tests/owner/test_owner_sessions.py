@@ -94,3 +94,16 @@ def test_one_session_closing_leaves_the_other_serving(shared):
     get_runtime().run(cores[0].close(), timeout=15)
     assert bob.store["ones"].sum().get(timeout_secs=WAIT) == 3
     assert len(owner.sessions()) == 1
+
+
+def test_a_session_cannot_withdraw_another_sessions_request(shared):
+    owner, _, (alice, bob) = shared
+    owner.host(torch.arange(10.0), tags=("ages",))
+    assert wait_for(lambda: len(alice.store.refresh()) == 1 and len(bob.store.refresh()) == 1,
+                    WAIT)  # fmt: skip
+    from_alice = alice.store["ages"].max().request(reason="alice")
+    assert wait_for(lambda: len(owner.requests) == 1, WAIT)
+    get_runtime().run(bob._core.cancel(from_alice.request_id), timeout=WAIT)
+    assert from_alice.wait(0.5) == "pending" and len(owner.requests) == 1
+    get_runtime().run(alice._core.cancel(from_alice.request_id), timeout=WAIT)
+    assert wait_for(lambda: len(owner.requests) == 0, WAIT)
