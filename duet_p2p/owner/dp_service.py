@@ -48,14 +48,13 @@ class SessionCore(Protocol):
     limits: OwnerLimits
     requests: RequestQueue
     _sealed: dict[str, SealedTensor]
-    _gets: dict[str, Any]
-    _snaps: dict[str, asyncio.Event]
     _held: dict[str, Any]
     _closed: bool
-    owner: Any
 
     @property
     def ledger(self) -> PrivacyLedger: ...
+
+    async def pend(self, message: DPQuery, request: Request) -> asyncio.Event: ...
 
     async def _reply(self, call_id: int, value: Any) -> None: ...
 
@@ -208,13 +207,7 @@ class DPQueries:
     ) -> None:
         core = self._core
         rid = request.request_id
-        ready = asyncio.Event()
-        request.ready = False
-        core._gets[rid] = message
-        core._snaps[rid] = ready
-        core.owner.route(rid, core)
-        core.requests.submit(request)
-        await core._reply(message.call_id, {"request_id": rid, "status": "pending"})
+        ready = await core.pend(message, request)
         limit = core.limits.max_dp_rows
         async with self._computing:
             try:

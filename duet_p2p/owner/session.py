@@ -587,14 +587,8 @@ class OwnerCore:
         self, message: GetRequest, request: Request, label: Label, snap: Any
     ) -> None:
         rid = request.request_id
-        ready = asyncio.Event()
-        if label.private:  # registered and answered before anything of the value is known
-            request.ready = False
-            self._gets[rid] = message
-            self._snaps[rid] = ready
-            self.owner.route(rid, self)
-            self.requests.submit(request)
-            await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
+        # a private one is registered and answered before anything of the value is known
+        ready = await self.pend(message, request) if label.private else asyncio.Event()
         try:
             head, payload = await snap
         except WorkerLost as lost:
@@ -628,6 +622,20 @@ class OwnerCore:
         self._on_decision(request)
         await self._reply(message.call_id, {"request_id": rid, "status": "accepted"})
         answered.set()
+
+    async def pend(self, message: GetRequest | DPQuery, request: Request) -> asyncio.Event:
+        """Register ``request`` as pending, its value not yet known (handlers wait for
+        ``mark_ready``), and answer the scientist "pending". Returns the event to set
+        once the value (or its failure) is held."""
+        rid = request.request_id
+        ready = asyncio.Event()
+        request.ready = False
+        self._gets[rid] = message
+        self._snaps[rid] = ready
+        self.owner.route(rid, self)
+        self.requests.submit(request)
+        await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
+        return ready
 
     def _hold(
         self, head: dict[str, Any], payload: Any, message: GetRequest, *, private: bool

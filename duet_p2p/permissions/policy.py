@@ -106,11 +106,11 @@ class Handler:
             return False
         if self.timeout_secs is not None and now - request.requested_at < self.timeout_secs:
             return False
-        release = getattr(request, "dp", None)
+        release = request.dp
         if self.dp is not None and self.dp != (release is not None):
             return False
         if release is not None:
-            if getattr(request, "error", None) is not None:
+            if request.error is not None:
                 return False  # a failed DP computation is the owner's to look at
             if self.max_epsilon is not None and not release.epsilon <= self.max_epsilon:
                 return False
@@ -120,7 +120,7 @@ class Handler:
             floor = min_aggregation if self.min_aggregation is None else self.min_aggregation
             if not (request.aggregation >= floor):
                 return False
-            if getattr(request, "checks", ()) and not self.ignore_disclosure_checks:
+            if request.checks and not self.ignore_disclosure_checks:
                 return False
         if self.tags is not None and not self.tags <= request.tags:
             return False
