@@ -26,6 +26,9 @@ from duet_p2p.errors import (
     SignalingNotFound,
     ValueTooLarge,
 )
+from duet_p2p.host.host import Host
+from duet_p2p.host.launch import launch_host, launch_host_async
+from duet_p2p.identity import Identity
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import PrivacyLedger
@@ -45,6 +48,8 @@ __all__ = [
     "DPHistogram",
     "DisclosureRules",
     "Duet",
+    "Host",
+    "Identity",
     "DuetConnectionError",
     "DuetError",
     "InvalidQuery",
@@ -67,4 +72,6 @@ __all__ = [
     "join_duet_async",
     "launch_duet",
     "launch_duet_async",
+    "launch_host",
+    "launch_host_async",
 ]

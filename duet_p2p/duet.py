@@ -19,7 +19,9 @@ from typing import Any
 from duet_p2p import config
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake, join
+from duet_p2p.connect_host import host_is_online, join_host
 from duet_p2p.errors import DuetError
+from duet_p2p.identity import Identity
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner import OwnerCore
 from duet_p2p.owner.dp_controls import OwnerDP
@@ -31,9 +33,11 @@ from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
 from duet_p2p.runtime import get_runtime
 from duet_p2p.scientist.dp import RemoteDP
+from duet_p2p.scientist.my_requests import MyRequests
 from duet_p2p.scientist.remote_store import RemoteStore
 from duet_p2p.scientist.remote_torch import RemoteNamespace
 from duet_p2p.scientist.session import ScientistCore
+from duet_p2p.signaling import SignalingClient
 from duet_p2p.transport.channel import ChannelOptions
 
 log = logging.getLogger(__name__)
@@ -57,8 +61,8 @@ class Duet:
         self.duet_id = connection.duet_id
         self.client_id = connection.client_id
         if isinstance(core, OwnerCore):
-            self.store: OwnerStoreView | RemoteStore = OwnerStoreView(core)
-            self.dp: OwnerDP | RemoteDP = OwnerDP(core)
+            self.store: OwnerStoreView | RemoteStore = OwnerStoreView(core.owner)
+            self.dp: OwnerDP | RemoteDP = OwnerDP(core.owner)
             """Owner: privacy budgets (``set_budget``, ``budget``)."""
         else:
             self.store = RemoteStore(core)
@@ -71,7 +75,11 @@ class Duet:
 
     @property
     def requests(self) -> Any:
-        """The owner's requests: a table; ``[i].accept()`` / ``.deny(reason)``; handlers."""
+        """Owner: the requests, a table; ``[i].accept()`` / ``.deny(reason)``; handlers.
+        Scientist: your own requests with their status (on a standing host, earlier
+        sessions' too); ``[i].get()`` fetches a value accepted while you were away."""
+        if isinstance(self._core, ScientistCore):
+            return MyRequests(self._core)
         return self._owner_core().requests
 
     @property
@@ -189,7 +197,7 @@ def _prepare_owner(
     """The owner's settings; caps incoming messages. Start the worker with ``prestart()``
     on the session's loop, so importing torch there overlaps the connection setup."""
     allowlist, limits = allowlist or DEFAULT_ALLOWLIST, limits or OwnerLimits()
-    _cap_owner_messages(options, limits)
+    cap_owner_messages(options, limits)
     if dp_ledger is not None and not isinstance(dp_ledger, PrivacyLedger):
         dp_ledger = open_ledger(dp_ledger)
     return _OwnerSettings(
@@ -202,7 +210,7 @@ async def _prestart(settings: _OwnerSettings) -> None:
     settings.supervisor.prestart()
 
 
-def _cap_owner_messages(options: ConnectOptions, limits: OwnerLimits) -> None:
+def cap_owner_messages(options: ConnectOptions, limits: OwnerLimits) -> None:
     """The owner's transport takes no message larger than an upload may be (plus room for
     the header), so a peer cannot make it buffer more than that."""
     cap = limits.max_upload_bytes + 1024**2
@@ -352,6 +360,15 @@ async def launch_duet_async(
 # -- joining (scientist) ---------------------------------------------------------------
 
 
+async def _is_host(duet_id: str, options: ConnectOptions) -> bool:
+    """Whether ``duet_id`` names a standing host (asked of the signaling server; a wrong
+    answer is caught either way: a host signs its answer, a one-off offer hashes to its ID)."""
+    if options.signaling_url is None or not isinstance(duet_id, str):
+        return False
+    async with SignalingClient(options.signaling_url) as client:
+        return await host_is_online(client, duet_id.strip().lower())
+
+
 def _announce_client_id(client_id: str) -> None:
     _say("Send the Duet Client ID back to your Duet Partner!")
     _say(f"Duet Client ID: {client_id}")
@@ -366,11 +383,17 @@ def join_duet(
     timeout: float | None = None,
     on_client_id: Callable[[str], None] | None = None,
     channel: ChannelOptions | None = None,
+    identity: Identity | str | None = None,
 ) -> Duet:
-    """Join the owner's Duet; prints the Client ID to send back, waits to be connected."""
+    """Join the owner's Duet, or connect to a standing host by its Host ID.
+
+    A one-off Duet: prints the Client ID to send back, waits to be connected. A host: signs
+    in with your identity (``identity=``: an Identity or its name, default ``"default"``,
+    kept in your data directory), so your Client ID stays the same across sessions; the
+    host's owner admits it once."""
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
     runtime = get_runtime()
-    duet = runtime.run(_join(duet_id, options, on_client_id))
+    duet = runtime.run(_join(duet_id, options, on_client_id, identity))
     runtime.add_closer(duet.aclose)
     return duet
 
@@ -384,21 +407,35 @@ async def join_duet_async(
     timeout: float | None = None,
     on_client_id: Callable[[str], None] | None = None,
     channel: ChannelOptions | None = None,
+    identity: Identity | str | None = None,
 ) -> Duet:
     """``join_duet`` on the caller's asyncio loop."""
     options = ConnectOptions.resolve(signaling_url, ice_servers, host_addresses, timeout, channel)
-    return await _join(duet_id, options, on_client_id)
+    return await _join(duet_id, options, on_client_id, identity)
 
 
 async def _join(
-    duet_id: str, options: ConnectOptions, on_client_id: Callable[[str], None] | None
+    duet_id: str,
+    options: ConnectOptions,
+    on_client_id: Callable[[str], None] | None,
+    identity: Identity | str | None = None,
 ) -> Duet:
     def announce(client_id: str) -> None:
         _announce_client_id(client_id)
         if on_client_id is not None:
             on_client_id(client_id)
 
-    connection = await join(duet_id, options, on_client_id=announce)
+    def announce_host(client_id: str) -> None:
+        _say(f"Connecting to host {duet_id} as Client ID {client_id}")
+        _say("(a host asks its owner to admit a new Client ID once; waiting if need be)")
+        if on_client_id is not None:
+            on_client_id(client_id)
+
+    if await _is_host(duet_id, options):
+        who = identity if isinstance(identity, Identity) else Identity.load(identity or "default")
+        connection = await join_host(duet_id, options, who, on_waiting=announce_host)
+    else:
+        connection = await join(duet_id, options, on_client_id=announce)
     core = ScientistCore(connection)
     try:
         await core.start()

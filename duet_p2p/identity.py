@@ -122,6 +122,11 @@ class Identity:
     def sign(self, binding: SessionBinding) -> bytes:
         return self._key.sign(binding.message())
 
+    def sign_bytes(self, message: bytes) -> bytes:
+        """Sign a message of another protocol step (e.g. a host's wait proof); every such
+        message starts with its own length-prefixed context, so none reads as another."""
+        return self._key.sign(message)
+
     def __repr__(self) -> str:
         return f"<Identity {self.id}>"
 

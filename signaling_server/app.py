@@ -12,6 +12,8 @@ from aiohttp import web
 from signaling_server.config import ServerConfig
 from signaling_server.connections import ConnectionGuard, GuardedTCPSite
 from signaling_server.handlers import SignalingHandlers
+from signaling_server.host_handlers import HostHandlers
+from signaling_server.hosts import HostRegistry, HostState
 from signaling_server.middleware import MAX_BODY, error_middleware, rate_limit_middleware
 from signaling_server.ratelimit import RateLimiter, parse_networks
 from signaling_server.state import InMemoryState, SignalingState
@@ -24,14 +26,25 @@ _FD_HEADROOM = 160
 __all__ = ["RunningServer", "ServerConfig", "create_app", "start_server"]
 
 
-def create_app(config: ServerConfig, state: SignalingState | None = None) -> web.Application:
-    """The aiohttp application; `state` defaults to a fresh InMemoryState."""
+def create_app(
+    config: ServerConfig, state: SignalingState | None = None, hosts: HostState | None = None
+) -> web.Application:
+    """The aiohttp application; `state` defaults to a fresh InMemoryState, `hosts` (the
+    standing hosts' offers) to a fresh HostRegistry."""
     if state is None:
         state = InMemoryState(
             config.ttl,
             max_entries=config.max_entries,
             max_entries_per_owner=config.max_entries_per_client,
             tombstone_ttl=config.tombstone_ttl,
+        )
+    if hosts is None:
+        hosts = HostRegistry(
+            config.ttl,
+            host_idle=config.host_idle,
+            max_entries=config.max_entries,
+            max_offers_per_host=config.max_offers_per_host,
+            max_entries_per_owner=config.max_entries_per_client,
         )
     limiter = RateLimiter(config.rate, config.burst, max_clients=config.max_clients)
     app = web.Application(
@@ -47,9 +60,12 @@ def create_app(config: ServerConfig, state: SignalingState | None = None) -> web
     app.router.add_get(f"{duet}/answer", h.get_answer)
     app.router.add_get("/health", h.health)
     app.router.add_get("/v1/ice-servers", h.ice_servers)
+    # Host long-polls share the duet handlers' per-client budget of concurrent long-polls.
+    HostHandlers(hosts, config, waits=h._waits).add_routes(app)
 
     async def sweeper(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(_sweep_forever(state, min(config.ttl, 30.0)))
+        interval = min(config.ttl, config.host_idle, 30.0)
+        task = asyncio.create_task(_sweep_forever((state, hosts), interval))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -57,22 +73,24 @@ def create_app(config: ServerConfig, state: SignalingState | None = None) -> web
 
     async def wake_waiters(app: web.Application) -> None:
         await state.close()
+        await hosts.close()
 
     app.cleanup_ctx.append(sweeper)
     app.on_shutdown.append(wake_waiters)
     return app
 
 
-async def _sweep_forever(state: SignalingState, interval: float) -> None:
+async def _sweep_forever(stores: tuple[SignalingState, HostState], interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        try:
-            dropped = await state.sweep()
-        except Exception:
-            logger.exception("expiry sweep failed")
-            continue
-        if dropped:
-            logger.debug("expired %d duet IDs", dropped)
+        for store, what in zip(stores, ("duet IDs", "host offers"), strict=True):
+            try:
+                dropped = await store.sweep()
+            except Exception:
+                logger.exception("expiry sweep of %s failed", what)
+                continue
+            if dropped:
+                logger.debug("expired %d %s", dropped, what)
 
 
 class RunningServer:

@@ -21,6 +21,7 @@ _POSITIVE = (
     "header_timeout",
     "body_timeout",
     "keepalive_timeout",
+    "host_idle",
 )
 _AT_LEAST_ONE = (
     "max_body",
@@ -31,6 +32,7 @@ _AT_LEAST_ONE = (
     "max_clients",
     "max_connections",
     "max_connections_per_client",
+    "max_offers_per_host",
 )
 
 
@@ -84,6 +86,10 @@ class ServerConfig:
     """User part of TURN REST usernames (`<expiry>:<label>`)."""
     shutdown_timeout: float = 2.0
     """Seconds open requests get to finish when the server stops."""
+    host_idle: float = 60.0
+    """Seconds a standing host counts as online after its last wait for offers ended."""
+    max_offers_per_host: int = 64
+    """Offers waiting for one standing host (undelivered or unanswered); more get HTTP 503."""
 
     def __post_init__(self) -> None:
         for name in _POSITIVE:

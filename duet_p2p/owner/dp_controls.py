@@ -8,7 +8,7 @@ from duet_p2p.permissions.ledger import Cap, LedgerTable, PrivacyLedger
 from duet_p2p.table import Table, TableView, format_clock
 
 if TYPE_CHECKING:
-    from duet_p2p.owner.session import OwnerCore
+    from duet_p2p.owner.owner import Owner
 
 
 class OwnerDP:
@@ -20,7 +20,7 @@ class OwnerDP:
     duet.dp.budget                                           # what is left
     """
 
-    def __init__(self, core: OwnerCore) -> None:
+    def __init__(self, core: Owner) -> None:
         self._core = core
 
     @property

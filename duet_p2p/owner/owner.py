@@ -10,7 +10,9 @@ with a single session, which closes it.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Any, Protocol
 
 import torch
@@ -19,11 +21,35 @@ from duet_p2p.allowlist import Allowlist
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.modules import module_to_spec
 from duet_p2p.owner.hosted import SealedTensor, seal
-from duet_p2p.permissions import AuditLog, Request, RequestQueue
+from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
 from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
 from duet_p2p.schema import TableSchema, from_dataframe, schema_for_tensor
 from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
+
+log = logging.getLogger(__name__)
+
+
+class RequestJournal(Protocol):
+    """Where a standing host keeps requests, held values and decisions across restarts
+    (``duet_p2p.host.state.HostState``)."""
+
+    def record_request(self, request: Any, *, dp: bool) -> None: ...
+
+    def hold(self, request_id: str, *, payload: bytes | None, module: bool,
+             failure: dict[str, Any] | None, size_bytes: int, elements: int,
+             error: str | None, checks: tuple[str, ...]) -> None: ...  # fmt: skip
+
+    def decide(self, request_id: str, *, status: str, decided_by: str, reason: str,
+               decided_at: float, keep_until: float | None) -> None: ...  # fmt: skip
+
+    def delivered(self, request_id: str) -> None: ...
+
+    def claim(self, client_id: str, request_id: str) -> tuple[Any, bytes | None] | None: ...
+
+    def for_client(self, client_id: str, *, limit: int = 1000) -> list[Any]: ...
+
+    def set_handler_count(self, name: str, count: int) -> None: ...
 
 
 class Session(Protocol):
@@ -62,7 +88,14 @@ class Owner:
         min_aggregation: int = 1,
         ledger: PrivacyLedger | None = None,
         disclosure: DisclosureRules | None = None,
+        journal: RequestJournal | None = None,
+        keep_released: float = 7 * 24 * 3600.0,
+        expire_after: float | None = None,
     ) -> None:
+        """``journal``: a standing host's durable record of requests (None: requests live
+        in memory, as in a one-off Duet). ``keep_released``: seconds an accepted value
+        waits for a scientist who was away. ``expire_after``: seconds after which an
+        undecided request expires (None: never)."""
         self.allowlist = allowlist
         self.limits = limits
         self.audit = audit
@@ -71,8 +104,10 @@ class Owner:
         """Hosted tensors' sealed bytes, by object ID."""
         self.requests = RequestQueue(
             on_decision=self._route_decision, audit=audit, min_aggregation=min_aggregation,
-            max_history=limits.max_requests,
+            max_history=limits.max_requests, expire_after=expire_after,
         )  # fmt: skip
+        self.journal = journal
+        self.keep_released = keep_released
         self.disclosure = disclosure if disclosure is not None else DisclosureRules()
         self._ledger = ledger
         self._lock = threading.Lock()
@@ -115,10 +150,55 @@ class Owner:
             return self._routes.get(request_id) is session
 
     def _route_decision(self, request: Request) -> None:
+        if self.journal is not None:
+            self._journal_decision(request)
         with self._lock:
             session = self._routes.pop(request.request_id, None)
         if session is not None:
             session._on_decision(request)
+
+    # -- requests as the journal keeps them -----------------------------------------------
+
+    def submit(self, request: Request, session: Session) -> None:
+        """A new request of ``session``'s scientist: routed, journaled, then submitted."""
+        self.route(request.request_id, session)
+        if self.journal is not None:
+            self.journal.record_request(request, dp=request.dp is not None)
+        self.requests.submit(request)
+
+    def held(self, request: Request, payload: Any, *, module: bool,
+             failure: dict[str, Any] | None) -> None:  # fmt: skip
+        """The value (or failure) behind a pending request is known: a standing host keeps
+        it, so a decision taken after its scientist left (or after a restart) can be
+        fetched on their return."""
+        if self.journal is None:
+            return
+        self.journal.hold(
+            request.request_id, payload=None if payload is None else bytes(payload),
+            module=module, failure=failure, size_bytes=request.size_bytes,
+            elements=request.elements, error=request.error, checks=tuple(request.checks),
+        )  # fmt: skip
+
+    def delivered(self, request_id: str) -> None:
+        """The scientist received the value: a standing host need not keep it."""
+        if self.journal is not None:
+            self.journal.delivered(request_id)
+
+    def _journal_decision(self, request: Request) -> None:
+        assert self.journal is not None
+        accepted = request.status is RequestStatus.ACCEPTED
+        try:
+            self.journal.decide(
+                request.request_id, status=request.status.value,
+                decided_by=request.decided_by or "", reason=request.decision_reason,
+                decided_at=request.decided_at or time.time(),
+                keep_until=time.time() + self.keep_released if accepted else None,
+            )  # fmt: skip
+            handler = request.handler
+            if handler is not None and handler.name:
+                self.journal.set_handler_count(handler.name, handler.matched)
+        except Exception:  # the audit log has the decision; the session still delivers it
+            log.exception("recording the decision on %s failed", request.request_id)
 
     # -- hosting ------------------------------------------------------------------------
 

@@ -52,8 +52,10 @@ from duet_p2p.rpc.messages import (
     Delete,
     Describe,
     DPQuery,
+    FetchRelease,
     GetRequest,
     Hello,
+    ListRequests,
     Message,
     StoreChanged,
     StoreQuery,
@@ -210,6 +212,8 @@ class OwnerCore:
         self._snaps: dict[str, asyncio.Event] = {}
         """Set once a private request's value (or failure) is held."""
         self._answered: dict[str, asyncio.Event] = {}
+        self._mine: set[str] = set()
+        """Requests this session submitted (a one-off Duet lists them to its scientist)."""
         self.held_bytes = 0
         """Bytes of private values held for requests awaiting a decision (their sizes are
         private, so this budget is kept apart from anything the peer can observe)."""
@@ -226,13 +230,17 @@ class OwnerCore:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.owner.attach(self)
         await self.worker.start()
+        self.owner.attach(self)
+        for record in self.store.owner_records():  # hosted before this session began
+            self._host_on_loop(record, notify=False)
         for kind in ("actions", "delete", "upload", "get", "describe", "dp_query"):
             self.endpoint.on(kind, self._enqueue)
         self.endpoint.on("store_query", self._on_store_query)
         self.endpoint.on("dp_budget", self._on_budget_query)
         self.endpoint.on("cancel_request", self._on_cancel)
+        self.endpoint.on("list_requests", self._on_list_requests)
+        self.endpoint.on("fetch_release", self._on_fetch_release)
         self._tasks = [
             asyncio.ensure_future(self._work_loop()),
             asyncio.ensure_future(self._expire_loop()),
@@ -281,16 +289,16 @@ class OwnerCore:
         else:
             self.loop.call_soon_threadsafe(function, *args)
 
-    def _host_on_loop(self, record: StoredObject) -> None:
-        if self.store.get(record.id) is not record:
-            return  # removed before this session heard of it
+    def _host_on_loop(self, record: StoredObject, notify: bool = True) -> None:
+        if self.store.get(record.id) is not record or record.id in self.monitor.nodes:
+            return  # removed before this session heard of it, or hosted already
         self.monitor.host(
             record.id, record.value, private=record.private, tags=record.tags,
             expression=record.expression,
         )  # fmt: skip
         self._send_hosted(record)
         self.worker.set_hosted_bytes(sum(s.nbytes for s in self._sealed.values()))
-        if record.searchable:
+        if record.searchable and notify:
             self._notify_store_changed()
 
     def _send_hosted(self, record: StoredObject) -> None:
@@ -609,6 +617,7 @@ class OwnerCore:
         self._held[rid] = held
         ready.set()
         if label.private:
+            self.owner.held(request, held.payload, module=held.module, failure=held.error)
             self.requests.mark_ready(rid)
             return
         self._gets[rid] = message
@@ -632,8 +641,8 @@ class OwnerCore:
         request.ready = False
         self._gets[rid] = message
         self._snaps[rid] = ready
-        self.owner.route(rid, self)
-        self.requests.submit(request)
+        self._mine.add(rid)
+        self.owner.submit(request, self)
         await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
         return ready
 
@@ -787,6 +796,8 @@ class OwnerCore:
             Decision(request_id=rid, status="accepted", module=held.module),
             attachment=memoryview(payload),
         )
+        if held.private and not held.dp:
+            self.owner.delivered(rid)
 
     def _show_locally(self, request: Request, held: _Held) -> None:
         handler = getattr(request, "handler", None)
@@ -835,12 +846,85 @@ class OwnerCore:
         await self.endpoint.close()
         for task in self._tasks:
             task.cancel()
+        self._withdraw_dp_requests()
         self.dp.close()
         self.owner.detach(self)
         await self.worker.close()
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
         if self._owns_owner:
             self.owner.close()
+
+    def _withdraw_dp_requests(self) -> None:
+        """A DP query's budget is reserved by this session: undecided ones end with it
+        (none may be released later without its debit)."""
+        for rid, message in list(self._gets.items()):
+            if isinstance(message, DPQuery):
+                with contextlib.suppress(DuetError, KeyError):
+                    self.requests.expire(rid, "the scientist left before the decision")
+
+    # -- the scientist's own requests ---------------------------------------------------
+
+    async def _on_list_requests(self, message: ListRequests) -> None:
+        """The scientist's requests (this session's and, on a standing host, earlier
+        sessions'), newest first; a private value's size is theirs only once accepted."""
+        client_id = self.connection.client_id
+        if self.owner.journal is not None:
+            rows = [_row_of_stored(r) for r in self.owner.journal.for_client(client_id)]
+        else:
+            mine = [r for r in self.requests.all() if r.request_id in self._mine]
+            rows = [_row_of_request(r) for r in reversed(mine)]
+        await self._reply(message.call_id, rows[:1000])
+
+    async def _on_fetch_release(self, message: FetchRelease) -> None:
+        """Send again a value accepted while its scientist was away (a standing host keeps
+        it for ``keep_released`` seconds, then frees it)."""
+        journal = self.owner.journal
+        claimed = None if journal is None else await asyncio.to_thread(
+            journal.claim, self.connection.client_id, message.request_id)  # fmt: skip
+        if claimed is None:
+            await self._send_error(message.call_id, {"code": "not_found", "type": "KeyError",
+                "message": f"no request {message.request_id} of yours is kept here"})  # fmt: skip
+            return
+        stored, payload = claimed
+        rid = stored.request_id
+        if stored.status != "accepted":
+            await self._reply(message.call_id, {"request_id": rid, "status": stored.status,
+                                                "reason": stored.decision_reason})  # fmt: skip
+            return
+        if payload is None and stored.failure is None:
+            await self._reply(message.call_id, {"request_id": rid, "status": "gone"})
+            return
+        await self._reply(message.call_id, {"request_id": rid, "status": "accepted"})
+        request = Request(
+            request_id=rid, object_id=stored.object_id, name=stored.name, reason="",
+            lineage=stored.lineage, ops=stored.ops, tags=stored.tags, size_bytes=0, elements=0,
+            aggregation=stored.aggregation, status=RequestStatus.ACCEPTED,
+        )  # fmt: skip
+        held = _Held(None if payload is None else bytearray(payload), stored.module,
+                     stored.failure, None)  # fmt: skip
+        await self._send_decision(request, held)
+
+
+def _row_of_stored(stored: Any) -> dict[str, Any]:
+    accepted = stored.status == "accepted"
+    return {
+        "request_id": stored.request_id, "name": stored.name, "reason": stored.reason,
+        "status": stored.status, "requested_at": stored.requested_at,
+        "decided_at": stored.decided_at, "decision_reason": stored.decision_reason,
+        "dp": bool(stored.dp), "size_bytes": stored.size_bytes if accepted else None,
+        "kept": bool(accepted and stored.has_value and not stored.delivered),
+    }  # fmt: skip
+
+
+def _row_of_request(request: Request) -> dict[str, Any]:
+    accepted = request.status is RequestStatus.ACCEPTED
+    return {
+        "request_id": request.request_id, "name": request.name, "reason": request.reason,
+        "status": request.status.value, "requested_at": request.requested_at,
+        "decided_at": request.decided_at, "decision_reason": request.decision_reason,
+        "dp": request.dp is not None, "size_bytes": request.size_bytes if accepted else None,
+        "kept": False,
+    }  # fmt: skip
 
 
 def _compact(action: Any, private: bool) -> list[Any]:

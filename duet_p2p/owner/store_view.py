@@ -9,7 +9,7 @@ from duet_p2p.errors import DuetError
 from duet_p2p.table import Table, TableView, uid_label
 
 if TYPE_CHECKING:
-    from duet_p2p.owner.session import OwnerCore
+    from duet_p2p.owner.owner import Owner
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class HostedObject:
 class OwnerStoreView(TableView):
     """``duet.store`` on the owner's side: what is hosted, and ``send`` to host more."""
 
-    def __init__(self, core: OwnerCore) -> None:
-        self._core = core
+    def __init__(self, owner: Owner) -> None:
+        self._core = owner
 
     def send(
         self,
@@ -69,10 +69,7 @@ class OwnerStoreView(TableView):
         record = self._core.store.get(object_id)
         if record is None or record.origin != "owner":
             raise DuetError(f"no hosted object {object_id}")
-        self._core.store.remove(object_id)
-        core = self._core
-        if record.searchable and core.loop is not None and not core._closed:
-            core.loop.call_soon_threadsafe(core._notify_store_changed)  # the peer re-lists
+        self._core.store.remove(object_id)  # every session is told; its scientist re-lists
 
     def _hosted(self) -> list[Any]:
         return self._core.store.owner_records()

@@ -210,6 +210,12 @@ class WorkerSupervisor:
         if self._spare is None and not self.stopped:
             self._spare = asyncio.ensure_future(WorkerProcess.spawn(self.limits))
 
+    async def warm(self) -> None:
+        """Wait until a prestarted worker is ready to be brought into service."""
+        self.prestart()
+        if self._spare is not None:
+            await asyncio.shield(self._spare)
+
     async def start(self) -> None:
         """Bring a worker into service (the spare, if one is warm)."""
         self.prestart()

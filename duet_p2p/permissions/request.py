@@ -292,6 +292,29 @@ class RequestQueue(TableView):
         self._emit(request)
         return request
 
+    def expire(self, request_id: str, reason: str) -> Request | None:
+        """End a pending request undecided (e.g. its budget reservation ended with its
+        session). Returns the request, or None if it was not pending."""
+        with self._lock:
+            request = self._pending.get(_bare_id(request_id))
+            if request is None:
+                return None
+            self._decide(request, RequestStatus.EXPIRED, "queue (withdrawn)", _cap(reason))
+        self._emit(request)
+        return request
+
+    def restore(self, request: Request) -> Request:
+        """Put back a pending request kept across a restart (already audited when it
+        arrived); handlers see it on their next pass."""
+        with self._lock:
+            if request.request_id in self._requests or not request.pending:
+                raise DuetError(f"request {uid_label(request.request_id)} cannot be restored")
+            request._queue = self
+            self._requests[request.request_id] = request
+            self._pending[request.request_id] = request
+            self._arrived.notify_all()
+        return request
+
     def expire_overdue(self, now: float | None = None) -> list[Request]:
         """Apply handlers whose ``timeout_secs`` has passed, then ``expire_after``.
 

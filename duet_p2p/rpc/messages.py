@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from duet_p2p.errors import ProtocolError
 from duet_p2p.rpc.dp_spec import QuerySpec
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """2: gets carry max_bytes; failures of private results are released like values.
-3: differentially private queries and budgets."""
+3: differentially private queries and budgets.
+4: a scientist lists their requests and fetches values approved while away."""
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")]
 OpPath = Annotated[str, Field(min_length=1, max_length=200)]
 Text = Annotated[str, Field(max_length=4000)]
@@ -131,6 +132,22 @@ class BudgetQuery(Message):
     call_id: int = Field(ge=0)
 
 
+class ListRequests(Message):
+    """Scientist -> owner: the scientist's own requests, with their status."""
+
+    kind: Literal["list_requests"] = "list_requests"
+    call_id: int = Field(ge=0)
+
+
+class FetchRelease(Message):
+    """Scientist -> owner: send again the value of one of the scientist's own requests that
+    was accepted while they were away (answered by a reply, then a decision)."""
+
+    kind: Literal["fetch_release"] = "fetch_release"
+    call_id: int = Field(ge=0)
+    request_id: ObjectId
+
+
 class Reply(Message):
     """The answer to a message that had a ``call_id``."""
 
@@ -180,6 +197,8 @@ AnyMessage = Annotated[
     | Describe
     | DPQuery
     | BudgetQuery
+    | ListRequests
+    | FetchRelease
     | Reply
     | Decision
     | StoreChanged

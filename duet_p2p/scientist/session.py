@@ -50,8 +50,10 @@ from duet_p2p.rpc.messages import (
     Decision,
     Delete,
     DPQuery,
+    FetchRelease,
     GetRequest,
     Hello,
+    ListRequests,
     Message,
     StoreQuery,
     Upload,
@@ -327,6 +329,51 @@ class ScientistCore:
     async def dp_budget(self) -> Any:
         """The owner's account of this scientist's privacy budgets (checked by the caller)."""
         return await self._call(BudgetQuery(call_id=self.endpoint.next_call_id()))
+
+    async def my_requests(self) -> Any:
+        """The owner's list of this scientist's requests (checked by the caller)."""
+        return await self._call(ListRequests(call_id=self.endpoint.next_call_id()))
+
+    async def fetch_release(
+        self, request_id: str, max_bytes: int | None = None, timeout: float | None = None
+    ) -> Any:
+        """The value of one of this scientist's requests that was accepted while they were
+        away (a standing host keeps it for a while). Raises PermissionDenied if it was
+        denied, RequestTimeout if it is still pending or expired, DuetError if it is no
+        longer kept."""
+        limit = self._get_limit(max_bytes)
+        self._allow_incoming(limit)
+        future = self.decision_future(request_id, limit)
+        call_id = self.endpoint.next_call_id()
+        self._gets_in_flight[call_id] = limit
+        try:
+            reply = await self._call(FetchRelease(call_id=call_id, request_id=request_id))
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            del self._gets_in_flight[call_id]
+            self._early.trim(self._early_budget())
+        status = reply.get("status") if isinstance(reply, dict) else None
+        if status == "accepted":
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                future.cancel()
+                raise RequestTimeout(f"the value of {request_id} did not arrive in time") from None
+        future.cancel()
+        said = printable(reply.get("reason", "") if isinstance(reply, dict) else "", 500)
+        if status == "denied":
+            raise PermissionDenied(f"request {request_id} was denied: {said}", reason=said)
+        if status == "pending":
+            raise RequestTimeout(f"request {request_id} is still waiting for the owner")
+        if status in ("expired", "cancelled"):
+            raise RequestTimeout(f"request {request_id} ended undecided ({status}): {said}")
+        if status == "gone":
+            raise DuetError(
+                f"the value of request {request_id} was already fetched, or is no longer kept"
+            )
+        raise ProtocolError("the owner sent a malformed reply to a fetch")
 
     async def _ask(
         self, make: Any, object_id: str, limit: int, handle: type[RequestHandle]

@@ -1,0 +1,1 @@
+"""A standing host: one owner serving many scientists over time."""

@@ -1,0 +1,452 @@
+"""The ``duet-host`` command: run a standing host, and administer it while it serves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from duet_p2p.errors import ConfigurationError, DuetError
+from duet_p2p.host.control import DEFAULT_AUDIT_LAST, MAX_AUDIT_LAST, request, socket_path
+from duet_p2p.table import Table, format_clock, format_size, uid_label
+from duet_p2p.text import printable
+
+if TYPE_CHECKING:
+    from duet_p2p.host.config import HostConfig
+
+CONFIG_ENV = "DUET_HOST_CONFIG"
+PROG = "duet-host"
+_RAW = argparse.RawDescriptionHelpFormatter
+
+DESCRIPTION = """\
+Run a standing host, and administer it while it serves.
+
+A standing host is an owner that stays up: one long-running process with a persistent
+identity (its Host ID never changes), hosting the datasets listed in host.toml and serving
+many scientists over days. Handlers in host.toml decide routine requests; the rest wait for
+you. From another terminal you list and decide them, admit or refuse new scientists, and
+read the audit log. Those commands talk to the running host through a socket in its host
+directory that only your user can open."""
+
+EPILOG = """\
+example:
+  duet-host init host.toml             # write a config; edit signaling_url and [[datasets]]
+  duet-host serve --config host.toml   # terminal 1: serve until Ctrl-C
+  duet-host requests                   # terminal 2: what scientists ask to take away
+  duet-host accept 0123456789abcdef0123456789abcdef
+  duet-host deny 0123456789abcdef0123456789abcdef --reason "too fine-grained"
+
+Every command finds the host through --config (default ./host.toml, or $DUET_HOST_CONFIG),
+or through --socket PATH. IDs may be typed as listed, quoted: '<UID:...>'.
+Run `duet-host COMMAND --help` for each command's options."""
+
+TEMPLATE = """\
+# A standing host: run it with `duet-host serve --config host.toml`.
+# Relative paths are relative to this file. Every key is checked: a typo is an error.
+
+[host]
+name = "host"                            # identity and host directory name
+signaling_url = "http://127.0.0.1:8765"  # the signaling server your scientists use too
+admit = "ask"                            # "ask": you admit each new scientist
+                                         # (duet-host admissions / admit / refuse);
+                                         # "any"; or a list of Client IDs
+# data_dir = "/var/lib/duet"            # default: $DUET_HOME or the per-user data directory
+# max_scientists = 16                   # sessions at once
+# log_level = "info"
+
+# Each dataset is hosted under its name (its first tag), which scientists search for.
+# [[datasets]]
+# name = "ages"
+# path = "ages.csv"                     # npy, safetensors, csv or parquet
+# description = "Ages of made-up patients"
+
+# Handlers decide matching requests without you, in order; the rest wait for
+# `duet-host requests` / `accept` / `deny`.
+# [[handlers]]
+# name = "small sums"
+# action = "accept"
+# tags = ["ages"]
+# op = "sum"
+# max_elements = 10
+
+# A differential privacy budget per scientist for a dataset.
+# [[budgets]]
+# dataset = "ages"
+# epsilon = 1.0
+"""
+
+_TEXT_CHARS = 200
+_ROW_KEYS_SHOWN = 12
+
+
+# --- the parser -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get(CONFIG_ENV) or "host.toml",
+        help=f"the host's config file (default ./host.toml, or ${CONFIG_ENV})",
+    )
+    control = argparse.ArgumentParser(add_help=False, parents=[common])
+    control.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the running host's control socket, instead of finding it through --config",
+    )
+    control.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=_RAW
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str,
+        run: Callable[[argparse.Namespace], int],
+        summary: str,
+        example: str,
+        *,
+        parent: argparse.ArgumentParser = control,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            parents=[parent],
+            help=summary,
+            description=summary,
+            epilog="example:\n" + "\n".join(f"  {line}" for line in example.splitlines()),
+            formatter_class=_RAW,
+        )
+        p.set_defaults(run=run)
+        return p
+
+    p = command(
+        "init",
+        _init,
+        "Write an example host.toml to edit (an existing file is never overwritten).",
+        "duet-host init host.toml\n$EDITOR host.toml\nduet-host serve --config host.toml",
+        parent=common,
+    )
+    p.add_argument("path", nargs="?", metavar="PATH", help="where to write it (default --config)")
+    command(
+        "serve",
+        _serve,
+        "Serve the datasets in the config until interrupted (Ctrl-C or SIGTERM).",
+        "duet-host serve --config host.toml",
+        parent=common,
+    )
+    command(
+        "id",
+        _id,
+        "Print this host's ID (what scientists join with) without serving.",
+        "duet-host id --config host.toml",
+        parent=common,
+    )
+    command("status", _status, "Show the running host's state.", "duet-host status")
+    p = command(
+        "requests",
+        _requests,
+        "List requests waiting for your decision (--all: decided ones too).",
+        "duet-host requests\nduet-host requests --all --json",
+    )
+    p.add_argument("--all", action="store_true", help="also list decided requests")
+    p = command(
+        "accept",
+        _accept,
+        "Accept a request: its value is released to the scientist who asked.",
+        "duet-host accept 0123456789abcdef0123456789abcdef\nduet-host accept '<UID:0123456789abcdef0123456789abcdef>'",
+    )
+    p.add_argument("request_id", metavar="ID", help="the request's ID (as listed by requests)")
+    p = command(
+        "deny",
+        _deny,
+        "Deny a request; the scientist sees your reason.",
+        'duet-host deny 0123456789abcdef0123456789abcdef --reason "too fine-grained"',
+    )
+    p.add_argument("request_id", metavar="ID", help="the request's ID (as listed by requests)")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why, shown to the scientist")
+    command(
+        "admissions",
+        _admissions,
+        "List scientists waiting to be admitted, and those admitted or refused.",
+        "duet-host admissions",
+    )
+    p = command(
+        "admit",
+        _admit,
+        "Admit a scientist: their Client ID may connect from now on.",
+        "duet-host admit 0123456789abcdef0123456789abcdef",
+    )
+    p.add_argument("client_id", metavar="CLIENT_ID", help="the scientist's Client ID")
+    p = command(
+        "refuse",
+        _refuse,
+        "Refuse a scientist: their Client ID is turned away from now on.",
+        'duet-host refuse 0123456789abcdef0123456789abcdef --reason "unknown to us"',
+    )
+    p.add_argument("client_id", metavar="CLIENT_ID", help="the scientist's Client ID")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why, shown to the scientist")
+    p = command(
+        "audit",
+        _audit,
+        "Show the last entries of the host's audit log.",
+        "duet-host audit --last 100",
+    )
+    p.add_argument(
+        "--last",
+        type=int,
+        default=DEFAULT_AUDIT_LAST,
+        metavar="N",
+        help=f"how many entries, 1 to {MAX_AUDIT_LAST} (default %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``duet-host``; the exit status (0 done, 1 refused or failed, 2 bad usage)."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except DuetError as exc:
+        print(f"{PROG}: error: {printable(str(exc), 2000)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- commands that need no running host -------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = Path(args.path or args.config)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigurationError(f"{path} exists; not overwriting it") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(TEMPLATE)
+    print(f"Wrote {path}: set signaling_url and your [[datasets]], then run")
+    print(f"  {PROG} serve --config {path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from duet_p2p.host.serve import serve
+
+    return serve(Path(args.config))
+
+
+def _id(args: argparse.Namespace) -> int:
+    from duet_p2p.identity import Identity
+    from duet_p2p.paths import data_dir
+
+    settings = _load(args.config).settings
+    folder = Path(settings.data_dir or data_dir()) / "identities"
+    print(Identity.load(settings.name, directory=folder).id)
+    return 0
+
+
+def _load(config: str) -> HostConfig:
+    path = Path(config)
+    if not path.exists():
+        raise ConfigurationError(
+            f"no config file at {path}: pass --config PATH (or --socket PATH), set "
+            f"${CONFIG_ENV}, or write one with `{PROG} init {path}`"
+        )
+    from duet_p2p.host.config import load_config
+
+    return load_config(path)
+
+
+# --- commands for the running host ------------------------------------------------------
+
+
+def _ask(args: argparse.Namespace, command: str, **command_args: Any) -> Any:
+    path = Path(args.socket) if args.socket else socket_path(_load(args.config).host_dir)
+    return request(path, command, command_args)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=True, sort_keys=True))
+
+
+def _status(args: argparse.Namespace) -> int:
+    result = _ask(args, "status")
+    if args.json:
+        _print_json(result)
+        return 0
+    if not isinstance(result, dict):
+        raise DuetError("the host sent a malformed status")
+    keys = [_text(key, 60) for key in result]
+    width = max((len(key) for key in keys), default=0)
+    for key, value in zip(keys, result.values(), strict=True):
+        print(f"{key + ':':<{width + 1}} {_text(value, 500)}")
+    return 0
+
+
+def _requests(args: argparse.Namespace) -> int:
+    result = _ask(args, "requests", all=args.all)
+    if args.json:
+        _print_json(result)
+        return 0
+    columns = ["Request ID", "Name", "Client", "Status", "Size", "Requested", "Reason", "Checks"]
+    if args.all:
+        columns += ["Decided", "By"]
+    rows = []
+    for row in _rows(result, "requests"):
+        cells = [
+            _label(row.get("request_id")),
+            _text(row.get("name")),
+            _text(row.get("client_id")),
+            _text(row.get("status")),
+            _size(row.get("size_bytes")),
+            _clock(row.get("requested_at")),
+            _text(row.get("reason")),
+            _text(row.get("checks")),
+        ]
+        if args.all:
+            cells += [_clock(row.get("decided_at")), _text(row.get("decided_by"))]
+        rows.append(cells)
+    empty = "No requests yet." if args.all else "No requests are waiting for you."
+    print(Table(columns, rows, index=False, empty_text=empty))
+    return 0
+
+
+def _accept(args: argparse.Namespace) -> int:
+    result = _ask(args, "accept", request_id=args.request_id)
+    return _done(args, result, "Request", "request_id", args.request_id, "accepted")
+
+
+def _deny(args: argparse.Namespace) -> int:
+    result = _ask(args, "deny", request_id=args.request_id, reason=args.reason)
+    return _done(args, result, "Request", "request_id", args.request_id, "denied")
+
+
+def _admissions(args: argparse.Namespace) -> int:
+    result = _ask(args, "admissions")
+    if args.json:
+        _print_json(result)
+        return 0
+    rows = [
+        [
+            _text(row.get("client_id")),
+            _text(row.get("status")),
+            _clock(row.get("decided_at", row.get("requested_at"))),
+            _text(row.get("note")),
+        ]
+        for row in _rows(result, "admissions")
+    ]
+    columns = ["Client ID", "Status", "Since", "Note"]
+    print(Table(columns, rows, index=False, empty_text="No scientist has asked to join yet."))
+    return 0
+
+
+def _admit(args: argparse.Namespace) -> int:
+    result = _ask(args, "admit", client_id=args.client_id)
+    return _done(args, result, "Client", "client_id", args.client_id, "admitted")
+
+
+def _refuse(args: argparse.Namespace) -> int:
+    result = _ask(args, "refuse", client_id=args.client_id, reason=args.reason)
+    return _done(args, result, "Client", "client_id", args.client_id, "refused")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    if not 1 <= args.last <= MAX_AUDIT_LAST:
+        raise ConfigurationError(f"--last must be from 1 to {MAX_AUDIT_LAST}")
+    result = _ask(args, "audit", last=args.last)
+    if args.json:
+        _print_json(result)
+        return 0
+    rows = []
+    for entry in _rows(result, "audit"):
+        when = entry.get("ts", entry.get("time"))
+        when_text = _clock(when) if _is_number(when) else _text(when, 40)
+        rest = [(k, v) for k, v in entry.items() if k not in ("ts", "time", "event")]
+        summary = ", ".join(f"{_text(k, 40)}={_text(v, 80)}" for k, v in rest[:_ROW_KEYS_SHOWN])
+        rows.append([when_text, _text(entry.get("event"), 40), summary])
+    table = Table(
+        ["Time", "Event", "Summary"],
+        rows,
+        index=False,
+        empty_text="The audit log is empty.",
+        max_cell_chars=100,
+    )
+    print(table)
+    return 0
+
+
+def _done(
+    args: argparse.Namespace, result: Any, kind: str, key: str, typed: str, default: str
+) -> int:
+    """Report a decision the host made."""
+    if args.json:
+        _print_json(result)
+        return 0
+    answer = result if isinstance(result, dict) else {}
+    ident = answer.get(key) if isinstance(answer.get(key), str) else typed
+    status = answer.get("status") if isinstance(answer.get("status"), str) else default
+    shown = _label(ident) if key == "request_id" else _text(ident, 80)
+    print(f"{kind} {shown}: {_text(status, 40)}")
+    return 0
+
+
+# --- cells: everything the host sends is made printable ---------------------------------
+
+
+def _rows(result: Any, what: str) -> list[dict[str, Any]]:
+    if not isinstance(result, list) or not all(isinstance(row, dict) for row in result):
+        raise DuetError(f"the host sent a malformed {what} list")
+    return result
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text(value: Any, limit: int = _TEXT_CHARS) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return printable(value, limit)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if _is_number(value):
+        return str(value)
+    if isinstance(value, list):
+        return printable(", ".join(_text(item, limit) for item in value[:100]), limit)
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        return "?"
+    return printable(text[: limit * 4], limit)
+
+
+def _label(value: Any) -> str:
+    return uid_label(_text(value, 64)) if value else ""
+
+
+def _size(value: Any) -> str:
+    return format_size(value) if _is_number(value) else ""
+
+
+def _clock(value: Any) -> str:
+    if not _is_number(value) or not math.isfinite(value):
+        return ""
+    try:
+        return format_clock(value)
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
