@@ -113,4 +113,3 @@ def _stored_row(stored: Any) -> dict[str, Any]:
         "decided_by": stored.decided_by or "", "lineage": stored.lineage,
         "checks": list(stored.checks), "dp": "dp" if stored.dp else "",
     }  # fmt: skip
-
