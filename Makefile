@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-network demo demo-train demo-dp bench bench-large bench-network lint format signaling clean
+.PHONY: install test test-network demo demo-train demo-dp demo-host bench bench-large bench-network lint format signaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo-train: install
 
 demo-dp: install
 	$(PY) examples/dp_stats/run.py
+
+demo-host: install
+	$(PY) examples/host/run.py
 
 bench: install
 	$(PY) -m benchmarks

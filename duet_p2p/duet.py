@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from duet_p2p import config
+from duet_p2p import config, patches
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.connect import Connection, ConnectOptions, OwnerHandshake, join
 from duet_p2p.connect_host import host_is_online, join_host
@@ -41,6 +41,7 @@ from duet_p2p.signaling import SignalingClient
 from duet_p2p.transport.channel import ChannelOptions
 
 log = logging.getLogger(__name__)
+patches.install()  # tensor.send(duet), .tag(...), .describe(...)
 ClientIdCallback = Callable[[str], Any]
 
 

@@ -69,6 +69,22 @@ def _add_abuse_limits(p: argparse.ArgumentParser) -> None:
         "share one NAT address (default %(default)s)",
     )
     p.add_argument(
+        "--max-offers-per-host",
+        metavar="N",
+        type=int,
+        default=c.max_offers_per_host,
+        help="scientists' offers waiting for one standing host (not yet answered); more "
+        "get HTTP 503 until the host catches up (default %(default)s)",
+    )
+    p.add_argument(
+        "--host-idle",
+        metavar="SECONDS",
+        type=float,
+        default=c.host_idle,
+        help="seconds a standing host stays listed as online after its last wait ended "
+        "(it waits again at once while it runs) (default %(default)s)",
+    )
+    p.add_argument(
         "--max-connections",
         metavar="N",
         type=int,
@@ -130,6 +146,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         rate=args.rate,
         burst=args.burst,
         max_entries_per_client=args.max_entries_per_client,
+        max_offers_per_host=args.max_offers_per_host,
+        host_idle=args.host_idle,
         max_connections=args.max_connections,
         max_connections_per_client=args.max_connections_per_client,
         header_timeout=args.header_timeout,

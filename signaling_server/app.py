@@ -61,7 +61,7 @@ def create_app(
     app.router.add_get("/health", h.health)
     app.router.add_get("/v1/ice-servers", h.ice_servers)
     # Host long-polls share the duet handlers' per-client budget of concurrent long-polls.
-    HostHandlers(hosts, config, waits=h._waits).add_routes(app)
+    HostHandlers(hosts, config, waits=h.waits).add_routes(app)
 
     async def sweeper(app: web.Application) -> AsyncIterator[None]:
         interval = min(config.ttl, config.host_idle, 30.0)

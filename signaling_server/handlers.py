@@ -34,7 +34,8 @@ class SignalingHandlers:
     def __init__(self, state: SignalingState, config: ServerConfig) -> None:
         self._state = state
         self._config = config
-        self._waits = ConcurrencyLimiter(config.max_waits_per_client)
+        self.waits = ConcurrencyLimiter(config.max_waits_per_client)
+        """Open long-polls per client (the host routes count against the same)."""
         self._exempt = parse_networks(config.exempt_networks)
 
     # -- input checks ---------------------------------------------------------------
@@ -90,7 +91,7 @@ class SignalingHandlers:
         if wait <= 0:
             return await waiter(duet_id, 0.0)
         key = client_key(request)
-        if not self._waits.try_acquire(key):
+        if not self.waits.try_acquire(key):
             raise ApiError(
                 429,
                 "too_many_waits",
@@ -100,7 +101,7 @@ class SignalingHandlers:
         try:
             return await waiter(duet_id, wait)
         finally:
-            self._waits.release(key)
+            self.waits.release(key)
 
     # -- routes ---------------------------------------------------------------------
 

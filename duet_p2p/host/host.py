@@ -154,6 +154,13 @@ class Host:
         budget reservation did not survive: those end as expired)."""
         self.state.expire_dp_pending("the host restarted before a decision")
         for stored in self.state.pending():
+            if not stored.has_value:  # still being computed when the host stopped: lost
+                self.state.decide(
+                    stored.request_id, status="expired", decided_by="host (restarted)",
+                    reason="the value was still being computed when the host stopped; ask "
+                    "again", decided_at=time.time(), keep_until=None,
+                )  # fmt: skip
+                continue
             self.owner.requests.restore(_request_of(stored, self._preview))
         for handler in self.owner.requests.handlers:
             if handler.name:

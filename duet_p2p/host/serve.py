@@ -74,6 +74,8 @@ def serve(config_path: Path) -> int:
         level=config.settings.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )  # fmt: skip
+    for noisy in ("aioice", "aiortc", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
     async def main() -> None:
         stop = asyncio.Event()

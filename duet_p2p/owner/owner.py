@@ -173,11 +173,15 @@ class Owner:
         fetched on their return."""
         if self.journal is None:
             return
-        self.journal.hold(
-            request.request_id, payload=None if payload is None else bytes(payload),
-            module=module, failure=failure, size_bytes=request.size_bytes,
-            elements=request.elements, error=request.error, checks=tuple(request.checks),
-        )  # fmt: skip
+        try:
+            self.journal.hold(
+                request.request_id, payload=None if payload is None else bytes(payload),
+                module=module, failure=failure, size_bytes=request.size_bytes,
+                elements=request.elements, error=request.error, checks=tuple(request.checks),
+            )  # fmt: skip
+        except Exception as exc:  # e.g. a value past the journal's cap, or a full disk
+            log.warning("the host cannot keep the value of %s: %s", request.request_id, exc)
+            request.error = f"the host could not keep this value ({type(exc).__name__})"
 
     def delivered(self, request_id: str) -> None:
         """The scientist received the value: a standing host need not keep it."""

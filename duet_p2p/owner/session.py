@@ -911,7 +911,8 @@ def _row_of_stored(stored: Any) -> dict[str, Any]:
         "request_id": stored.request_id, "name": stored.name, "reason": stored.reason,
         "status": stored.status, "requested_at": stored.requested_at,
         "decided_at": stored.decided_at, "decision_reason": stored.decision_reason,
-        "dp": bool(stored.dp), "size_bytes": stored.size_bytes if accepted else None,
+        "dp": bool(stored.dp),
+        "size_bytes": stored.size_bytes if accepted and not stored.dp else None,
         "kept": bool(accepted and stored.has_value and not stored.delivered),
     }  # fmt: skip
 
