@@ -229,6 +229,9 @@ class HostListener:
         nonce = raw["nonce"]
         if nonce in self._seen:
             raise PeerVerificationError("a replayed offer (its nonce was seen before)")
+        media = [line for line in raw["sdp"].splitlines() if line.startswith("m=")]
+        if len(media) != 1 or not media[0].startswith("m=application "):
+            raise PeerVerificationError("an offer must carry exactly one data channel")
         binding = SessionBinding.for_sdp("scientist", self.host_id, nonce, raw["sdp"])
         verify(raw["client_id"], raw["public_key"], raw["signature"], binding)
         self._seen[nonce] = None

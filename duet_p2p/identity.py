@@ -101,9 +101,10 @@ class Identity:
             raise ConfigurationError("an identity name is 1 to 64 letters, digits, - or _")
         folder = directory if directory is not None else data_dir() / "identities"
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_folder(folder)
         path = folder / f"{name}.key"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
             return cls(_read_key(path), path)
         key = Ed25519PrivateKey.generate()
@@ -157,8 +158,31 @@ def fresh_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)
 
 
+def _check_folder(folder: Path) -> None:
+    """Keys live in a directory of this user's that nobody else may write to (else another
+    user could swap a key in)."""
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ConfigurationError(f"{folder} is not a directory of this user's; refusing it")
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        raise ConfigurationError(
+            f"{folder} may be written by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"chmod 700 {folder}"
+        )
+
+
 def _read_key(path: Path) -> Ed25519PrivateKey:
-    info = os.stat(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigurationError(f"{path} cannot be read as an identity key ({exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(f"{path} is not a regular file; refusing it")
+        raw = os.read(fd, KEY_BYTES + 1)
+    finally:
+        os.close(fd)
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise ConfigurationError(
             f"{path} may be read by other users (mode {stat.S_IMODE(info.st_mode):o}); "
@@ -166,7 +190,6 @@ def _read_key(path: Path) -> Ed25519PrivateKey:
         )
     if info.st_uid != os.getuid():
         raise ConfigurationError(f"{path} belongs to another user; refusing to use it")
-    raw = path.read_bytes()
     if len(raw) != KEY_BYTES:
         raise ConfigurationError(f"{path} is not an identity key ({len(raw)} bytes)")
     return Ed25519PrivateKey.from_private_bytes(raw)

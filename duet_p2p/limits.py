@@ -34,7 +34,11 @@ class OwnerLimits:
     """Bytes held for the peer outside its worker, in each of two separate budgets: uploads
     waiting in the queue, and values kept for requests awaiting a decision (and previews)."""
     max_requests: int = 10_000
-    """Requests (pending or decided) remembered at once; the oldest decided go first."""
+    """Requests (pending or decided) remembered at once; the oldest decided go first. A
+    standing host keeps at most this many of each scientist's."""
+    max_pending_per_scientist: int = 100
+    """Requests of one scientist waiting for a decision at once; more are denied at once,
+    so one scientist cannot fill the owner's queue for everyone."""
     max_dp_rows: int = 2**24
     """Records a differentially private sum assumes at most (OpenDP samples this many from
     a larger selection); larger values cost a little utility, never privacy."""

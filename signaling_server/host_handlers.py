@@ -263,22 +263,25 @@ class HostHandlers:
         wait = self._wait_seconds(request)
         body = await self._body(request)
         challenge = b64_field(body.get("challenge"), CHALLENGE_BYTES)
-        # The challenge is spent whatever the outcome; every failure looks the same.
-        ok = challenge is not None and await self._hosts.take_challenge(host_id, challenge)
         public_key = b64_field(body.get("public_key"), KEY_BYTES)
         signature = b64_field(body.get("signature"), SIGNATURE_BYTES)
+        # Every failure looks the same; only a valid proof spends the challenge, and only
+        # once the long-poll slot is held (so a 429 leaves the challenge usable).
         ok = (
-            ok
-            and set(body) == _WAIT_KEYS
+            set(body) == _WAIT_KEYS
             and public_key is not None
             and signature is not None
             and challenge is not None
+            and await self._hosts.check_challenge(host_id, challenge)
             and verify_wait_proof(host_id, public_key, challenge, signature)
         )
-        if not ok:
+        if not ok or challenge is None:
             logger.info("refused a wait for host %s", _short(host_id))
             raise ApiError(403, "not_host", _NOT_HOST)
         async with self._long_poll_slot(request, wait):
+            if not await self._hosts.take_challenge(host_id, challenge):
+                logger.info("refused a wait for host %s (challenge spent)", _short(host_id))
+                raise ApiError(403, "not_host", _NOT_HOST)
             offers, next_challenge = await self._hosts.wait_offers(host_id, wait)
         if offers:
             logger.info("delivered %d offers to host %s", len(offers), _short(host_id))

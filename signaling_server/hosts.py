@@ -4,17 +4,24 @@ A host's ID is the first 128 bits of SHA-256 of its public key, in hex. Scientis
 offers to a host; the host proves it holds the key (a signed one-time challenge), long-polls
 for the offers, and answers or refuses each. `HostRegistry` keeps this in one process's
 memory, bounded; a shared backend would implement the same `HostState` protocol.
+
+A challenge is stateless: random || expiry || MAC(server secret, host ID, random, expiry).
+Issuing one stores nothing, so asking for many evicts nothing; a challenge is remembered
+(until it expires) only once a wait with a valid signature has spent it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
 import json
+import math
+import os
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,13 +34,17 @@ from signaling_server.state import AnswerExists, QuotaExceeded, StateError, Stat
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 NONCE_BYTES = 32
-CHALLENGE_BYTES = 32
+_RANDOM_BYTES = 16
+_EXPIRY_BYTES = 8
+_MAC_BYTES = 16
+CHALLENGE_BYTES = _RANDOM_BYTES + _EXPIRY_BYTES + _MAC_BYTES
+"""random (16) || expiry in whole seconds of the registry's clock (8, big-endian) || MAC (16)."""
 CHALLENGE_TTL = 60.0
 """Seconds a challenge stays usable."""
 MAX_CHALLENGES = 8
-"""Outstanding challenges handed out per host by the public endpoint (oldest dropped)."""
-MAX_CHAINED = 4
-"""Outstanding challenges handed to the host itself in wait responses (oldest dropped)."""
+"""Spent challenges remembered per host the registry may serve: the spent set holds at most
+`max_entries * MAX_CHALLENGES` (a wait is refused with 503 while it is full)."""
+_CHALLENGE_CONTEXT = b"duet host challenge"
 MAX_DELIVERY = 16
 """Offers in one wait response, at most."""
 DELIVERY_BUDGET = 768 * 1024
@@ -133,10 +144,14 @@ class HostState(Protocol):
         """Store the one answer to a live offer of this host (UnknownId, AnswerExists)."""
 
     async def new_challenge(self, host_id: str) -> bytes:
-        """A fresh one-time challenge for the host."""
+        """A fresh one-time challenge for the host; issuing one stores nothing."""
+
+    async def check_challenge(self, host_id: str, challenge: bytes) -> bool:
+        """Whether `challenge` was issued for the host, has not expired and is not spent."""
 
     async def take_challenge(self, host_id: str, challenge: bytes) -> bool:
-        """Consume `challenge` if it is outstanding for the host; whether it was."""
+        """Spend `challenge` if `check_challenge` holds; whether it did. Call it only for a
+        wait whose signature is valid (StateFull if too many spent challenges are held)."""
 
     async def wait_offers(self, host_id: str, timeout: float) -> tuple[list[DeliveredOffer], bytes]:
         """The host's oldest undelivered offers (waiting up to `timeout` s for one), and the
@@ -174,15 +189,15 @@ class _Host:
     wait: _Wait | None = None
     queue: OrderedDict[str, None] = field(default_factory=OrderedDict)  # undelivered, oldest first
     offers: set[str] = field(default_factory=set)  # every live offer of this host
-    chained: deque[tuple[bytes, float]] = field(default_factory=lambda: deque(maxlen=MAX_CHAINED))
 
 
 class HostRegistry:
     """HostState in one process's memory: bounded, with lazy and periodic expiry.
 
     Offers live `ttl` seconds (an answer gets a full `ttl` more to be fetched). At most
-    `max_entries` offers, hosts, and hosts holding challenges; at most `max_offers_per_host`
-    unanswered offers per host; at most `max_entries_per_owner` live offers per owner.
+    `max_entries` offers and hosts; at most `max_offers_per_host` unanswered offers per host;
+    at most `max_entries_per_owner` live offers per owner; at most `max_spent` (default
+    `max_entries * MAX_CHALLENGES`) spent, unexpired challenges.
     """
 
     def __init__(
@@ -193,6 +208,7 @@ class HostRegistry:
         max_entries: int = 10_000,
         max_offers_per_host: int = 64,
         max_entries_per_owner: int | None = None,
+        max_spent: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ttl = ttl
@@ -204,7 +220,10 @@ class HostRegistry:
         self._offers: dict[str, _Offer] = {}
         self._hosts: dict[str, _Host] = {}
         self._owned: dict[str, set[str]] = {}
-        self._challenges: OrderedDict[str, deque[tuple[bytes, float]]] = OrderedDict()
+        self._secret = os.urandom(32)
+        self._max_spent = max_entries * MAX_CHALLENGES if max_spent is None else max_spent
+        self._spent: dict[bytes, int] = {}  # spent challenge -> its expiry
+        self._spent_order: list[tuple[int, bytes]] = []  # heap of (expiry, challenge)
         self._closed = False
 
     # -- hosts ------------------------------------------------------------------------
@@ -229,46 +248,56 @@ class HostRegistry:
         return host
 
     def _drop_idle_hosts(self) -> int:
-        now = self._clock()
-        idle = [
-            i
-            for i, h in self._hosts.items()
-            if not self._is_online(h) and not h.offers and all(t <= now for _, t in h.chained)
-        ]
+        idle = [i for i, h in self._hosts.items() if not self._is_online(h) and not h.offers]
         for host_id in idle:
             del self._hosts[host_id]
         return len(idle)
 
     # -- challenges -------------------------------------------------------------------
 
+    def _mac(self, host_id: str, head: bytes) -> bytes:
+        message = _CHALLENGE_CONTEXT + host_id.encode("ascii") + head
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def _issue(self, host_id: str) -> bytes:
+        expiry = max(0, math.ceil(self._clock() + CHALLENGE_TTL))
+        head = secrets.token_bytes(_RANDOM_BYTES) + expiry.to_bytes(_EXPIRY_BYTES, "big")
+        return head + self._mac(host_id, head)
+
+    def _expiry_if_valid(self, host_id: str, challenge: bytes) -> int | None:
+        """The challenge's expiry if it was issued here for the host and has not expired."""
+        if len(challenge) != CHALLENGE_BYTES or not host_id.isascii():
+            return None
+        head, mac = challenge[:-_MAC_BYTES], challenge[-_MAC_BYTES:]
+        if not hmac.compare_digest(self._mac(host_id, head), mac):
+            return None
+        expiry = int.from_bytes(head[_RANDOM_BYTES:], "big")
+        return expiry if expiry > self._clock() else None
+
+    def _forget_expired_spent(self) -> None:
+        now = self._clock()
+        while self._spent_order and self._spent_order[0][0] <= now:
+            _, challenge = heapq.heappop(self._spent_order)
+            self._spent.pop(challenge, None)
+
     async def new_challenge(self, host_id: str) -> bytes:
-        challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        held = self._challenges.pop(host_id, None)
-        if held is None:
-            held = deque(maxlen=MAX_CHALLENGES)
-        held.append((challenge, self._clock() + CHALLENGE_TTL))
-        self._challenges[host_id] = held  # most recently used last
-        while len(self._challenges) > self._max_entries:
-            self._challenges.popitem(last=False)
-        return challenge
+        return self._issue(host_id)
+
+    async def check_challenge(self, host_id: str, challenge: bytes) -> bool:
+        expiry = self._expiry_if_valid(host_id, challenge)
+        return expiry is not None and challenge not in self._spent
 
     async def take_challenge(self, host_id: str, challenge: bytes) -> bool:
-        now = self._clock()
-        found = False
-        host = self._hosts.get(host_id)
-        pools = [self._challenges.get(host_id), host.chained if host is not None else None]
-        for pool in pools:
-            if pool is None:
-                continue
-            for item in list(pool):
-                value, expires_at = item
-                if hmac.compare_digest(value, challenge):
-                    pool.remove(item)
-                    found = found or expires_at > now
-        held = self._challenges.get(host_id)
-        if held is not None and not held:
-            del self._challenges[host_id]
-        return found
+        expiry = self._expiry_if_valid(host_id, challenge)
+        if expiry is None or challenge in self._spent:
+            return False
+        if len(self._spent) >= self._max_spent:
+            self._forget_expired_spent()
+            if len(self._spent) >= self._max_spent:
+                raise StateFull("the server holds too many host sessions; try again later")
+        self._spent[challenge] = expiry
+        heapq.heappush(self._spent_order, (expiry, challenge))
+        return True
 
     # -- offers -----------------------------------------------------------------------
 
@@ -366,9 +395,7 @@ class HostRegistry:
             if host.wait is wait:
                 host.wait = None
             host.seen_at = self._clock()
-        challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        host.chained.append((challenge, self._clock() + CHALLENGE_TTL))
-        return delivered, challenge
+        return delivered, self._issue(host_id)
 
     def _deliver(self, host: _Host) -> list[DeliveredOffer]:
         self._expire_host_offers(host)
@@ -418,18 +445,7 @@ class HostRegistry:
         expired = [i for i, e in self._offers.items() if e.expires_at <= now]
         for offer_id in expired:
             self._expire(offer_id)
-        for host_id in list(self._challenges):
-            held = self._challenges[host_id]
-            fresh = [item for item in held if item[1] > now]
-            if fresh:
-                held.clear()
-                held.extend(fresh)
-            else:
-                del self._challenges[host_id]
-        for host in self._hosts.values():
-            fresh = [item for item in host.chained if item[1] > now]
-            host.chained.clear()
-            host.chained.extend(fresh)
+        self._forget_expired_spent()
         self._drop_idle_hosts()
         return len(expired)
 

@@ -59,7 +59,8 @@ class AdmissionPolicy:
         self._audit = audit
         self._max_pending = max_pending
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[Admission, list[asyncio.Future[bool]]]] = {}
+        self._pending: dict[str, tuple[Admission, asyncio.Future[bool | None]]] = {}
+        """Admissions with the one offer of theirs that waits (a newer offer replaces it)."""
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def verdict(self, client_id: str) -> str:
@@ -73,19 +74,22 @@ class AdmissionPolicy:
 
     async def ask(self, client_id: str, timeout: float) -> bool | None:
         """Wait for the owner's decision on ``client_id``: True, False, or None when none
-        came within ``timeout`` (the admission stays pending) or too many are pending."""
+        came within ``timeout``, a newer offer of the same Client ID replaced this one, or
+        too many are waiting. An admission is pending only while an offer waits for it."""
         loop = asyncio.get_running_loop()
         self.loop = loop
-        future: asyncio.Future[bool] = loop.create_future()
+        future: asyncio.Future[bool | None] = loop.create_future()
         with self._lock:
             entry = self._pending.get(client_id)
+            if entry is None and len(self._pending) >= self._max_pending:
+                return None
             if entry is None:
-                if len(self._pending) >= self._max_pending:
-                    return None
-                entry = (Admission(client_id, time.time(), self._decide), [])
-                self._pending[client_id] = entry
+                admission = Admission(client_id, time.time(), self._decide)
                 self._audit.event("admission_requested", client_id=client_id)
-            entry[1].append(future)
+            else:
+                admission = entry[0]
+                _settle(entry[1], None)  # the older offer gives way
+            self._pending[client_id] = (admission, future)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -93,8 +97,8 @@ class AdmissionPolicy:
         finally:
             with self._lock:
                 current = self._pending.get(client_id)
-                if current is not None and future in current[1]:
-                    current[1].remove(future)
+                if current is not None and current[1] is future:
+                    del self._pending[client_id]
 
     def _decide(self, client_id: str, admitted: bool, reason: str) -> None:
         status = ADMITTED if admitted else REFUSED
@@ -102,10 +106,8 @@ class AdmissionPolicy:
         self._audit.event("admission", client_id=client_id, status=status)
         with self._lock:
             entry = self._pending.pop(client_id, None)
-        if entry is None or self.loop is None:
-            return
-        for future in entry[1]:
-            self.loop.call_soon_threadsafe(_settle, future, admitted)
+        if entry is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(_settle, entry[1], admitted)
 
     def admit(self, client_id: str) -> None:
         """Admit ``client_id`` now and from now on (pending or not)."""
@@ -130,7 +132,7 @@ class AdmissionPolicy:
         return rows
 
 
-def _settle(future: asyncio.Future[bool], admitted: bool) -> None:
+def _settle(future: asyncio.Future[bool | None], admitted: bool | None) -> None:
     if not future.done():
         future.set_result(admitted)
 

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 ADMISSION_WAIT = 240.0
 """Seconds an offer waits for the owner to decide an admission (the scientist waits too)."""
 HOUSEKEEPING_SECONDS = 1.0
+KEPT_REQUESTS = 100_000
+"""Decided requests remembered in the host's state (the audit log keeps every one)."""
 
 
 class Host:
@@ -92,7 +94,8 @@ class Host:
         self.admissions = AdmissionsView(self.admission)
         """Scientists waiting to be let in (``[0].accept()``), and earlier decisions."""
         self._sessions: dict[str, OwnerCore] = {}
-        self._connecting = 0
+        self._connecting: set[str] = set()
+        """Client IDs whose connection is being made (one at a time each)."""
         self._listener = HostListener(identity, options, self._on_offer)
         self._tasks: list[asyncio.Task[None]] = []
         self._session_tasks: set[asyncio.Task[None]] = set()
@@ -183,11 +186,15 @@ class Host:
     async def _housekeeping(self) -> None:
         """Let timed handlers and expiry decide requests while nobody is connected, and
         free kept values past their time."""
+        ticks = 0
         while not self._closed:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            ticks += 1
             try:
                 self.owner.requests.expire_overdue()
                 await asyncio.to_thread(self.state.free_expired)
+                if ticks % 600 == 1:
+                    await asyncio.to_thread(self.state.prune, KEPT_REQUESTS)
             except Exception:  # noqa: BLE001 - e.g. a full disk: retry next tick
                 log.exception("host housekeeping failed")
 
@@ -211,19 +218,23 @@ class Host:
             if not admitted:
                 await self._listener.refuse(offer, "the host's owner did not admit you")
                 return
-        if len(self._sessions) - (client_id in self._sessions) + self._connecting >= (
+        if client_id in self._connecting:
+            await self._listener.refuse(offer, "a connection of this Client ID is being made "
+                                        "already")  # fmt: skip
+            return
+        if len(self._sessions) - (client_id in self._sessions) + len(self._connecting) >= (
             self.max_scientists
         ):
             await self._listener.refuse(offer, "the host serves as many scientists as it may "
                                         "now; try again later")  # fmt: skip
             return
-        self._connecting += 1
+        self._connecting.add(client_id)
         try:
             await self._connect(offer)
         except Exception as exc:  # noqa: BLE001 - one scientist's failure never stops the host
             log.warning("connecting scientist %s failed: %s", client_id, exc)
         finally:
-            self._connecting -= 1
+            self._connecting.discard(client_id)
 
     async def _connect(self, offer: HostOffer) -> None:
         owner = self.owner
@@ -249,7 +260,7 @@ class Host:
             await core.close()
             return
         self._sessions[offer.client_id] = core
-        self.state.seen(offer.client_id)
+        await asyncio.to_thread(self.state.seen, offer.client_id)
         log.info("scientist %s connected", offer.client_id)
         task = asyncio.ensure_future(self._serve_until_closed(core))
         self._session_tasks.add(task)

@@ -301,12 +301,15 @@ class HostState:
         reason: str,
         decided_at: float,
         keep_until: float | None,
+        overrule: bool = False,
     ) -> None:
         """Record a decision, durably. A denied, expired or cancelled request loses its
         payload in the same transaction; ``keep_until`` applies to an accepted one only.
 
         A request leaves pending once: deciding it again with the same status updates the
-        decision's details, another status raises DuetError. Unknown: KeyError."""
+        decision's details, another status raises DuetError. Unknown: KeyError.
+        ``overrule``: an accepted request may still end denied (a DP release whose budget
+        debit failed)."""
         request_id = _id(request_id, "request_id")
         if status not in STATUSES - {PENDING}:
             raise ValueError(f"a decision is accepted, denied, expired or cancelled: {status!r}")
@@ -321,7 +324,9 @@ class HostState:
             ).fetchone()
             if row is None:
                 raise KeyError(request_id)
-            if row[0] not in (PENDING, status):
+            allowed = (PENDING, status, ACCEPTED) if overrule and status == DENIED else (
+                PENDING, status)  # fmt: skip
+            if row[0] not in allowed:
                 raise DuetError(f"request {request_id} was already {row[0]}")
             db.execute(
                 "UPDATE requests SET status = ?, decided_by = ?, decision_reason = ?, "
@@ -415,6 +420,41 @@ class HostState:
             for request_id in ids:
                 _free(db, request_id)
         return len(ids)
+
+    def pending_bytes(self, client_id: str) -> int:
+        """Bytes of values kept for ``client_id``'s pending requests."""
+        client_id = _id(client_id, "client_id")
+        with self._connection() as db:
+            row = db.execute(
+                "SELECT COALESCE(SUM(LENGTH(p.data)), 0) FROM payloads p JOIN requests r "
+                "ON r.request_id = p.request_id WHERE r.client_id = ? AND r.status = ?",
+                (client_id, PENDING),
+            ).fetchone()
+        return int(row[0])
+
+    def prune_client(self, client_id: str, keep: int) -> int:
+        """Forget ``client_id``'s oldest decided requests holding no value beyond the
+        newest ``keep`` of theirs; returns how many."""
+        client_id = _id(client_id, "client_id")
+        keep = _limit(keep)
+        with self._write() as db:
+            cursor = db.execute(
+                "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests WHERE client_id = ? "
+                "AND status != ? AND held = 0 ORDER BY seq DESC LIMIT -1 OFFSET ?)",
+                (client_id, PENDING, keep),
+            )  # fmt: skip
+            return cursor.rowcount
+
+    def prune(self, keep: int = 100_000) -> int:
+        """Forget the oldest decided requests holding no value beyond the newest ``keep``
+        (the audit log keeps them all); returns how many."""
+        keep = _limit(keep) if keep > 0 else 0
+        with self._write() as db:
+            cursor = db.execute(
+                "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests WHERE status != ? "
+                "AND held = 0 ORDER BY seq DESC LIMIT -1 OFFSET ?)", (PENDING, keep),
+            )  # fmt: skip
+            return cursor.rowcount
 
     def expire_dp_pending(self, reason: str) -> int:
         """Expire every pending DP request (its budget reservation did not survive the

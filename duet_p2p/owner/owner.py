@@ -18,12 +18,14 @@ from typing import Any, Protocol
 import torch
 
 from duet_p2p.allowlist import Allowlist
+from duet_p2p.errors import DuetError
 from duet_p2p.limits import OwnerLimits
-from duet_p2p.modules import module_to_spec
+from duet_p2p.modules import module_to_spec, spec_to_module
 from duet_p2p.owner.hosted import SealedTensor, seal
 from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
 from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
+from duet_p2p.rpc import codec
 from duet_p2p.schema import TableSchema, from_dataframe, schema_for_tensor
 from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
 
@@ -41,7 +43,8 @@ class RequestJournal(Protocol):
              error: str | None, checks: tuple[str, ...]) -> None: ...  # fmt: skip
 
     def decide(self, request_id: str, *, status: str, decided_by: str, reason: str,
-               decided_at: float, keep_until: float | None) -> None: ...  # fmt: skip
+               decided_at: float, keep_until: float | None,
+               overrule: bool = False) -> None: ...  # fmt: skip
 
     def delivered(self, request_id: str) -> None: ...
 
@@ -50,6 +53,14 @@ class RequestJournal(Protocol):
     def for_client(self, client_id: str, *, limit: int = 1000) -> list[Any]: ...
 
     def set_handler_count(self, name: str, count: int) -> None: ...
+
+    def payload(self, request_id: str) -> bytes | None: ...
+
+    def get(self, request_id: str) -> Any: ...
+
+    def pending_bytes(self, client_id: str) -> int: ...
+
+    def prune_client(self, client_id: str, keep: int) -> int: ...
 
 
 class Session(Protocol):
@@ -105,6 +116,7 @@ class Owner:
         self.requests = RequestQueue(
             on_decision=self._route_decision, audit=audit, min_aggregation=min_aggregation,
             max_history=limits.max_requests, expire_after=expire_after,
+            max_pending_per_requester=limits.max_pending_per_scientist,
         )  # fmt: skip
         self.journal = journal
         self.keep_released = keep_released
@@ -159,21 +171,44 @@ class Owner:
 
     # -- requests as the journal keeps them -----------------------------------------------
 
-    def submit(self, request: Request, session: Session) -> None:
-        """A new request of ``session``'s scientist: routed, journaled, then submitted."""
-        self.route(request.request_id, session)
+    def record(self, request: Request) -> None:
+        """Journal a new request before it is submitted (blocking I/O: call it from a
+        thread), and forget the scientist's oldest decided ones past ``max_requests``."""
         if self.journal is not None:
             self.journal.record_request(request, dp=request.dp is not None)
+            self.journal.prune_client(request.requester, max(1, self.limits.max_requests - 1))
+
+    def submit(self, request: Request, session: Session) -> None:
+        """A new request of ``session``'s scientist (``record`` it first): routed, then
+        submitted."""
+        self.route(request.request_id, session)
         self.requests.submit(request)
+
+    def preview_kept(self, request_id: str) -> Any:
+        """The value kept for a request whose session has gone (the owner's preview)."""
+        payload = None if self.journal is None else self.journal.payload(request_id)
+        stored = None if self.journal is None else self.journal.get(request_id)
+        if payload is None or stored is None:
+            raise DuetError("the value is no longer held: its scientist left before a decision")
+        value = codec.decode(payload, limits=codec.DecodeLimits(max_bytes=max(1, len(payload))))
+        return spec_to_module(value) if stored.module else value
 
     def held(self, request: Request, payload: Any, *, module: bool,
              failure: dict[str, Any] | None) -> None:  # fmt: skip
         """The value (or failure) behind a pending request is known: a standing host keeps
         it, so a decision taken after its scientist left (or after a restart) can be
-        fetched on their return."""
+        fetched on their return. Blocking I/O: call it from a thread. The values kept for
+        one scientist's pending requests, over all their sessions, stay within
+        ``max_pending_bytes``."""
         if self.journal is None:
             return
+        size = 0 if payload is None else len(payload)
         try:
+            if size and self.journal.pending_bytes(request.requester) + size > (
+                self.limits.max_pending_bytes
+            ):
+                raise ValueError("the values kept for this scientist's pending requests "
+                                 "would pass max_pending_bytes")  # fmt: skip
             self.journal.hold(
                 request.request_id, payload=None if payload is None else bytes(payload),
                 module=module, failure=failure, size_bytes=request.size_bytes,
@@ -187,6 +222,17 @@ class Owner:
         """The scientist received the value: a standing host need not keep it."""
         if self.journal is not None:
             self.journal.delivered(request_id)
+
+    def overrule(self, request: Request, reason: str) -> None:
+        """An accepted DP release was denied after all (its debit failed): journal that."""
+        if self.journal is None:
+            return
+        try:
+            self.journal.decide(request.request_id, status="denied", decided_by="ledger",
+                                reason=reason, decided_at=time.time(), keep_until=None,
+                                overrule=True)  # fmt: skip
+        except Exception:
+            log.exception("recording the denial of %s failed", request.request_id)
 
     def _journal_decision(self, request: Request) -> None:
         assert self.journal is not None

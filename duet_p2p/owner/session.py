@@ -19,6 +19,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import logging
 import math
@@ -617,7 +618,9 @@ class OwnerCore:
         self._held[rid] = held
         ready.set()
         if label.private:
-            self.owner.held(request, held.payload, module=held.module, failure=held.error)
+            if self.owner.journal is not None:  # kept for a decision after a leave or restart
+                await asyncio.to_thread(self.owner.held, request, held.payload,
+                                        module=held.module, failure=held.error)  # fmt: skip
             self.requests.mark_ready(rid)
             return
         self._gets[rid] = message
@@ -642,6 +645,11 @@ class OwnerCore:
         self._gets[rid] = message
         self._snaps[rid] = ready
         self._mine.add(rid)
+        if len(self._mine) > 2 * self.limits.max_requests:  # keep those the queue remembers
+            remembered = {q.request_id for q in self.requests.all()}
+            self._mine &= remembered
+        if self.owner.journal is not None:
+            await asyncio.to_thread(self.owner.record, request)
         self.owner.submit(request, self)
         await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
         return ready
@@ -754,6 +762,8 @@ class OwnerCore:
             return
         try:
             if denial is not None:
+                if self.owner.journal is not None:
+                    await asyncio.to_thread(self.owner.overrule, request, denial[:4000])
                 decision = Decision(request_id=request.request_id, status="denied",
                                     reason=denial[:4000])  # fmt: skip
                 await self._send_quietly(decision)
@@ -796,8 +806,8 @@ class OwnerCore:
             Decision(request_id=rid, status="accepted", module=held.module),
             attachment=memoryview(payload),
         )
-        if held.private and not held.dp:
-            self.owner.delivered(rid)
+        if held.private and not held.dp and self.owner.journal is not None:
+            await asyncio.to_thread(self.owner.delivered, rid)
 
     def _show_locally(self, request: Request, held: _Held) -> None:
         handler = getattr(request, "handler", None)
@@ -847,12 +857,31 @@ class OwnerCore:
         for task in self._tasks:
             task.cancel()
         self._withdraw_dp_requests()
+        self._let_go_of_held_values()
         self.dp.close()
         self.owner.detach(self)
         await self.worker.close()
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
         if self._owns_owner:
             self.owner.close()
+
+    def _let_go_of_held_values(self) -> None:
+        """Values held for this session's undecided requests are dropped with it (a standing
+        host keeps them in its journal; previews then read them there)."""
+        for held in self._held.values():
+            self._release_hold(held)
+        self._held.clear()
+        self._fitted.clear()
+        self._gets.clear()
+        for event in (*self._snaps.values(), *self._answered.values()):
+            event.set()  # deliveries waiting on them find nothing held, and end
+        self._snaps.clear()
+        self._answered.clear()
+        for rid in self._mine:
+            with contextlib.suppress(KeyError):
+                request = self.requests[rid]
+                if request.pending:
+                    request._preview = functools.partial(self.owner.preview_kept, rid)
 
     def _withdraw_dp_requests(self) -> None:
         """A DP query's budget is reserved by this session: undecided ones end with it
@@ -869,7 +898,8 @@ class OwnerCore:
         sessions'), newest first; a private value's size is theirs only once accepted."""
         client_id = self.connection.client_id
         if self.owner.journal is not None:
-            rows = [_row_of_stored(r) for r in self.owner.journal.for_client(client_id)]
+            stored = await asyncio.to_thread(self.owner.journal.for_client, client_id)
+            rows = [_row_of_stored(r) for r in stored]
         else:
             mine = [r for r in self.requests.all() if r.request_id in self._mine]
             rows = [_row_of_request(r) for r in reversed(mine)]

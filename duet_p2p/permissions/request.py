@@ -222,6 +222,7 @@ class RequestQueue(TableView):
         expire_after: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_history: int = DEFAULT_MAX_HISTORY,
+        max_pending_per_requester: int | None = None,
     ) -> None:
         """``min_aggregation``: accept handlers never release a value that summarises fewer
         private elements. ``expire_after``: seconds after which ``expire_overdue`` marks a
@@ -232,6 +233,8 @@ class RequestQueue(TableView):
         self.expire_after = expire_after
         self.max_pending = max_pending
         self.max_history = max_history
+        self.max_pending_per_requester = max_pending_per_requester
+        """Pending requests of one requester at once (None: no cap of its own)."""
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
         self._requests: dict[str, Request] = {}
@@ -257,6 +260,10 @@ class RequestQueue(TableView):
             if len(self._pending) > self.max_pending:
                 reason = "the owner has too many pending requests; try again later"
                 self._decide(request, RequestStatus.DENIED, "queue (too many pending)", reason)
+            elif self._over_requester_cap(request.requester):
+                reason = ("you have too many requests waiting for the owner; wait for "
+                          "decisions, or cancel some")  # fmt: skip
+                self._decide(request, RequestStatus.DENIED, "queue (too many of yours)", reason)
             else:
                 self._apply_handlers(request, time.time())
             if request.pending and request.ready:
@@ -266,6 +273,15 @@ class RequestQueue(TableView):
             self._emit(request)
         self._call_back(callbacks, request)
         return request
+
+    def _over_requester_cap(self, requester: str) -> bool:
+        """Whether ``requester`` holds more pending requests than one may: its own cap, and
+        never more than half the queue (so one requester cannot fill it for the others)."""
+        cap = self.max_pending_per_requester
+        if cap is None:
+            return False
+        cap = min(cap, max(1, self.max_pending // 2))
+        return sum(1 for r in self._pending.values() if r.requester == requester) > cap
 
     def _call_back(self, callbacks: list[Callable[[Request], None]], request: Request) -> None:
         for callback in callbacks:

@@ -37,7 +37,7 @@ _START_HINT = "start one with `python -m signaling_server` or pass the URL of a 
 KEY_BYTES = 32
 NONCE_BYTES = 32
 SIGNATURE_BYTES = 64
-CHALLENGE_BYTES = 32
+CHALLENGE_BYTES = 40
 MAX_OFFER_SDP = 65536
 """Longest SDP accepted in an offer delivered to a host, in characters."""
 MAX_OFFERS_PER_WAIT = 16

@@ -568,3 +568,27 @@ def test_long_handler_names_and_summaries_fit(state: HostState) -> None:
     assert state.handler_count("n" * 1000) == 1
     with pytest.raises(ValueError):
         state.set_handler_count("n" * 1001, 1)
+
+
+def test_prune_forgets_the_oldest_decided_requests_only(tmp_path):
+    state = HostState.open(tmp_path)
+    try:
+        for i in range(6):
+            request = _prune_request(f"r{i}")
+            state.record_request(request, dp=False)
+            if i < 5:
+                state.decide(f"r{i}", status="denied", decided_by="owner", reason="",
+                             decided_at=float(i), keep_until=None)  # fmt: skip
+        assert state.prune(keep=2) == 3
+        assert sorted(r.request_id for r in state.all_requests()) == ["r3", "r4", "r5"]
+        assert [r.request_id for r in state.pending()] == ["r5"]
+    finally:
+        state.close()
+
+
+def _prune_request(request_id):
+    from duet_p2p.permissions import Request
+
+    return Request(request_id=request_id, object_id="o", name="sum", reason="", lineage="x",
+                   ops=("torch.sum",), tags=frozenset({"t"}), size_bytes=0, elements=0,
+                   aggregation=1.0, requester="a" * 32)  # fmt: skip

@@ -23,6 +23,9 @@ Commands (arguments besides ``id`` and ``cmd``):
     request session name           -> request_id: objects[name].get(request_block=False)
     result request_id timeout      -> value of that request, or its error
     status request_id              -> status of that request
+    my_requests session            -> requests: this scientist's requests as the host lists
+                                      them (id, status, kept), earlier sessions' included
+    fetch session request_id       -> value accepted while away (duet.requests[id].get())
     raw session message reply      -> a message sent past the pointer layer, as encoded
                                       here; with ``reply`` its call_id is filled in and the
                                       owner's reply is returned as ``reply``
@@ -57,6 +60,10 @@ from duet_p2p.rpc import codec  # noqa: E402
 from duet_p2p.runtime import get_runtime  # noqa: E402
 
 WAIT = 30.0
+COMMANDS = frozenset({
+    "identity", "join", "close", "listing", "sum", "make", "upload", "sum_of", "request",
+    "result", "status", "my_requests", "fetch", "raw", "notices",
+})  # fmt: skip
 _print_lock = threading.Lock()
 
 
@@ -141,6 +148,15 @@ class Scientist:
     def status(self, c: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.requests[c["request_id"]].status}
 
+    def my_requests(self, c: dict[str, Any]) -> dict[str, Any]:
+        rows = self.duet(c).requests
+        return {"requests": [{"request_id": r.request_id, "status": r.status, "kept": r.kept}
+                             for r in rows]}  # fmt: skip
+
+    def fetch(self, c: dict[str, Any]) -> dict[str, Any]:
+        value = self.duet(c).requests.get(c["request_id"], timeout=c.get("timeout", WAIT))
+        return {"value": _plain(value)}
+
     def raw(self, c: dict[str, Any]) -> dict[str, Any]:
         core = self.duet(c)._core
         message = _decode_refs(c["message"])
@@ -210,12 +226,11 @@ def _say(line: dict[str, Any]) -> None:
 
 def _run(scientist: Scientist, command: dict[str, Any]) -> None:
     name = command.get("cmd")
-    method = getattr(scientist, "notices_" if name == "notices" else str(name), None)
     started = time.monotonic()
     try:
-        if method is None or name.startswith("_") or name in ("duet",):
+        if name not in COMMANDS:
             raise ValueError(f"unknown command {name!r}")
-        result = method(command)
+        result = getattr(scientist, "notices_" if name == "notices" else name)(command)
         _say({"id": command.get("id"), "ok": True, "seconds": time.monotonic() - started,
               **result})  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - every failure is reported to the test

@@ -5,17 +5,21 @@
     python restart_scientist.py join URL HOST_ID IDENTITY [URL ...]
 
 The identity is kept in $DUET_HOME/identities/IDENTITY.key, so a second run is the same
-scientist. Each step prints one line ``RESULT {json}`` on stdout (the other lines are the
-library's messages); a failed connection prints its exception's type and message instead.
+scientist. It first reads one line from stdin (an empty stdin goes on at once), so a test
+can start it early, while torch loads, and say when to connect. Each step prints one line
+``RESULT {json}`` on stdout (the other lines are the library's messages); a failed
+connection prints its exception's type and message instead.
 
 ``ask``: connect; for each op of OPS (comma-separated: sum, max, min) ask for
-``ages.<op>()`` with ``request_block=False``, give a handler ``DECIDE_SECONDS`` to decide,
-report the request's ID, status and value if accepted; leave.
+``ages.<op>()`` with ``request_block=False``, give a handler ``DECIDE_SECONDS`` to decide
+(``WAIT_SECONDS`` for an op marked ``!``, one a handler should accept), and report the
+request's ID, status and value if accepted; leave.
 ``return``: connect; report ``duet.requests``, fetch REQUEST_ID's value with ``get()`` and
 try a second ``get()``; ask OPS as above; then report ``{"holding": ...}`` and stay until the
 host ends the session (report ``{"closed": bool}``).
-``join``: connect through each URL in turn (the first is also the signaling server given
-for the others' attempts); report the Client ID and how many datasets it sees, or the error.
+``join``: connect through each signaling server URL in turn, the Nth as identity
+IDENTITY-N (a host makes one connection per Client ID at a time); report the Client ID and
+how many datasets it sees, or the error.
 """
 
 from __future__ import annotations
@@ -48,16 +52,17 @@ def failure(exc: BaseException) -> dict[str, str]:
     return {"error": type(exc).__name__, "message": str(exc)}
 
 
-def connect(url: str, host_id: str, identity: str) -> sy.Duet:
+def connect(url: str, host_id: str, identity: str | sy.Identity) -> sy.Duet:
     return sy.join_duet(host_id, url, identity=identity, timeout=WAIT_SECONDS)
 
 
 def ask(duet: sy.Duet, ops: str) -> None:
-    for op in ops.split(","):
+    for item in ops.split(","):
+        op = item.removesuffix("!")
         if op not in OPS:
             raise SystemExit(f"unknown op {op!r}")
         handle = getattr(duet.store["ages"], op)().get(reason="restart test", request_block=False)
-        status = handle.wait(DECIDE_SECONDS)
+        status = handle.wait(WAIT_SECONDS if item.endswith("!") else DECIDE_SECONDS)
         value = plain(handle.result(timeout=WAIT_SECONDS)) if status == "accepted" else None
         report(op=op, request_id=handle.request_id, status=status, value=value)
 
@@ -75,12 +80,14 @@ def get_twice(duet: sy.Duet, request_id: str) -> None:
 
 
 def main(mode: str, url: str, host_id: str, identity: str, *extra: str) -> int:
+    sys.stdin.readline()
     if mode == "join":
-        for attempt in (url, *extra):
+        for index, attempt in enumerate((url, *extra)):
+            who = sy.Identity.load(f"{identity}-{index}")
             try:
-                duet = connect(attempt, host_id, identity)
+                duet = connect(attempt, host_id, who)
             except Exception as exc:  # noqa: BLE001 - the failure is what the test checks
-                report(url=attempt, **failure(exc))
+                report(url=attempt, client_id=who.id, **failure(exc))
                 continue
             report(url=attempt, client_id=duet.client_id, hosted=len(duet.store))
             duet.close()

@@ -10,6 +10,8 @@ can tell the attack was made. Modes:
 ``answer-key``          ... and with the attacker's own key and a valid signature of it over
                         the substituted answer, the scientist's ID and nonce
 ``offer-fingerprint``   the scientist's offer reaches the host with other DTLS fingerprints
+``offer-key``           ... and as the attacker's own offer: its Client ID, key and a valid
+                        signature over the substituted offer and the scientist's nonce
 
     python tampering_signaling.py UPSTREAM_URL MODE...   # prints "MODE URL" per mode
 """
@@ -31,8 +33,9 @@ from aiohttp import web
 
 from duet_p2p.identity import Identity, SessionBinding
 
-MODES = ("none", "answer-fingerprint", "answer-key", "offer-fingerprint")
+MODES = ("none", "answer-fingerprint", "answer-key", "offer-fingerprint", "offer-key")
 MAX_BODY = 1 << 20
+MODE = web.AppKey("mode", str)
 UPSTREAM_SECONDS = 60.0
 _FINGERPRINT = re.compile(r"^(a=fingerprint:\S+ )([0-9A-Fa-f:]+)(\s*)$", re.MULTILINE)
 _OFFERS = re.compile(r"/v1/hosts/([0-9a-f]{32})/offers")
@@ -83,9 +86,9 @@ class TamperingSignaling:
             if mode not in MODES:
                 raise ValueError(f"unknown mode {mode!r}")
             app = web.Application(client_max_size=MAX_BODY)
-            app["mode"] = mode
+            app[MODE] = mode
             app.router.add_route("*", "/{tail:.*}", self._forward)
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
             await runner.setup()
             site = web.TCPSite(runner, host, 0)
             await site.start()
@@ -95,11 +98,12 @@ class TamperingSignaling:
         return urls
 
     async def close(self) -> None:
+        """Stop listening; requests still waiting upstream (long-polls) are cut short."""
+        if self._session is not None:
+            await self._session.close()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        if self._session is not None:
-            await self._session.close()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
@@ -113,7 +117,7 @@ class TamperingSignaling:
             status, raw = upstream.status, await upstream.read()
         if status == 204:
             return web.Response(status=204)
-        mode = request.app["mode"]
+        mode = request.app[MODE]
         raw = self._tamper(request, mode, body, status, raw)
         return web.Response(status=status, body=raw, content_type="application/json")
 
@@ -138,9 +142,17 @@ class TamperingSignaling:
         data = json.loads(raw)
         for offer in data.get("offers", []):
             seen = self.offers.get(offer.get("offer_id", ""))
-            if seen is not None and seen.mode == "offer-fingerprint":
-                offer["sdp"] = other_fingerprints(offer["sdp"])
-                self.tampered.append((seen.mode, offer["offer_id"]))
+            if seen is None or not seen.mode.startswith("offer-"):
+                continue
+            offer["sdp"] = other_fingerprints(offer["sdp"])
+            if seen.mode == "offer-key":  # the attacker's own offer, validly signed
+                binding = SessionBinding.for_sdp(
+                    "scientist", seen.host_id, seen.nonce, offer["sdp"]
+                )
+                offer["client_id"] = self.attacker.id
+                offer["public_key"] = _b64(self.attacker.public_key)
+                offer["signature"] = _b64(self.attacker.sign(binding))
+            self.tampered.append((seen.mode, offer["offer_id"]))
         return json.dumps(data).encode()
 
     def _tamper_answer(self, mode: str, offer_id: str, raw: bytes) -> bytes:

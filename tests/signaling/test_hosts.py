@@ -26,6 +26,8 @@ from duet_p2p.signaling.client import wait_message as client_wait_message
 from signaling_server import ServerConfig, start_server
 from signaling_server.app import RunningServer
 from signaling_server.hosts import (
+    CHALLENGE_BYTES,
+    CHALLENGE_TTL,
     MAX_CHALLENGES,
     HostOffer,
     HostRegistry,
@@ -424,7 +426,7 @@ async def test_third_parties_cannot_take_offers(start):
     ch = await c.host_challenge(thief.id)
     await attempt(host.public_key, ch, host.key.sign(wait_message(host.id, ch)))
     # A challenge never issued.
-    ch = os.urandom(32)
+    ch = os.urandom(CHALLENGE_BYTES)
     await attempt(host.public_key, ch, host.key.sign(wait_message(host.id, ch)))
     # A replay of the wait the host made before the offers came (its challenge is spent).
     await attempt(host.public_key, seen_challenge, seen_signature)
@@ -433,41 +435,84 @@ async def test_third_parties_cannot_take_offers(start):
     assert [o["offer_id"] for o in offers] == offer_ids
 
 
-async def test_a_failed_attempt_spends_the_challenge(start):
+async def test_a_failed_attempt_does_not_spend_the_challenge(start):
     _, c = await start()
     host = Host(c)
     ch = await c.host_challenge(host.id)
-    with pytest.raises(HostProofRefused):
+    signature = host.key.sign(wait_message(host.id, ch))
+    with pytest.raises(HostProofRefused):  # a forged signature on the host's challenge
         await c.host_wait(
             host.id, public_key=host.public_key, challenge=ch, signature=bytes(64), wait=0
         )
-    with pytest.raises(HostProofRefused):
+    await c.host_wait(
+        host.id, public_key=host.public_key, challenge=ch, signature=signature, wait=0
+    )
+    with pytest.raises(HostProofRefused):  # spent by the valid wait: a replay is refused
         await c.host_wait(
-            host.id,
-            public_key=host.public_key,
-            challenge=ch,
-            signature=host.key.sign(wait_message(host.id, ch)),
-            wait=0,
+            host.id, public_key=host.public_key, challenge=ch, signature=signature, wait=0
         )
 
 
-async def test_challenge_flood_does_not_evict_the_hosts_own_challenge(start):
+async def test_a_challenge_flood_evicts_nothing(start):
     _, c = await start()
     host = Host(c)
     await host.wait()  # now holds a challenge handed out with the wait response
     assert host.challenge is not None
     public = await c.host_challenge(host.id)
-    for _ in range(MAX_CHALLENGES):
-        await c.host_challenge(host.id)  # anyone may ask; the oldest public one drops
+    for _ in range(100):
+        await c.host_challenge(host.id)  # anyone may ask, as often as the rate limit allows
+    signature = host.key.sign(wait_message(host.id, public))
+    await c.host_wait(
+        host.id, public_key=host.public_key, challenge=public, signature=signature, wait=0
+    )
+    assert await host.wait() == []  # the chained challenge still works too
     with pytest.raises(HostProofRefused):
         await c.host_wait(
-            host.id,
-            public_key=host.public_key,
-            challenge=public,
-            signature=host.key.sign(wait_message(host.id, public)),
-            wait=0,
+            host.id, public_key=host.public_key, challenge=public, signature=signature, wait=0
         )
-    assert await host.wait() == []  # the chained challenge still works
+
+
+async def test_a_refused_long_poll_slot_leaves_the_challenge_usable(start, http):
+    server, c = await start(max_waits_per_client=1)
+    host, other = Host(c), Host(c)
+    blocking = asyncio.create_task(other.wait(wait=10))  # holds this address's one slot
+    deadline = time.monotonic() + 5
+    while not await c.host_online(other.id):
+        assert time.monotonic() < deadline, "the other host never came online"
+        await asyncio.sleep(0.02)
+    ch = await c.host_challenge(host.id)
+    body = {
+        "public_key": b64(host.public_key),
+        "challenge": b64(ch),
+        "signature": b64(host.key.sign(wait_message(host.id, ch))),
+    }
+    url = f"{server.url}/v1/hosts/{host.id}/wait"
+    status, data, _ = await call(http, "POST", f"{url}?wait=5", body)
+    assert (status, data["error"]) == (429, "too_many_waits")
+    status, data, _ = await call(http, "POST", f"{url}?wait=0", body)  # needs no slot
+    assert status == 200 and data["offers"] == []
+    status, data, _ = await call(http, "POST", f"{url}?wait=0", body)
+    assert (status, data["error"]) == (403, "not_host")  # now it is spent
+    blocking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocking
+
+
+async def test_a_full_spent_set_refuses_waits(start, http):
+    server, c = await start(max_entries=1)  # room for MAX_CHALLENGES spent challenges
+    host = Host(c)
+    for _ in range(MAX_CHALLENGES):
+        await host.wait()
+    ch = await c.host_challenge(host.id)
+    body = {
+        "public_key": b64(host.public_key),
+        "challenge": b64(ch),
+        "signature": b64(host.key.sign(wait_message(host.id, ch))),
+    }
+    status, data, _ = await call(http, "POST", f"{server.url}/v1/hosts/{host.id}/wait", body)
+    assert (status, data["error"]) == (503, "server_full")
+    with pytest.raises(SignalingError, match="HTTP 503 server_full"):
+        await host.wait()
 
 
 # -- a hostile server ------------------------------------------------------------------
@@ -508,10 +553,10 @@ RESPONSES: dict[str, object] = {
     "online_other": {"host_id": OFFER_ID, "online": True},
     "offer": {"offer_id": "../../x", "expires_in": 600},
     "challenge": {"challenge": b64(bytes(16)), "expires_in": 60},
-    "wait_shape": {"offers": {"a": 1}, "challenge": b64(bytes(32))},
+    "wait_shape": {"offers": {"a": 1}, "challenge": b64(bytes(CHALLENGE_BYTES))},
     "wait_challenge": {"offers": [], "challenge": "A" * 43},
-    "wait_mixed": {"offers": _hostile_offers(), "challenge": b64(bytes(32))},
-    "wait_many": {"offers": [GOOD_OFFER] * 40, "challenge": b64(bytes(32))},
+    "wait_mixed": {"offers": _hostile_offers(), "challenge": b64(bytes(CHALLENGE_BYTES))},
+    "wait_many": {"offers": [GOOD_OFFER] * 40, "challenge": b64(bytes(CHALLENGE_BYTES))},
     "answer_key": {"type": "answer", "sdp": SDP, "public_key": "AA==", "signature": b64(bytes(64))},
     "answer_extra": {"type": "refusal", "reason": "x", "sdp": SDP},
     "refusal_long": {"type": "refusal", "reason": "\x00" * 100_000},
@@ -527,7 +572,9 @@ async def hostile() -> AsyncIterator[Callable[[str, int], Awaitable[SignalingCli
     async def _serve(name: str, status: int = 200) -> SignalingClient:
         async def handler(request: web.Request) -> web.Response:
             if name == "nan_age":
-                text = json.dumps({"offers": [GOOD_OFFER], "challenge": b64(bytes(32))})
+                text = json.dumps(
+                    {"offers": [GOOD_OFFER], "challenge": b64(bytes(CHALLENGE_BYTES))}
+                )
                 text = text.replace('"age": 1.5', '"age": NaN')
                 return web.Response(text=text, status=status, content_type="application/json")
             return web.json_response(RESPONSES[name], status=status)
@@ -551,7 +598,8 @@ async def hostile() -> AsyncIterator[Callable[[str, int], Awaitable[SignalingCli
 
 
 def _wait_args() -> dict:
-    return {"public_key": bytes(32), "challenge": bytes(32), "signature": bytes(64), "wait": 0}
+    challenge = bytes(CHALLENGE_BYTES)
+    return {"public_key": bytes(32), "challenge": challenge, "signature": bytes(64), "wait": 0}
 
 
 async def test_client_refuses_hostile_responses(hostile):
@@ -578,7 +626,7 @@ async def test_client_refuses_hostile_responses(hostile):
 
 async def test_client_skips_malformed_offers(hostile):
     offers, challenge = await (await hostile("wait_mixed")).host_wait(HOST_ID, **_wait_args())
-    assert challenge == bytes(32)
+    assert challenge == bytes(CHALLENGE_BYTES)
     assert [o["offer_id"] for o in offers] == [OFFER_ID]
     assert offers[0]["public_key"] == _sci.public_key and offers[0]["age"] == 1.5
     offers, _ = await (await hostile("wait_many")).host_wait(HOST_ID, **_wait_args())
@@ -609,24 +657,72 @@ def _offer(sdp: str = SDP) -> HostOffer:
     return HostOffer(sdp, s.id, s.public_key, s.nonce, bytes(64))
 
 
-async def test_registry_challenges_expire_and_are_bounded():
-    clock = Clock()
-    reg = HostRegistry(600, max_entries=3, clock=clock)
+async def test_registry_issuing_challenges_stores_nothing():
+    reg = HostRegistry(600)
     a = "a" * 32
-    challenges = [await reg.new_challenge(a) for _ in range(MAX_CHALLENGES + 1)]
-    assert not await reg.take_challenge(a, challenges[0])  # oldest dropped
-    assert await reg.take_challenge(a, challenges[-1])
-    assert not await reg.take_challenge(a, challenges[-1])  # one-time
-    late = await reg.new_challenge(a)
-    clock.now += 61
-    assert not await reg.take_challenge(a, late)
-    first = await reg.new_challenge("1" * 32)
-    for n in "234":
-        await reg.new_challenge(n * 32)
-    assert not await reg.take_challenge("1" * 32, first)  # the least recent host was dropped
-    clock.now += 61
+    own = await reg.new_challenge(a)
+    flood = [await reg.new_challenge(a) for _ in range(1000)]
+    assert len(own) == CHALLENGE_BYTES and len(set(flood)) == 1000
+    assert not reg._spent and not reg._hosts
+    assert await reg.check_challenge(a, own) and await reg.check_challenge(a, flood[0])
+    assert await reg.check_challenge(a, own)  # checking spends nothing
+    assert await reg.take_challenge(a, own)
+    assert not await reg.check_challenge(a, own)
+    assert not await reg.take_challenge(a, own)  # one-time
+    assert await reg.take_challenge(a, flood[-1])
+
+
+async def test_registry_refuses_forged_expired_and_foreign_challenges():
+    clock = Clock()
+    reg, other_reg = HostRegistry(600, clock=clock), HostRegistry(600, clock=clock)
+    a, b = "a" * 32, "b" * 32
+    good = await reg.new_challenge(a)
+    expiry = int.from_bytes(good[16:24], "big")
+    assert expiry == 1000 + CHALLENGE_TTL
+    later = good[:16] + (expiry + 3600).to_bytes(8, "big") + good[24:]
+    forged = [
+        bytes([good[0] ^ 1]) + good[1:],  # random part changed
+        later,  # expiry pushed back, same MAC
+        good[:-1] + bytes([good[-1] ^ 1]),  # MAC changed
+        os.urandom(CHALLENGE_BYTES),
+        bytes(CHALLENGE_BYTES),
+        good[:-1],
+        good + b"\x00",
+        b"",
+        await reg.new_challenge(b),  # issued for another host
+        await other_reg.new_challenge(a),  # issued by another server (another secret)
+    ]
+    for challenge in forged:
+        assert not await reg.check_challenge(a, challenge), challenge
+        assert not await reg.take_challenge(a, challenge), challenge
+    assert not await reg.take_challenge(b, good)
+    assert not reg._spent  # refused proofs remember nothing
+    clock.now += CHALLENGE_TTL - 1
+    assert await reg.check_challenge(a, good)
+    clock.now += 1
+    assert not await reg.check_challenge(a, good)
+    assert not await reg.take_challenge(a, good)
+
+
+async def test_registry_spent_set_is_bounded_and_fails_closed():
+    clock = Clock()
+    reg = HostRegistry(600, max_spent=3, clock=clock)
+    a = "a" * 32
+    early = [await reg.new_challenge(a) for _ in range(2)]
+    clock.now += 30
+    late = [await reg.new_challenge(a) for _ in range(2)]
+    for challenge in [*early, late[0]]:
+        assert await reg.take_challenge(a, challenge)
+    with pytest.raises(StateFull):
+        await reg.take_challenge(a, late[1])
+    assert await reg.check_challenge(a, late[1])  # a refusal spends nothing
+    clock.now += 31  # the early ones expired: their places are free again
+    assert await reg.take_challenge(a, late[1])
+    assert not await reg.take_challenge(a, late[0])  # still remembered until it expires
+    assert len(reg._spent) == 2
+    clock.now += 30
     await reg.sweep()
-    assert not reg._challenges
+    assert not reg._spent and not reg._spent_order
 
 
 async def test_registry_hosts_and_offers_are_bounded():
