@@ -1,26 +1,32 @@
 """A standing host: connect time, many scientists at once, and memory per scientist.
 
 One run, all on loopback with a real signaling server and real WebRTC. Processes: the host
-(``sy.launch_host(admit="any")``, a small private tensor and an accept handler), a one-off
-owner (``sy.launch_duet``, the baseline of the connect time), and ``SCIENTISTS`` scientist
-processes, each with an identity of its own (``join_duet(host.id, identity=...)``).
+(``sy.launch_host(admit="any")``, a small private tensor, an accept handler), a one-off
+owner (``sy.launch_duet``, the connect baseline) and ``SCIENTISTS`` scientist processes,
+each with an identity of its own (``join_duet(host.id, identity=...)``).
 
 1. Connect: the scientist's ``join_duet(host.id, ...)`` from its call to its return (Hello
    exchanged), against the one-off ``join_duet(duet_id)`` with the owner already waiting
-   (its Client ID passed on by the coordinator at once), interleaved, ``CONNECT_ROUNDS`` of
-   each (median). Each scientist closes before the next round.
-2. Load: every scientist runs ``(ptr + 1).sum().get()`` ``LOAD_ROUNDS`` times, all
-   starting at the same instant; aggregate round trips per second and the p50/p99 of every
-   round trip pooled. Baseline: one scientist alone, same loop, same run.
-3. Memory: USS and PSS (psutil) summed over the host process and all its descendants (the
-   worker fork server, a spare worker and one worker per scientist), with no scientist
-   connected and with ``IDLE`` then ``SCIENTISTS`` idle scientists connected:
-   (total_N - total_0) / N. Also after the load, with every scientist's worker used.
+   (its Client ID passed on by the coordinator at once); interleaved, ``CONNECT_ROUNDS``
+   of each after one warm-up of each (medians). The scientist closes between rounds.
+2. Memory: USS and PSS (psutil) summed over the host process and all its descendants (the
+   worker fork server, a spare worker, one worker per scientist), with no scientist
+   connected, then ``IDLE``, then ``SCIENTISTS`` idle scientists: (total_N - total_0) / N.
+   Once more after the load, every scientist's worker used.
+3. Load: every scientist runs ``(ptr + 1).sum().get()`` ``LOAD_ROUNDS`` times, all starting
+   at the same instant (a closed loop: each waits for its answer before the next);
+   aggregate round trips per second, the p50/p99 of every round trip pooled, and the CPU
+   seconds per round trip of the host's monitor, its workers and the scientists.
+   Baseline: one scientist alone (the others connected, idle), ``SINGLE_ROUNDS`` times.
+
+Also measured, as context for the load: fsync latency in the host's data directory (the
+host keeps its requests in SQLite, each write synced before it returns).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -42,14 +48,16 @@ from benchmarks._peers import (
 CONNECT_ROUNDS = 7
 SCIENTISTS = 8
 IDLE = 4
-LOAD_ROUNDS = 250
-LOAD_WARMUP = 20
+LOAD_ROUNDS = 100
+SINGLE_ROUNDS = 200
+LOAD_WARMUP = 10
 TAG = "numbers"
 ELEMENTS = 100
 CONNECT_GOAL_RATIO = 1.5
 P99_GOAL_SECONDS = 0.010
 MEMORY_GOAL_BYTES = 30 * 2**20
-SETTLE_SECONDS = 1.5
+SETTLE_SECONDS = 1.0
+FSYNC_PROBES = 40
 MiB = 2**20
 
 
@@ -57,7 +65,7 @@ MiB = 2**20
 
 
 def warm() -> None:
-    """Import what a join needs, so process start-up is not timed."""
+    """Import what a join needs, so a process's start-up is not timed."""
     import torch  # noqa: F401
 
     import duet_p2p  # noqa: F401
@@ -76,28 +84,26 @@ class HostPeer:
         return {"launch_host": self.launch, "wait_connected": self.wait_connected,
                 "close_host": self.close}  # fmt: skip
 
-    def launch(self, url: str, data_dir: str, tag: str, elements: int) -> dict[str, Any]:
-        """launch_host with open admission, a private tensor under ``tag``, accept all."""
-        import os
-
+    def launch(self, url: str, data_dir: str) -> dict[str, Any]:
+        """launch_host with open admission, a private tensor under TAG, accept all."""
         import torch
 
         import duet_p2p as sy
 
         self.host = sy.launch_host(url, name="bench", admit="any", data_dir=data_dir,
                                    max_scientists=2 * SCIENTISTS)  # fmt: skip
-        self.host.send(torch.arange(elements, dtype=torch.float32), tags=[tag])
+        self.host.send(torch.arange(ELEMENTS, dtype=torch.float32), tags=[TAG])
         self.host.requests.add_handler("accept")
         return {"id": self.host.id, "pid": os.getpid()}
 
-    def wait_connected(self, count: int, timeout: float = 30.0) -> list[str]:
-        """Wait until exactly ``count`` scientists are connected; their Client IDs."""
+    def wait_connected(self, count: int, timeout: float = 30.0) -> int:
+        """Wait until exactly ``count`` scientists are connected."""
         deadline = time.monotonic() + timeout
         while len(self.host.connected()) != count:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(self.host.connected())} connected, expected {count}")
             time.sleep(0.02)
-        return self.host.connected()
+        return count
 
     def close(self) -> None:
         if self.host is not None:
@@ -121,10 +127,10 @@ class ScientistPeer(DuetPeer):
         joined = time.perf_counter() - started
         return {"join_s": joined, "open_s": self.duet._connection.connect_seconds}
 
-    def load(self, tag: str, rounds: int, start_at: float | None = None) -> dict[str, Any]:
-        """``(ptr + 1).sum().get()`` ``rounds`` times from ``start_at`` (time.monotonic,
-        shared by every process on the machine); each round trip's seconds."""
-        pointer = self.objects[tag]
+    def load(self, rounds: int, start_at: float | None = None) -> dict[str, Any]:
+        """``(ptr + 1).sum().get()`` ``rounds`` times from ``start_at`` (time.monotonic, one
+        clock for every process on the machine); each round trip's seconds."""
+        pointer = self.objects[TAG]
         expected = float(sum(range(1, ELEMENTS + 1)))
         if start_at is not None:
             time.sleep(max(0.0, start_at - time.monotonic()))
@@ -132,7 +138,7 @@ class ScientistPeer(DuetPeer):
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
-            value = (pointer + 1).sum().get(reason="benchmark", timeout_secs=30)
+            value = (pointer + 1).sum().get(reason="benchmark", timeout_secs=60)
             times.append(time.perf_counter() - started)
             if float(value) != expected:
                 raise AssertionError(f"got {float(value)}, expected {expected}")
@@ -151,11 +157,11 @@ def owner_peer() -> Handlers:
     return {**DuetPeer().handlers(), "warm": warm}
 
 
-# -- coordinator side ------------------------------------------------------------------------
+# -- measuring -------------------------------------------------------------------------------
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100), by linear interpolation between closest ranks."""
+    """The q-th percentile (0-100), interpolated between the closest ranks."""
     ordered = sorted(values)
     if not ordered:
         return float("nan")
@@ -165,40 +171,72 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def host_memory(pid: int) -> dict[str, Any]:
-    """USS, PSS and RSS summed over process ``pid`` and all its descendants."""
+def _tree(pid: int) -> list[Any]:
     import psutil
 
     root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)]
-    total = {"uss": 0, "pss": 0, "rss": 0, "processes": 0}
-    per_process = []
-    for proc in processes:
+    return [root, *root.children(recursive=True)]
+
+
+def host_memory(pid: int) -> dict[str, Any]:
+    """USS, PSS and RSS summed over process ``pid`` (the host's monitor) and all its
+    descendants; the monitor's own USS apart."""
+    import psutil
+
+    total = {"uss": 0, "pss": 0, "rss": 0, "processes": 0, "monitor_uss": 0}
+    for proc in _tree(pid):
         try:
             info = proc.memory_full_info()
-            name = " ".join(proc.cmdline()[1:3])[:60]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         total["uss"] += info.uss
         total["pss"] += info.pss
         total["rss"] += info.rss
         total["processes"] += 1
-        per_process.append({"pid": proc.pid, "cmd": name, "uss": info.uss, "pss": info.pss})
-    total["per_process"] = per_process
+        if proc.pid == pid:
+            total["monitor_uss"] = info.uss
     return total
 
 
 def _settled_memory(pid: int, processes: int, timeout: float = 20.0) -> dict[str, Any]:
-    """host_memory once ``processes`` processes exist (workers come and go) and after a
-    short settling pause."""
+    """host_memory once ``processes`` processes exist (workers come and go) and a short
+    pause has passed."""
     deadline = time.monotonic() + timeout
-    while True:
-        reading = host_memory(pid)
-        if reading["processes"] == processes or time.monotonic() > deadline:
-            break
+    while host_memory(pid)["processes"] != processes and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(SETTLE_SECONDS)
     return host_memory(pid)
+
+
+def _cpu_seconds(procs: list[Any]) -> dict[int, float]:
+    import psutil
+
+    out = {}
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            out[proc.pid] = times.user + times.system
+    return out
+
+
+def fsync_latency(directory: Path, probes: int = FSYNC_PROBES) -> dict[str, float]:
+    """Seconds per fsync of a freshly written 4 KiB block in ``directory``."""
+    path = directory / "fsync-probe"
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(probes):
+            os.write(fd, b"\0" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"p50_s": percentile(times, 50), "p90_s": percentile(times, 90)}
+
+
+# -- coordinator -----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -207,15 +245,11 @@ def _processes(home: str) -> Iterator[tuple[Peer, Peer, list[Peer]]]:
     env = {"DUET_HOME": home}
     started: list[Peer] = []
     try:
-        host = Peer("benchmarks.host:host_peer", "host", env=env)
-        started.append(host)
-        owner = Peer("benchmarks.host:owner_peer", "one-off owner", env=env)
-        started.append(owner)
-        scientists = []
+        started.append(Peer("benchmarks.host:host_peer", "host", env=env))
+        started.append(Peer("benchmarks.host:owner_peer", "one-off owner", env=env))
         for i in range(SCIENTISTS):
-            scientists.append(Peer("benchmarks.host:scientist_peer", f"scientist {i}", env=env))
-            started.append(scientists[-1])
-        yield host, owner, scientists
+            started.append(Peer("benchmarks.host:scientist_peer", f"scientist {i}", env=env))
+        yield started[0], started[1], started[2:]
     except BaseException:
         for peer in started:  # the other side of a failure is often in another log
             print(f"--- log of {peer.name} ---", *peer.log[-15:], sep="\n", file=sys.stderr)
@@ -223,28 +257,6 @@ def _processes(home: str) -> Iterator[tuple[Peer, Peer, list[Peer]]]:
     finally:
         for peer in reversed(started):
             peer.close()
-
-
-def _load(scientists: list[Peer]) -> dict[str, Any]:
-    """Every scientist in ``scientists`` runs the loop from the same instant."""
-    for s in scientists:
-        s.call("load", tag=TAG, rounds=LOAD_WARMUP)
-    start_at = time.monotonic() + 0.5
-    for s in scientists:
-        s.send("load", tag=TAG, rounds=LOAD_ROUNDS, start_at=start_at)
-    runs = [s.result(timeout=300) for s in scientists]
-    times = [t for run in runs for t in run["times"]]
-    span = max(r["ended"] for r in runs) - min(r["began"] for r in runs)
-    return {
-        "scientists": len(scientists),
-        "round_trips": len(times),
-        "seconds": span,
-        "round_trips_per_s": len(times) / span,
-        "p50_s": percentile(times, 50),
-        "p99_s": percentile(times, 99),
-        "max_s": max(times),
-        "mean_s": statistics.fmean(times),
-    }
 
 
 def _connect(host: Peer, host_id: str, owner: Peer, scientist: Peer, url: str) -> dict:
@@ -278,18 +290,67 @@ def _connect(host: Peer, host_id: str, owner: Peer, scientist: Peer, url: str) -
     }
 
 
+def _memory(host: Peer, host_id: str, pid: int, scientists: list[Peer], url: str) -> dict:
+    """Totals with no scientist, then IDLE, then all SCIENTISTS connected and idle."""
+    base_processes = host_memory(pid)["processes"]
+    base = _settled_memory(pid, base_processes)
+    out: dict[str, Any] = {"base": base, "base_processes": base_processes, "first_join_s": []}
+    for count in (IDLE, SCIENTISTS):
+        for i in range(len(out["first_join_s"]), count):
+            timing = scientists[i].call("join_host", host_id=host_id, url=url, identity=f"s{i}")
+            out["first_join_s"].append(timing["join_s"])
+        host.call("wait_connected", count=count)
+        out[f"idle_{count}"] = _per_scientist(base, _settled_memory(pid, base_processes + count),
+                                              count)  # fmt: skip
+    return out
+
+
 def _per_scientist(base: dict[str, Any], now: dict[str, Any], count: int) -> dict[str, Any]:
     return {
+        **now,
         "scientists": count,
-        "total_uss": now["uss"],
-        "total_pss": now["pss"],
-        "processes": now["processes"],
         "uss_per_scientist": (now["uss"] - base["uss"]) / count,
         "pss_per_scientist": (now["pss"] - base["pss"]) / count,
+        "monitor_uss_per_scientist": (now["monitor_uss"] - base["monitor_uss"]) / count,
+    }
+
+
+def _load(scientists: list[Peer], rounds: int, host_pid: int) -> dict[str, Any]:
+    """Every scientist in ``scientists`` runs the loop from the same instant."""
+    import psutil
+
+    for s in scientists:
+        s.call("load", rounds=LOAD_WARMUP)
+    host_procs = _tree(host_pid)
+    sci_procs = [psutil.Process(s.proc.pid) for s in scientists]
+    cpu0, sci0 = _cpu_seconds(host_procs), _cpu_seconds(sci_procs)
+    start_at = time.monotonic() + 0.3
+    for s in scientists:
+        s.send("load", rounds=rounds, start_at=start_at)
+    runs = [s.result(timeout=300) for s in scientists]
+    cpu1, sci1 = _cpu_seconds(host_procs), _cpu_seconds(sci_procs)
+    times = [t for run in runs for t in run["times"]]
+    span = max(r["ended"] for r in runs) - min(r["began"] for r in runs)
+    monitor = cpu1.get(host_pid, 0.0) - cpu0.get(host_pid, 0.0)
+    workers = sum(cpu1[p] - cpu0[p] for p in cpu1 if p != host_pid and p in cpu0)
+    n = len(times)
+    return {
+        "scientists": len(scientists),
+        "round_trips": n,
+        "seconds": span,
+        "round_trips_per_s": n / span,
+        "p50_s": percentile(times, 50),
+        "p99_s": percentile(times, 99),
+        "max_s": max(times),
+        "mean_s": statistics.fmean(times),
+        "monitor_cpu_per_rt_s": monitor / n,
+        "workers_cpu_per_rt_s": workers / n,
+        "scientists_cpu_per_rt_s": (sum(sci1.values()) - sum(sci0.values())) / n,
     }
 
 
 def run_benchmark() -> dict[str, Any]:
+    load_start = os.getloadavg()
     with (
         tempfile.TemporaryDirectory(prefix="duet-bench-host-") as home,
         signaling_server() as url,
@@ -297,54 +358,139 @@ def run_benchmark() -> dict[str, Any]:
     ):
         for peer in [owner, *scientists]:
             peer.send("warm")
-        launched = host.call("launch_host", url=url, data_dir=str(Path(home) / "host"),
-                             tag=TAG, elements=ELEMENTS)  # fmt: skip
+        data_dir = Path(home) / "host"
+        launched = host.call("launch_host", url=url, data_dir=str(data_dir))
         for peer in [owner, *scientists]:
-            peer.result(120)
+            peer.result(180)
         host_id, pid = launched["id"], launched["pid"]
         connect = _connect(host, host_id, owner, scientists[0], url)
-
-        # memory: nobody connected, then IDLE, then every scientist, idle
-        base_processes = host_memory(pid)["processes"]
-        base = _settled_memory(pid, base_processes)
-        memory: dict[str, Any] = {"base": base}
-        connected = 0
-        for count in (IDLE, SCIENTISTS):
-            for i in range(connected, count):
-                scientists[i].call("join_host", host_id=host_id, url=url, identity=f"s{i}")
-            connected = count
-            host.call("wait_connected", count=count)
-            now = _settled_memory(pid, base_processes + count)
-            memory[f"idle_{count}"] = {**_per_scientist(base, now, count),
-                                       "per_process": now["per_process"]}  # fmt: skip
-
-        # load: one scientist alone (the others connected, idle), then all at once
+        memory = _memory(host, host_id, pid, scientists, url)
         for s in scientists:
             s.call("find", tag=TAG)
-        single = _load(scientists[:1])
-        many = _load(scientists)
-        after = _settled_memory(pid, base_processes + SCIENTISTS)
-        memory["used_all"] = _per_scientist(base, after, SCIENTISTS)
+        single = _load(scientists[:1], SINGLE_ROUNDS, pid)
+        many = _load(scientists, LOAD_ROUNDS, pid)
+        used = _settled_memory(pid, memory["base_processes"] + SCIENTISTS)
+        memory["used_all"] = _per_scientist(memory["base"], used, SCIENTISTS)
+        fsync = fsync_latency(data_dir)
         for s in scientists:
             s.call("close")
         host.call("wait_connected", count=0)
         host.call("close_host")
-    idle = memory[f"idle_{SCIENTISTS}"]
+    per_idle = max(memory[f"idle_{n}"]["uss_per_scientist"] for n in (IDLE, SCIENTISTS))
     return {
         "connect": connect,
         "load_single": single,
         "load_many": many,
+        "load_ratio_rate": many["round_trips_per_s"] / single["round_trips_per_s"],
         "load_goal_p99_s": P99_GOAL_SECONDS,
         "load_goal_met": many["p99_s"] <= P99_GOAL_SECONDS,
         "memory": memory,
         "memory_goal_bytes": MEMORY_GOAL_BYTES,
-        "memory_goal_met": max(idle["uss_per_scientist"], memory[f"idle_{IDLE}"]["uss_per_scientist"])
-        <= MEMORY_GOAL_BYTES,
+        "memory_goal_met": per_idle <= MEMORY_GOAL_BYTES,
+        "fsync": fsync,
+        "load_average": {"start": load_start, "end": os.getloadavg()},
     }
 
 
+# -- reporting -------------------------------------------------------------------------------
 
-if __name__ == "__main__":
+
+def _met(flag: Any) -> str:
+    return {True: "yes", False: "**no**"}.get(flag, "—")
+
+
+def rows(r: dict[str, Any]) -> list[list[str]]:
+    """[what, duet_p2p, baseline, ratio, goal, met] per line of the table."""
+    if "connect" not in r:
+        return []
+    c, one, many, m = r["connect"], r["load_single"], r["load_many"], r["memory"]
+    idle = m[f"idle_{SCIENTISTS}"]
+    return [
+        [f"8. Host: `join_duet(host.id)` to a standing host (median of {c['rounds']})",
+         f"{c['host_join_s'] * 1e3:.0f} ms (channel open {c['host_open_s'] * 1e3:.0f} ms)",
+         f"one-off `join_duet(duet_id)` {c['oneoff_join_s'] * 1e3:.0f} ms",
+         f"{c['ratio']:.2f}x time", f"<= {c['goal_ratio']:g}x", _met(c["goal_met"])],
+        [f"8. Host: {many['scientists']} scientists at once, `(ptr + 1).sum().get()` x "
+         f"{many['round_trips'] // many['scientists']} each",
+         f"{many['round_trips_per_s']:,.0f} round trips/s, p50 {many['p50_s'] * 1e3:.1f} ms, "
+         f"p99 {many['p99_s'] * 1e3:.1f} ms",
+         f"1 scientist: {one['round_trips_per_s']:,.0f}/s, p50 {one['p50_s'] * 1e3:.1f} ms, "
+         f"p99 {one['p99_s'] * 1e3:.1f} ms",
+         f"{r['load_ratio_rate']:.2f}x rate", f"p99 <= {r['load_goal_p99_s'] * 1e3:g} ms",
+         _met(r["load_goal_met"])],
+        [f"8. Host: memory per idle scientist, monitor + workers (USS; {SCIENTISTS} vs 0)",
+         f"{idle['uss_per_scientist'] / MiB:.1f} MiB USS, {idle['pss_per_scientist'] / MiB:.1f} "
+         f"MiB PSS",
+         f"host with none: {m['base']['uss'] / MiB:.0f} MiB USS in {m['base']['processes']} "
+         "processes", "—", f"<= {r['memory_goal_bytes'] / MiB:g} MiB",
+         _met(r["memory_goal_met"])],
+    ]  # fmt: skip
+
+
+def markdown_section(r: dict[str, Any]) -> str:
+    """The standing host's section of BENCHMARKS.md."""
+    title = "## Standing host (benchmarks/host.py)\n\n"
+    if "connect" not in r:
+        return title + "Not measured in this run.\n"
+    c, one, many, m = r["connect"], r["load_single"], r["load_many"], r["memory"]
+    la0 = ", ".join(f"{x:.1f}" for x in r["load_average"]["start"])
+    la1 = ", ".join(f"{x:.1f}" for x in r["load_average"]["end"])
+    lines = [
+        "| Measurement | Standing host | Baseline, same run | Ratio | Goal | Met |",
+        "|---|---|---|---|---|---|",
+        *("| " + " | ".join(row) + " |" for row in rows(r)),
+    ]
+    mem = ["| Scientists connected | Host USS total | PSS total | Processes | USS per "
+           "scientist | of which the monitor |", "|---|---|---|---|---|---|",
+           f"| 0 | {m['base']['uss'] / MiB:.0f} MiB | {m['base']['pss'] / MiB:.0f} MiB | "
+           f"{m['base']['processes']} | — | — |"]  # fmt: skip
+    for key, label in ((f"idle_{IDLE}", f"{IDLE}, idle"), (f"idle_{SCIENTISTS}",
+                       f"{SCIENTISTS}, idle"), ("used_all", f"{SCIENTISTS}, after the load")):  # fmt: skip
+        e = m[key]
+        mem.append(f"| {label} | {e['uss'] / MiB:.0f} MiB | {e['pss'] / MiB:.0f} MiB | "
+                   f"{e['processes']} | {e['uss_per_scientist'] / MiB:.1f} MiB | "
+                   f"{e['monitor_uss_per_scientist'] / MiB:.1f} MiB |")  # fmt: skip
+    cpu = (
+        f"CPU per round trip, 1 scientist: monitor {one['monitor_cpu_per_rt_s'] * 1e3:.2f} ms, "
+        f"its worker {one['workers_cpu_per_rt_s'] * 1e3:.2f} ms, the scientist "
+        f"{one['scientists_cpu_per_rt_s'] * 1e3:.2f} ms; {many['scientists']} scientists: "
+        f"{many['monitor_cpu_per_rt_s'] * 1e3:.2f}, {many['workers_cpu_per_rt_s'] * 1e3:.2f} "
+        f"and {many['scientists_cpu_per_rt_s'] * 1e3:.2f} ms. The load lasted "
+        f"{many['seconds']:.1f} s: the monitor was busy "
+        f"{many['monitor_cpu_per_rt_s'] * many['round_trips'] / many['seconds']:.0%} of it. "
+        f"fsync in the host's data directory: p50 {r['fsync']['p50_s'] * 1e3:.1f} ms, "
+        f"p90 {r['fsync']['p90_s'] * 1e3:.1f} ms."
+    )
+    return (
+        f"{title}One run of `python -m benchmarks.host` (also part of `make bench`): a host "
+        f"process, a one-off owner and {SCIENTISTS} scientist processes, a signaling server, "
+        f"WebRTC on loopback. Load average at start {la0}, at end {la1}.\n\n"
+        + "\n".join(lines)
+        + "\n\nConnect: interleaved rounds; the one-off join includes the owner's "
+        f"confirmation of the Client ID (passed on at once). All joins, host: "
+        f"{', '.join(f'{x * 1e3:.0f}' for x in c['host_join_all_s'])} ms; one-off: "
+        f"{', '.join(f'{x * 1e3:.0f}' for x in c['oneoff_join_all_s'])} ms. A new Client ID's "
+        f"first join (admit=\"any\", others connected): median "
+        f"{median(m['first_join_s']) * 1e3:.0f} ms.\n\n"
+        "Memory (psutil USS/PSS over the host's process tree: monitor, worker fork server, a "
+        "spare worker, one worker per scientist):\n\n" + "\n".join(mem) + "\n\n" + cpu + "\n"
+    )
+
+
+def main() -> int:
     import json
 
-    print(json.dumps(run_benchmark(), indent=2, default=str))
+    result = run_benchmark()
+    print(json.dumps(result, indent=2, default=str))
+    table = rows(result)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print()
+    for row in table:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+    print()
+    print(markdown_section(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -395,6 +395,8 @@ def test_a_scientist_cannot_reach_another_scientists_objects_or_requests(world: 
     # Bob is still served, and none of this was answered differently (no extra notices)
     assert bob.ok("sum", session="main", tag="data")["value"] == TOTAL
     assert bob.ok("notices")["count"] == notices
+    bob.raw("main", {"kind": "no_such_kind"}, reply=False)  # the count does count
+    wait_until(lambda: bob.ok("notices")["count"] == notices + 1, what="an error notice")
 
     # Alice's request is still pending, hers; her objects are intact
     (row,) = [r for r in world.ask.control("requests", all=False) if r["request_id"] == rid]

@@ -1,8 +1,8 @@
 """Attacks on a standing host: a hostile scientist among others, a hostile signaling server,
 a stranger who knows the Host ID, and another local user.
 
-Each test asserts the safe behaviour. Those marked ``FAILS until fixed:`` show a weakness
-of the host as built (see the note beside each). The host runs on duet_p2p's background
+Each test asserts the safe behaviour against one attack (the note beside it says which).
+The host runs on duet_p2p's background
 loop (``launch_host_async`` through the runtime), scientists join over real WebRTC on
 loopback, and the signaling server is the session's real one.
 """
@@ -192,10 +192,8 @@ def test_a_dp_query_left_undecided_is_withdrawn_and_never_released(signaling_url
 
 
 def test_a_departed_scientists_values_are_not_kept_in_memory(signaling_url, tmp_path):
-    # FAILS until fixed: OwnerCore.close() (duet_p2p/owner/session.py) leaves the held
-    # values of its pending requests in self._held, and each Request's _preview closure
-    # keeps the closed session alive: connect, ask, leave, repeat pins max_pending_bytes of
-    # memory per session, without end.
+    # Attack: connect, ask, leave, repeat. A closed session lets go of the values it held
+    # for its pending requests (previews then read the host's journal), so memory stays flat.
     value = torch.arange(65536.0)
     with standing_host(signaling_url, tmp_path) as host:
         host.send(value, tags=["big"])
@@ -209,9 +207,8 @@ def test_a_departed_scientists_values_are_not_kept_in_memory(signaling_url, tmp_
 
 
 def test_reconnecting_does_not_grow_the_values_kept_on_disk(signaling_url, tmp_path):
-    # FAILS until fixed: held_bytes is per session, but the journal keeps a pending
-    # request's value after its session ends; a scientist who reconnects starts again at 0
-    # and grows state.sqlite by max_pending_bytes per session.
+    # Attack: reconnect to start each session's budget at 0. The values the journal keeps for
+    # one scientist's pending requests stay within max_pending_bytes over all their sessions.
     cap = 400_000
     me = Identity.generate()
     limits = OwnerLimits(max_pending_bytes=cap)
@@ -227,10 +224,8 @@ def test_reconnecting_does_not_grow_the_values_kept_on_disk(signaling_url, tmp_p
 
 
 def test_the_journal_forgets_old_decided_requests(signaling_url, tmp_path):
-    # FAILS until fixed: every get (even one cancelled or denied at once) adds a synced
-    # request row of up to ~12 KB to state.sqlite, kept whatever limits.max_requests says
-    # ("requests remembered at once"); one scientist grows the host's disk at the rate it
-    # can send gets, and a global prune lets it push every other scientist's history out.
+    # Attack: grow state.sqlite with gets cancelled at once. The journal keeps at most
+    # max_requests of each scientist's requests, so nobody pushes out another's history.
     with standing_host(signaling_url, tmp_path, limits=OwnerLimits(max_requests=10)) as host:
         host.send(torch.arange(4.0), tags=["t"])
         with scientist(signaling_url, host) as mallory:
@@ -245,9 +240,8 @@ def test_the_journal_forgets_old_decided_requests(signaling_url, tmp_path):
 def test_journal_writes_and_reads_run_off_the_hosts_event_loop(
     signaling_url, tmp_path, monkeypatch
 ):
-    # FAILS until fixed: Owner.submit/held/delivered and OwnerCore._on_list_requests call the
-    # SQLite journal (each write fsynced; a held value may be a GiB) on the event loop that
-    # serves every scientist and the signaling wait: one scientist's large get stalls all.
+    # Attack: stall every scientist with one large get. Journal reads and writes (fsynced,
+    # a held value may be a GiB) run off the event loop that serves everyone.
     with standing_host(signaling_url, tmp_path) as host:
         host.send(torch.arange(4.0), tags=["t"])
         on_loop: list[str] = []
@@ -274,9 +268,8 @@ def _spy(call: Any, name: str, on_loop: list[str]) -> Any:
 
 
 def test_one_scientist_cannot_fill_the_pending_queue_for_everyone(signaling_url, tmp_path):
-    # FAILS until fixed: RequestQueue.max_pending (1000) is shared by every scientist of a
-    # host and requests never expire by default: one scientist's 1000 pending gets make the
-    # host deny every other scientist's request at once ("too many pending").
+    # Attack: fill the shared pending queue. One scientist may hold at most half of it (and
+    # max_pending_per_scientist), so another's request still waits for the owner.
     with standing_host(signaling_url, tmp_path) as host:
         host.send(torch.arange(10.0), tags=["ages"])
         host.owner.requests.max_pending = 3
@@ -289,10 +282,8 @@ def test_one_scientist_cannot_fill_the_pending_queue_for_everyone(signaling_url,
 
 
 def test_one_scientist_cannot_take_every_connecting_slot(signaling_url, tmp_path):
-    # FAILS until fixed: Host._on_offer (duet_p2p/host/host.py) counts connecting offers
-    # against max_scientists whoever sent them: one admitted scientist posting signed offers
-    # it never completes holds every slot for options.timeout (and forks a worker for each),
-    # and everyone else is refused "serves as many scientists as it may".
+    # Attack: an admitted scientist posts signed offers it never completes, to hold every
+    # connecting slot. One connection attempt per Client ID at a time.
     with standing_host(signaling_url, tmp_path, max_scientists=2, timeout=8) as host:
         mallory = Identity.generate()
 
@@ -323,10 +314,8 @@ def test_one_scientist_cannot_take_every_connecting_slot(signaling_url, tmp_path
 
 
 def test_strangers_who_left_do_not_lock_newcomers_out(signaling_url, tmp_path, monkeypatch):
-    # FAILS until fixed: AdmissionPolicy.ask (duet_p2p/host/admissions.py:84-97) keeps a
-    # pending admission after its offer gave up, and refuses new ones once max_pending are
-    # held: max_pending_admissions offers from throw-away keys lock every new scientist out
-    # for good (until the owner decides each).
+    # Attack: throw-away keys fill the pending admissions. An admission is pending only
+    # while its offer waits, so strangers who left do not lock newcomers out.
     monkeypatch.setattr(host_module, "ADMISSION_WAIT", 0.5)
     with standing_host(signaling_url, tmp_path, admit="ask", max_pending_admissions=2) as host:
 
@@ -343,10 +332,8 @@ def test_strangers_who_left_do_not_lock_newcomers_out(signaling_url, tmp_path, m
 
 
 def test_one_stranger_holds_at_most_one_offer_waiting_for_admission(signaling_url, tmp_path):
-    # FAILS until fixed: each offer of an unknown Client ID waits ADMISSION_WAIT (240 s) in
-    # Host._on_offer, unanswered, so it counts against the server's max_offers_per_host
-    # (64): 64 offers from one key make the server refuse every scientist (HTTP 503
-    # host_busy) for four minutes, again and again.
+    # Attack: many offers of one unknown key, each held for admission, fill the server's
+    # max_offers_per_host. Only the newest offer of a Client ID waits; older ones are refused.
     with standing_host(signaling_url, tmp_path, admit="ask") as host:
         stranger = Identity.generate()
 
@@ -362,12 +349,8 @@ def test_one_stranger_holds_at_most_one_offer_waiting_for_admission(signaling_ur
 
 
 async def test_a_challenge_flood_cannot_keep_a_host_offline() -> None:
-    # FAILS until fixed: HostRegistry.new_challenge (signaling_server/hosts.py:244) keeps
-    # MAX_CHALLENGES public challenges per host and drops the oldest; a host whose chained
-    # challenge was lost (any failed wait, a restart) fetches a public one, and anyone asking
-    # for MAX_CHALLENGES more before its wait arrives keeps it from proving itself.
-    # (tests/signaling/test_hosts.py::test_challenge_flood_does_not_evict_the_hosts_own_
-    # challenge asserts today's eviction and must change with the fix.)
+    # Attack: flood POST /challenge for the host's ID so its own challenge is evicted.
+    # Challenges are stateless (a MAC and an expiry), so nothing can be evicted.
     registry = HostRegistry(60.0)
     host_id = "ab" * 16
     own = await registry.new_challenge(host_id)
@@ -454,9 +437,8 @@ def test_scientist_refuses_a_substituted_host_answer(signaling_url, tmp_path):
 
 
 def test_an_identity_in_a_directory_others_may_write_is_refused(tmp_path):
-    # FAILS until fixed: Identity.load (duet_p2p/identity.py:98-108) checks the key file but
-    # not its directory; in one that others may write, they can delete or replace the host's
-    # key (a new Host ID), as control.py and state.py already refuse for theirs.
+    # Attack: replace a host's key in an identity directory others may write. Such a
+    # directory is refused.
     shared = tmp_path / "identities"
     shared.mkdir()
     shared.chmod(0o777)
@@ -465,9 +447,8 @@ def test_an_identity_in_a_directory_others_may_write_is_refused(tmp_path):
 
 
 def test_an_identity_key_that_is_a_symlink_is_refused(tmp_path):
-    # FAILS until fixed: _read_key (duet_p2p/identity.py:160) follows a symlink (os.stat,
-    # read_bytes): whoever could plant one makes the host sign with another key of the
-    # user's (state.py opens its file with O_NOFOLLOW).
+    # Attack: plant a symlink where the key file is expected. Keys are opened with
+    # O_NOFOLLOW and must be regular files.
     folder = tmp_path / "identities"
     Identity.load("scientist", directory=folder)
     (folder / "host.key").symlink_to(folder / "scientist.key")
