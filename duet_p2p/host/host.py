@@ -94,8 +94,8 @@ class Host:
         self.admissions = AdmissionsView(self.admission)
         """Scientists waiting to be let in (``[0].accept()``), and earlier decisions."""
         self._sessions: dict[str, OwnerCore] = {}
-        self._connecting: set[str] = set()
-        """Client IDs whose connection is being made (one at a time each)."""
+        self._connecting: dict[str, asyncio.Task[Any]] = {}
+        """Connections being made, one per Client ID (a newer attempt replaces the older)."""
         self._listener = HostListener(identity, options, self._on_offer)
         self._tasks: list[asyncio.Task[None]] = []
         self._session_tasks: set[asyncio.Task[None]] = set()
@@ -218,23 +218,29 @@ class Host:
             if not admitted:
                 await self._listener.refuse(offer, "the host's owner did not admit you")
                 return
-        if client_id in self._connecting:
-            await self._listener.refuse(offer, "a connection of this Client ID is being made "
-                                        "already")  # fmt: skip
-            return
+        earlier = self._connecting.pop(client_id, None)
+        if earlier is not None:  # the newer attempt wins (the earlier one may have failed)
+            earlier.cancel()
         if len(self._sessions) - (client_id in self._sessions) + len(self._connecting) >= (
             self.max_scientists
         ):
             await self._listener.refuse(offer, "the host serves as many scientists as it may "
                                         "now; try again later")  # fmt: skip
             return
-        self._connecting.add(client_id)
+        attempt = asyncio.current_task()
+        assert attempt is not None
+        self._connecting[client_id] = attempt
         try:
             await self._connect(offer)
+        except asyncio.CancelledError:
+            if self._closed:
+                raise
+            log.info("a newer connection attempt of %s replaced one being made", client_id)
         except Exception as exc:  # noqa: BLE001 - one scientist's failure never stops the host
             log.warning("connecting scientist %s failed: %s", client_id, exc)
         finally:
-            self._connecting.discard(client_id)
+            if self._connecting.get(client_id) is attempt:
+                del self._connecting[client_id]
 
     async def _connect(self, offer: HostOffer) -> None:
         owner = self.owner

@@ -135,6 +135,7 @@ class HostState:
             raise ValueError("max_payload_bytes must not be negative")
         self.path = Path(path)
         self._write_lock = threading.Lock()
+        self._tx = threading.local()
         self._state = threading.Condition()
         self._busy = 0
         self._closed = False
@@ -566,15 +567,62 @@ class HostState:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (and synced) when the block ends."""
+        """One write transaction, committed (and synced) when the block ends; a write
+        inside another (same thread) joins it, so several steps cost one sync."""
+        outer = getattr(self._tx, "db", None)
+        if outer is not None:
+            yield outer
+            return
         with self._write_lock, self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
+            self._tx.db = db
             try:
                 yield db
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            else:
+                db.execute("COMMIT")
+            finally:
+                self._tx.db = None
+
+    def record_decision(
+        self,
+        request: Any,
+        *,
+        dp: bool,
+        keep_until: float | None,
+        handler: tuple[str, int] | None = None,
+        prune_to: int | None = None,
+    ) -> None:
+        """Store a decided request (inserted if it was never kept) and its decision, and a
+        handler's quota counter, in one durable transaction; ``prune_to``: then keep at
+        most that many of the scientist's decided requests (see ``prune_client``)."""
+        with self._write():
+            self.record_request(request, dp=dp)
+            self.decide(
+                request.request_id, status=str(request.status), decided_by=request.decided_by
+                or "", reason=request.decision_reason, decided_at=request.decided_at
+                or time.time(), keep_until=keep_until,
+            )  # fmt: skip
+            if handler is not None:
+                self.set_handler_count(*handler)
+            if prune_to is not None:
+                self.prune_client(request.requester, prune_to)
+
+    def keep(self, request: Any, *, dp: bool, payload: bytes | None, module: bool,
+             failure: dict[str, Any] | None, prune_to: int | None = None) -> None:  # fmt: skip
+        """Store a request still waiting for a decision with its value (or failure), in one
+        transaction (see ``record_request`` and ``hold``)."""
+        with self._write():
+            self.record_request(request, dp=dp)
+            self.hold(
+                request.request_id, payload=payload, module=module, failure=failure,
+                size_bytes=request.size_bytes, elements=request.elements, error=request.error,
+                checks=tuple(request.checks),
+            )  # fmt: skip
+            if prune_to is not None:
+                self.prune_client(request.requester, prune_to)
 
 
 # -- the file --------------------------------------------------------------------------

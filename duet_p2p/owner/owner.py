@@ -54,6 +54,13 @@ class RequestJournal(Protocol):
 
     def set_handler_count(self, name: str, count: int) -> None: ...
 
+    def keep(self, request: Any, *, dp: bool, payload: bytes | None, module: bool,
+             failure: dict[str, Any] | None, prune_to: int | None = None) -> None: ...  # fmt: skip
+
+    def record_decision(self, request: Any, *, dp: bool, keep_until: float | None,
+                        handler: tuple[str, int] | None = None,
+                        prune_to: int | None = None) -> None: ...  # fmt: skip
+
     def payload(self, request_id: str) -> bytes | None: ...
 
     def get(self, request_id: str) -> Any: ...
@@ -70,7 +77,7 @@ class Session(Protocol):
 
     def on_unhosted(self, object_id: str) -> None: ...
 
-    def _on_decision(self, request: Request) -> None: ...
+    def _on_decision(self, request: Request) -> bool: ...
 
 
 class HostedStore(OwnerStore):
@@ -162,25 +169,22 @@ class Owner:
             return self._routes.get(request_id) is session
 
     def _route_decision(self, request: Request) -> None:
-        if self.journal is not None:
-            self._journal_decision(request)
         with self._lock:
             session = self._routes.pop(request.request_id, None)
-        if session is not None:
-            session._on_decision(request)
+        if session is not None and session._on_decision(request):
+            return  # the session journals it (off its loop) before delivering it
+        if self.journal is not None:
+            self.journal_decision(request)
 
     # -- requests as the journal keeps them -----------------------------------------------
-
-    def record(self, request: Request) -> None:
-        """Journal a new request before it is submitted (blocking I/O: call it from a
-        thread), and forget the scientist's oldest decided ones past ``max_requests``."""
-        if self.journal is not None:
-            self.journal.record_request(request, dp=request.dp is not None)
-            self.journal.prune_client(request.requester, max(1, self.limits.max_requests - 1))
+    #
+    # Journal calls are blocking I/O: sessions make them from a thread. A request decided
+    # while its scientist waits costs one write (its record and decision together); one
+    # left waiting is kept with its value, so it can be decided after its scientist left or
+    # the host restarted, and fetched on their return.
 
     def submit(self, request: Request, session: Session) -> None:
-        """A new request of ``session``'s scientist (``record`` it first): routed, then
-        submitted."""
+        """A new request of ``session``'s scientist: routed to it, then submitted."""
         self.route(request.request_id, session)
         self.requests.submit(request)
 
@@ -193,15 +197,13 @@ class Owner:
         value = codec.decode(payload, limits=codec.DecodeLimits(max_bytes=max(1, len(payload))))
         return spec_to_module(value) if stored.module else value
 
-    def held(self, request: Request, payload: Any, *, module: bool,
-             failure: dict[str, Any] | None) -> None:  # fmt: skip
-        """The value (or failure) behind a pending request is known: a standing host keeps
-        it, so a decision taken after its scientist left (or after a restart) can be
-        fetched on their return. Blocking I/O: call it from a thread. The values kept for
-        one scientist's pending requests, over all their sessions, stay within
-        ``max_pending_bytes``."""
+    def keep(self, request: Request, payload: Any, *, module: bool,
+             failure: dict[str, Any] | None) -> bool:  # fmt: skip
+        """Keep a request still waiting for a decision, with its value (or failure). The
+        values kept for one scientist's pending requests, over all their sessions, stay
+        within ``max_pending_bytes``. Returns whether it was kept."""
         if self.journal is None:
-            return
+            return False
         size = 0 if payload is None else len(payload)
         try:
             if size and self.journal.pending_bytes(request.requester) + size > (
@@ -209,14 +211,15 @@ class Owner:
             ):
                 raise ValueError("the values kept for this scientist's pending requests "
                                  "would pass max_pending_bytes")  # fmt: skip
-            self.journal.hold(
-                request.request_id, payload=None if payload is None else bytes(payload),
-                module=module, failure=failure, size_bytes=request.size_bytes,
-                elements=request.elements, error=request.error, checks=tuple(request.checks),
-            )  # fmt: skip
+            self.journal.keep(request, dp=request.dp is not None,
+                              payload=None if payload is None else bytes(payload),
+                              module=module, failure=failure,
+                              prune_to=self.limits.max_requests)  # fmt: skip
         except Exception as exc:  # e.g. a value past the journal's cap, or a full disk
             log.warning("the host cannot keep the value of %s: %s", request.request_id, exc)
             request.error = f"the host could not keep this value ({type(exc).__name__})"
+            return False
+        return True
 
     def delivered(self, request_id: str) -> None:
         """The scientist received the value: a standing host need not keep it."""
@@ -234,19 +237,20 @@ class Owner:
         except Exception:
             log.exception("recording the denial of %s failed", request.request_id)
 
-    def _journal_decision(self, request: Request) -> None:
-        assert self.journal is not None
+    def journal_decision(self, request: Request) -> None:
+        """Record a decision durably (with the request, if it was never kept, and the
+        deciding handler's quota counter)."""
+        if self.journal is None:
+            return
         accepted = request.status is RequestStatus.ACCEPTED
+        handler = request.handler
         try:
-            self.journal.decide(
-                request.request_id, status=request.status.value,
-                decided_by=request.decided_by or "", reason=request.decision_reason,
-                decided_at=request.decided_at or time.time(),
+            self.journal.record_decision(
+                request, dp=request.dp is not None,
                 keep_until=time.time() + self.keep_released if accepted else None,
+                handler=(handler.name, handler.matched) if handler and handler.name else None,
+                prune_to=self.limits.max_requests,
             )  # fmt: skip
-            handler = request.handler
-            if handler is not None and handler.name:
-                self.journal.set_handler_count(handler.name, handler.matched)
         except Exception:  # the audit log has the decision; the session still delivers it
             log.exception("recording the decision on %s failed", request.request_id)
 

@@ -214,6 +214,9 @@ class OwnerCore:
         """Set once a private request's value (or failure) is held."""
         self._answered: dict[str, asyncio.Event] = {}
         self._mine: set[str] = set()
+        self._kept: set[str] = set()
+        """Requests whose value the owner's journal keeps (freed once delivered)."""
+        self._keeping: dict[str, asyncio.Future[bool]] = {}
         """Requests this session submitted (a one-off Duet lists them to its scientist)."""
         self.held_bytes = 0
         """Bytes of private values held for requests awaiting a decision (their sizes are
@@ -618,10 +621,9 @@ class OwnerCore:
         self._held[rid] = held
         ready.set()
         if label.private:
-            if self.owner.journal is not None:  # kept for a decision after a leave or restart
-                await asyncio.to_thread(self.owner.held, request, held.payload,
-                                        module=held.module, failure=held.error)  # fmt: skip
-            self.requests.mark_ready(rid)
+            self.requests.mark_ready(rid)  # a handler may decide it now
+            if self.owner.journal is not None and request.pending:
+                await self._keep(request, held)  # for a decision after a leave or restart
             return
         self._gets[rid] = message
         answered = asyncio.Event()
@@ -648,8 +650,6 @@ class OwnerCore:
         if len(self._mine) > 2 * self.limits.max_requests:  # keep those the queue remembers
             remembered = {q.request_id for q in self.requests.all()}
             self._mine &= remembered
-        if self.owner.journal is not None:
-            await asyncio.to_thread(self.owner.record, request)
         self.owner.submit(request, self)
         await self._reply(message.call_id, {"request_id": rid, "status": "pending"})
         return ready
@@ -740,13 +740,28 @@ class OwnerCore:
             raise RemoteError(f"the computation failed: {_error_text(held.error)}")
         return self._decode(held)
 
-    def _on_decision(self, request: Request) -> None:
-        """Called once per request when it leaves pending, from any thread."""
+    async def _keep(self, request: Request, held: _Held) -> None:
+        """Journal a request left waiting, with its value (from a thread; a delivery
+        waits for it, so a value delivered is never left kept)."""
+        rid = request.request_id
+        keeping = asyncio.ensure_future(asyncio.to_thread(
+            self.owner.keep, request, held.payload, module=held.module, failure=held.error))  # fmt: skip
+        self._keeping[rid] = keeping
+        try:
+            if await keeping:
+                self._kept.add(rid)
+        finally:
+            self._keeping.pop(rid, None)
+
+    def _on_decision(self, request: Request) -> bool:
+        """Called once per request when it leaves pending, from any thread; False if this
+        session can no longer deliver it (the owner then journals the decision)."""
         if self.loop is None or self._closed:
-            return
+            return False
         self.loop.call_soon_threadsafe(
             lambda: asyncio.ensure_future(self._deliver(request))
         )  # fmt: skip
+        return True
 
     async def _deliver(self, request: Request) -> None:
         answered = self._answered.pop(request.request_id, None)
@@ -756,6 +771,11 @@ class OwnerCore:
         if ready is not None:
             await ready.wait()  # decided before the value was held: wait for it
         denial = self.dp.settle(request) if request.dp is not None else None
+        if self.owner.journal is not None and request.request_id in self._mine:
+            keeping = self._keeping.get(request.request_id)
+            if keeping is not None:
+                await asyncio.wait([keeping])
+            await asyncio.to_thread(self.owner.journal_decision, request)
         get = self._gets.pop(request.request_id, None)
         held = self._held.pop(request.request_id, None)
         if get is None or held is None:
@@ -806,7 +826,8 @@ class OwnerCore:
             Decision(request_id=rid, status="accepted", module=held.module),
             attachment=memoryview(payload),
         )
-        if held.private and not held.dp and self.owner.journal is not None:
+        if rid in self._kept:
+            self._kept.discard(rid)
             await asyncio.to_thread(self.owner.delivered, rid)
 
     def _show_locally(self, request: Request, held: _Held) -> None:
@@ -900,6 +921,10 @@ class OwnerCore:
         if self.owner.journal is not None:
             stored = await asyncio.to_thread(self.owner.journal.for_client, client_id)
             rows = [_row_of_stored(r) for r in stored]
+            known = {row["request_id"] for row in rows}
+            waiting = [r for r in self.requests.pending()
+                       if r.request_id in self._mine and r.request_id not in known]  # fmt: skip
+            rows = [_row_of_request(r) for r in reversed(waiting)] + rows
         else:
             mine = [r for r in self.requests.all() if r.request_id in self._mine]
             rows = [_row_of_request(r) for r in reversed(mine)]
@@ -933,6 +958,7 @@ class OwnerCore:
         held = _Held(None if payload is None else bytearray(payload), stored.module,
                      stored.failure, None)  # fmt: skip
         await self._send_decision(request, held)
+        await asyncio.to_thread(self.owner.delivered, rid)
 
 
 def _row_of_stored(stored: Any) -> dict[str, Any]:

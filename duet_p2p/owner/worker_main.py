@@ -41,6 +41,16 @@ class Step:
     """The monitor labelled its result private: it counts against the private budget."""
 
 
+def preload() -> None:
+    """Import what a configured worker needs, so the children of a fork server share
+    these pages instead of each importing its own copy."""
+    from duet_p2p.allowlist import DEFAULT_ALLOWLIST  # noqa: F401
+    from duet_p2p.limits import OwnerLimits  # noqa: F401
+    from duet_p2p.owner import sandbox  # noqa: F401
+    from duet_p2p.owner.execution.executor import Executor  # noqa: F401
+    from duet_p2p.store import OwnerStore  # noqa: F401
+
+
 def main() -> None:
     serve_on(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
 

@@ -81,6 +81,7 @@ def serve(ctrl_fd: int) -> None:
     from duet_p2p.owner import worker_main
     from duet_p2p.owner.execution.sizes import _meta_add
 
+    worker_main.preload()
     _meta_add()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     ctrl.sendall(b"ready")

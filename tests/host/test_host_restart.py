@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,11 @@ class Child:
         return self.err.read_text(errors="replace")
 
     def results(self) -> list[dict[str, Any]]:
-        """The ``RESULT {json}`` lines a scientist printed so far."""
-        return [json.loads(line[7:]) for line in self.stdout().splitlines()
-                if line.startswith("RESULT ")]  # fmt: skip
+        """The ``RESULT {json}`` lines a scientist printed so far (whole lines only)."""
+        lines = self.stdout().split("\n")[:-1]
+        return [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
 
-    def wait_until(self, done: Any, timeout: float, what: str) -> None:
+    def wait_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``done()`` until true; fail (with the stderr tail) on timeout or early exit."""
         deadline = time.monotonic() + timeout
         while not done():
@@ -111,11 +111,11 @@ class Child:
         return self.results()
 
     def kill(self) -> None:
+        """End the process and whatever it left in its session (e.g. a host's workers)."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
 

@@ -483,7 +483,7 @@ def test_message_larger_than_any_get_is_refused_before_buffering(signaling_url: 
 
         announced = reassembler.max_message_bytes + 1
         start = bytes((framing.START,)) + struct.pack("!Q", announced) + b"\x01" * 1000
-        connection.transport._channel.send(start)
+        runtime.loop.call_soon_threadsafe(connection.transport._channel.send, start)
         with pytest.raises(sy.PeerClosed, match="limit"):
             handle.result(timeout=TIMEOUT)
         assert handle.status == "expired"
