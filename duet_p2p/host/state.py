@@ -380,8 +380,10 @@ class HostState:
         exactly as an unknown one. Call :meth:`delivered` once the value was sent."""
         client_id = _id(client_id, "client_id")
         request_id = _id(request_id, "request_id")
+        inside = getattr(self._tx, "db", None) is not None  # a writer's transaction
         with self._connection() as db:
-            db.execute("BEGIN")  # one snapshot for the row and its payload
+            if not inside:
+                db.execute("BEGIN")  # one snapshot for the row and its payload
             try:
                 found = self._select(
                     "WHERE request_id = ? AND client_id = ?", (request_id, client_id), db
@@ -397,7 +399,8 @@ class HostState:
                     "SELECT data FROM payloads WHERE request_id = ?", (request_id,)
                 ).fetchone()
             finally:
-                db.execute("COMMIT")
+                if not inside:
+                    db.execute("COMMIT")
         return stored, None if row is None or not isinstance(row[0], bytes) else row[0]
 
     def pending(self) -> list[StoredRequest]:
@@ -585,6 +588,10 @@ class HostState:
                 db.execute("COMMIT")
             finally:
                 self._tx.db = None
+
+    def transaction(self) -> Any:
+        """A write transaction the calls inside it join (one sync for them all)."""
+        return self._write()
 
     def record_decision(
         self,

@@ -10,6 +10,7 @@ with a single session, which closes it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from duet_p2p.errors import DuetError
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.modules import module_to_spec, spec_to_module
 from duet_p2p.owner.hosted import SealedTensor, seal
+from duet_p2p.owner.journal_writer import JournalWriter
 from duet_p2p.permissions import AuditLog, Request, RequestQueue, RequestStatus
 from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import PrivacyLedger, open_ledger
@@ -53,6 +55,8 @@ class RequestJournal(Protocol):
     def for_client(self, client_id: str, *, limit: int = 1000) -> list[Any]: ...
 
     def set_handler_count(self, name: str, count: int) -> None: ...
+
+    def transaction(self) -> Any: ...
 
     def keep(self, request: Any, *, dp: bool, payload: bytes | None, module: bool,
              failure: dict[str, Any] | None, prune_to: int | None = None) -> None: ...  # fmt: skip
@@ -127,6 +131,7 @@ class Owner:
         )  # fmt: skip
         self.journal = journal
         self.keep_released = keep_released
+        self._writer = JournalWriter(journal.transaction) if journal is not None else None
         self.disclosure = disclosure if disclosure is not None else DisclosureRules()
         self._ledger = ledger
         self._lock = threading.Lock()
@@ -182,6 +187,12 @@ class Owner:
     # while its scientist waits costs one write (its record and decision together); one
     # left waiting is kept with its value, so it can be decided after its scientist left or
     # the host restarted, and fetched on their return.
+
+    def later(self, function: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Run a journal call on the journal's writer thread, in order with the others,
+        committed together with whatever else is queued."""
+        assert self._writer is not None, "only an owner with a journal writes one"
+        return self._writer.submit(function, *args, **kwargs)
 
     def submit(self, request: Request, session: Session) -> None:
         """A new request of ``session``'s scientist: routed to it, then submitted."""
@@ -321,7 +332,10 @@ class Owner:
             sealed.close()  # each worker keeps its own mapping while it runs
 
     def close(self) -> None:
-        """Release the sealed memory of every hosted tensor."""
+        """Commit the journal's queued writes; release the sealed memory of every hosted
+        tensor."""
+        if self._writer is not None:
+            self._writer.close()
         for sealed in self.sealed.values():
             sealed.close()
         self.sealed.clear()

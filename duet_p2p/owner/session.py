@@ -744,7 +744,7 @@ class OwnerCore:
         """Journal a request left waiting, with its value (from a thread; a delivery
         waits for it, so a value delivered is never left kept)."""
         rid = request.request_id
-        keeping = asyncio.ensure_future(asyncio.to_thread(
+        keeping = asyncio.wrap_future(self.owner.later(
             self.owner.keep, request, held.payload, module=held.module, failure=held.error))  # fmt: skip
         self._keeping[rid] = keeping
         try:
@@ -772,10 +772,9 @@ class OwnerCore:
             await ready.wait()  # decided before the value was held: wait for it
         denial = self.dp.settle(request) if request.dp is not None else None
         if self.owner.journal is not None and request.request_id in self._mine:
-            keeping = self._keeping.get(request.request_id)
-            if keeping is not None:
-                await asyncio.wait([keeping])
-            await asyncio.to_thread(self.owner.journal_decision, request)
+            # written behind, in order after the value was kept (the audit log already
+            # holds the decision); the delivery does not wait for the disk
+            self.owner.later(self.owner.journal_decision, request)
         get = self._gets.pop(request.request_id, None)
         held = self._held.pop(request.request_id, None)
         if get is None or held is None:
@@ -783,7 +782,7 @@ class OwnerCore:
         try:
             if denial is not None:
                 if self.owner.journal is not None:
-                    await asyncio.to_thread(self.owner.overrule, request, denial[:4000])
+                    self.owner.later(self.owner.overrule, request, denial[:4000])
                 decision = Decision(request_id=request.request_id, status="denied",
                                     reason=denial[:4000])  # fmt: skip
                 await self._send_quietly(decision)
@@ -826,9 +825,12 @@ class OwnerCore:
             Decision(request_id=rid, status="accepted", module=held.module),
             attachment=memoryview(payload),
         )
+        keeping = self._keeping.get(rid)
+        if keeping is not None:
+            await asyncio.wait([keeping])
         if rid in self._kept:
             self._kept.discard(rid)
-            await asyncio.to_thread(self.owner.delivered, rid)
+            self.owner.later(self.owner.delivered, rid)
 
     def _show_locally(self, request: Request, held: _Held) -> None:
         handler = getattr(request, "handler", None)
@@ -919,7 +921,8 @@ class OwnerCore:
         sessions'), newest first; a private value's size is theirs only once accepted."""
         client_id = self.connection.client_id
         if self.owner.journal is not None:
-            stored = await asyncio.to_thread(self.owner.journal.for_client, client_id)
+            stored = await asyncio.wrap_future(
+                self.owner.later(self.owner.journal.for_client, client_id))  # fmt: skip
             rows = [_row_of_stored(r) for r in stored]
             known = {row["request_id"] for row in rows}
             waiting = [r for r in self.requests.pending()
@@ -934,8 +937,8 @@ class OwnerCore:
         """Send again a value accepted while its scientist was away (a standing host keeps
         it for ``keep_released`` seconds, then frees it)."""
         journal = self.owner.journal
-        claimed = None if journal is None else await asyncio.to_thread(
-            journal.claim, self.connection.client_id, message.request_id)  # fmt: skip
+        claimed = None if journal is None else await asyncio.wrap_future(
+            self.owner.later(journal.claim, self.connection.client_id, message.request_id))  # fmt: skip
         if claimed is None:
             await self._send_error(message.call_id, {"code": "not_found", "type": "KeyError",
                 "message": f"no request {message.request_id} of yours is kept here"})  # fmt: skip
@@ -958,7 +961,7 @@ class OwnerCore:
         held = _Held(None if payload is None else bytearray(payload), stored.module,
                      stored.failure, None)  # fmt: skip
         await self._send_decision(request, held)
-        await asyncio.to_thread(self.owner.delivered, rid)
+        self.owner.later(self.owner.delivered, rid)
 
 
 def _row_of_stored(stored: Any) -> dict[str, Any]:
