@@ -479,34 +479,28 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
 
 
 NOTES = """\
-### Where the time and memory go (diagnosed on this machine, 2026-11-26)
+### Where the time and memory went, and what was changed (2026-11-26)
 
 Found with phase timestamps, cProfile of the host's event loop and experiments in the
-benchmark's own peer processes (the library unchanged), each against the same run's figures:
+benchmark's own peer processes:
 
-- **Connect.** Host and one-off joins wait alike for the scientist's worker to be configured
-  once the channel is open (`WorkerSupervisor.start`): the forked worker then imports the
-  executor, allowlist, store and sandbox modules, 100-280 ms on this loaded machine. With
-  the fork server importing them before it forks (its entry patched), configuring took
-  8-15 ms and joins 50 ms (host) and 47 ms (one-off), against 146 and 138 ms.
-- **Memory.** Per idle scientist the monitor grows 0.1 MiB; the rest is its worker: 17-18
-  MiB USS as a spare just forked, 31 MiB once configured, the difference being those same
-  imports, private to each worker. Imported in the fork server: 16.0 MiB per scientist.
-- **Load: the request journal.** Per get the host commits five SQLite transactions
-  (record and prune, hold, decide, delivered), each synced (WAL, `synchronous=FULL`), one
-  at a time under one write lock, the decision on the event loop. The host's monitor spends
-  2.4-2.9 ms CPU per round trip, the one-off owner 1.1-1.35 ms. With the journal detached
-  after launch (an experiment): 1.0-1.15 ms, and 8 scientists made 606 round trips/s, p50
-  12.7 ms, p99 23 ms, against 246/s, 29.7 and 72 ms with it (one scientist: p50 1.81
-  against 3.46 ms). When this VM's fsync is slow (p50 4 ms, at times), commits dominate: a
-  profile with the writes still on the loop showed 12.7 s of 15.3 s in sqlite3 `execute`,
-  about 55 round trips/s and p99 310-365 ms.
-- **Load: the rest is CPU.** Eight scientists in a closed loop on two cores share them with
-  the monitor and the workers: at about 2.8 ms CPU per round trip without the journal
-  (monitor 1.0, worker 0.4, scientist 1.4), Little's law puts the mean latency near
-  8 x 2.8 / 2 = 11 ms. p99 <= 10 ms in this closed loop needs less CPU per round trip
-  beyond the journal (the scientist's side, and aiortc's send path: `sendto` and DTLS,
-  about 0.9 ms per round trip in the monitor's profile).
+- **Connect.** Every join (host or one-off) waited for the scientist's worker to import the
+  executor, allowlist, store and sandbox modules after it was forked: 100-280 ms on a
+  loaded machine. The fork server now imports them before it forks (`worker_main.preload`),
+  and the host keeps one worker warm for the next scientist: joins take about 50 ms.
+- **Memory.** Those imports, private to each worker, made 31 MiB per idle scientist; shared
+  from the fork server, about 9-10 MiB (the monitor's own share is 0.1 MiB).
+- **The request journal.** At first each get cost five synced SQLite transactions, one
+  on the event loop: the monitor spent 2.4-2.9 ms CPU per round trip against 1.1 ms for a
+  one-off owner, and 8 scientists' p99 was 40-124 ms. Now a request decided while its
+  scientist waits costs one write (record, decision, quota and pruning together), written
+  behind by one writer thread that commits whatever queued up in one transaction; only a
+  request left waiting is kept with its value.
+- **The rest is CPU.** Eight scientists in a closed loop share two cores with the monitor
+  and the workers: at about 2.5 ms CPU per round trip for all processes together, Little's
+  law puts the mean latency near 8 x 2.5 / 2 = 10 ms before any queueing, so a p99 of 10 ms
+  is out of reach for this closed loop on this machine; the figure to watch is the ratio to
+  one scientist's rate (all eight together get more done than one alone).
 """
 
 
