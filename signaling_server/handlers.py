@@ -10,6 +10,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -26,6 +27,32 @@ DUET_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 def _short(duet_id: str) -> str:
     return duet_id[:8] + "..."
+
+
+def wait_seconds(request: web.Request, max_wait: float) -> float:
+    """The ``wait`` query parameter: a number of seconds >= 0, at most ``max_wait``."""
+    raw = request.query.get("wait", "0")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not math.isfinite(wait) or wait < 0:
+        raise ApiError(400, "invalid_wait", "'wait' must be a number of seconds >= 0")
+    return min(wait, max_wait)
+
+
+async def json_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request's body as a JSON object, never more than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "body_too_large", f"request body too large (limit {limit} bytes)")
+    raw = await request.read()  # aiohttp stops at client_max_size with a 413
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the request body must be a JSON object")
+    return body
 
 
 class SignalingHandlers:
@@ -48,27 +75,11 @@ class SignalingHandlers:
         return duet_id
 
     def _wait(self, request: web.Request) -> float:
-        raw = request.query.get("wait", "0")
-        try:
-            wait = float(raw)
-        except ValueError:
-            wait = -1.0
-        if not math.isfinite(wait) or wait < 0:
-            raise ApiError(400, "invalid_wait", "'wait' must be a number of seconds >= 0")
-        return min(wait, self._config.max_wait)
+        return wait_seconds(request, self._config.max_wait)
 
     async def _sdp(self, request: web.Request, kind: str) -> str:
         """Read a {"type": kind, "sdp": str} body, never more than max_body bytes."""
-        limit = self._config.max_body
-        if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, "body_too_large", f"request body too large (limit {limit} bytes)")
-        raw = await request.read()  # aiohttp stops at client_max_size with a 413
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_body", "the request body must be a JSON object")
+        body = await json_object(request, self._config.max_body)
         if body.get("type") != kind:
             raise ApiError(400, "invalid_body", f'"type" must be "{kind}"')
         sdp = body.get("sdp")

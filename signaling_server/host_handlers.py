@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from signaling_server.config import ServerConfig
-from signaling_server.handlers import DUET_ID_RE
+from signaling_server.handlers import DUET_ID_RE, json_object, wait_seconds
 from signaling_server.hosts import (
     CHALLENGE_BYTES,
     CHALLENGE_TTL,
@@ -106,28 +105,11 @@ class HostHandlers:
         return value
 
     def _wait_seconds(self, request: web.Request) -> float:
-        raw = request.query.get("wait", "0")
-        try:
-            wait = float(raw)
-        except ValueError:
-            wait = -1.0
-        if not math.isfinite(wait) or wait < 0:
-            raise ApiError(400, "invalid_wait", "'wait' must be a number of seconds >= 0")
-        return min(wait, self._config.max_wait)
+        return wait_seconds(request, self._config.max_wait)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         """The JSON object body, never more than max_body bytes."""
-        limit = self._config.max_body
-        if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, "body_too_large", f"request body too large (limit {limit} bytes)")
-        raw = await request.read()  # aiohttp stops at client_max_size with a 413
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise _invalid("the request body must be a JSON object")
-        return body
+        return await json_object(request, self._config.max_body)
 
     @staticmethod
     def _keys(body: dict[str, Any], expected: set[str]) -> None:

@@ -27,7 +27,7 @@ OTHER = "fedcba9876543210fedcba9876543210"
 FULL = f"""
 [host]
 name = "lab-1"
-signaling_url = "https://signal.example.org:8443/"
+signaling_url = "https://127.0.0.1:8443/"
 admit = ["{CLIENT.upper()}", "{OTHER}", "{CLIENT}"]
 data_dir = "state"
 keep_released_hours = 2
@@ -37,8 +37,8 @@ max_scientists = 4
 max_pending_admissions = 8
 log_level = "debug"
 host_addresses = ["127.0.0.1", "::1"]
-ice_servers = [{{ urls = ["turn:turn.example.org:3478"], username = "u", credential = "c" }},
-               {{ urls = "stun:stun.example.org" }}]
+ice_servers = [{{ urls = ["turn:127.0.0.1:3478"], username = "u", credential = "c" }},
+               {{ urls = "stun:127.0.0.1" }}]
 
 [limits]
 max_op_seconds = 30
@@ -152,15 +152,15 @@ def test_full_config_round_trip(folder: Path, monkeypatch: pytest.MonkeyPatch) -
     config = load_config(write(folder, FULL))
     s = config.settings
     assert config.source == folder / "host.toml"
-    assert (s.name, s.signaling_url, s.log_level) == ("lab-1", "https://signal.example.org:8443", "debug")  # fmt: skip
+    assert (s.name, s.signaling_url, s.log_level) == ("lab-1", "https://127.0.0.1:8443", "debug")  # fmt: skip
     assert s.admit == (CLIENT, OTHER)
     assert s.data_dir == folder.resolve() / "state"
     assert s.keep_released_seconds == 7200.0 and s.request_expiry_seconds == 1800.0
     assert (s.min_aggregation, s.max_scientists, s.max_pending_admissions) == (3.0, 4, 8)
     assert s.host_addresses == ("127.0.0.1", "::1")
     assert s.ice_servers == (
-        {"urls": ["turn:turn.example.org:3478"], "username": "u", "credential": "c"},
-        {"urls": ["stun:stun.example.org"]},
+        {"urls": ["turn:127.0.0.1:3478"], "username": "u", "credential": "c"},
+        {"urls": ["stun:127.0.0.1"]},
     )
     assert config.limits == OwnerLimits(
         max_op_seconds=30.0, worker_threads=3, seccomp=False, max_worker_restarts=0

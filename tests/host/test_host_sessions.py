@@ -4,7 +4,6 @@ requests listed per scientist; DP requests end with their session; restart resto
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -14,36 +13,21 @@ import pytest
 import torch
 
 import duet_p2p as sy
-from duet_p2p.connect import Connection
 from duet_p2p.duet import Duet
 from duet_p2p.host.host import _request_of
 from duet_p2p.host.state import HostState
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.owner.owner import Owner
-from duet_p2p.owner.session import OwnerCore, new_supervisor
+from duet_p2p.owner.session import OwnerCore
 from duet_p2p.permissions import AuditLog
 from duet_p2p.permissions.ledger import open_ledger
 from duet_p2p.runtime import get_runtime
-from duet_p2p.scientist.session import ScientistCore
-from duet_p2p.transport.memory import memory_pair
 from tests.conftest import wait_for
+from tests.owner.test_owner_sessions import _session
 
 WAIT = 15.0
 HOST_ID = "a" * 32
 ALICE, BOB = "b" * 32, "c" * 32
-
-
-async def _session(owner: Owner, client_id: str) -> tuple[OwnerCore, Duet]:
-    owner_end, scientist_end = memory_pair()
-    owner_side = Connection("owner", HOST_ID, client_id, owner_end, None, "memory", 0.0)
-    scientist_side = Connection("scientist", HOST_ID, client_id, scientist_end, None, "memory", 0.0)
-    supervisor = new_supervisor(owner.allowlist, owner.limits)
-    supervisor.prestart()
-    core = OwnerCore(owner_side, allowlist=owner.allowlist, limits=owner.limits,
-                     audit=owner.audit, supervisor=supervisor, owner=owner)  # fmt: skip
-    scientist = ScientistCore(scientist_side)
-    await asyncio.gather(core.start(), scientist.start())
-    return core, Duet(scientist_side, scientist, background=True)
 
 
 class Host:
