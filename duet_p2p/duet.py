@@ -432,7 +432,8 @@ async def _join(
         if on_client_id is not None:
             on_client_id(client_id)
 
-    if await _is_host(duet_id, options):
+    standing = await _is_host(duet_id, options)
+    if standing:
         who = identity if isinstance(identity, Identity) else Identity.load(identity or "default")
         connection = await join_host(duet_id, options, who, on_waiting=announce_host)
     else:
@@ -444,4 +445,7 @@ async def _join(
         await core.close()
         raise
     _say("Connected!")
+    if standing:
+        _say("Objects you compute live in the host's memory until you disconnect; your "
+             "requests and the values approved for you are kept (duet.requests).")  # fmt: skip
     return Duet(connection, core, background=_on_runtime_loop())
