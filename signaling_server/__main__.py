@@ -12,22 +12,31 @@ from collections.abc import Sequence
 
 from signaling_server.app import start_server
 from signaling_server.config import LOOPBACK, ServerConfig
+from signaling_server.mailbox import MailboxStoreError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="duet-signaling",
-        description="Relay WebRTC offers and answers by Duet ID. Knows nothing else.",
+        description="Relay WebRTC offers and answers by ID, and hold end-to-end encrypted "
+        "mailbox messages it cannot read. Knows nothing else.",
         epilog="Per-client limits count an IPv4 address, or an IPv6 /64 prefix (one host "
         "often owns a whole /64), as one client.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to bind; 0 picks a free one")
     p.add_argument("--ttl", type=float, default=600.0, help="seconds an offer lives")
-    p.add_argument("--max-body", type=int, default=65536, help="largest request body, bytes")
+    p.add_argument(
+        "--max-body",
+        type=int,
+        default=65536,
+        help="largest request body, bytes "
+        "(a mailbox post's cap follows --mailbox-max-message-bytes instead)",
+    )
     p.add_argument("--rate", type=float, default=20.0, help="requests/s per client IP")
     p.add_argument("--burst", type=int, default=60, help="requests a client may make at once")
     _add_abuse_limits(p)
+    _add_mailbox(p)
     p.add_argument(
         "--ice-servers",
         default=os.environ.get("DUET_ICE_SERVERS"),
@@ -133,6 +142,53 @@ def _add_abuse_limits(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_mailbox(p: argparse.ArgumentParser) -> None:
+    """Flags of the mailbox: end-to-end encrypted messages held for offline recipients."""
+    c = ServerConfig
+    p.add_argument(
+        "--state",
+        metavar="SPEC",
+        default=c.mailbox_state,
+        help="where mailbox messages live: 'memory' (lost on restart), or "
+        "'sqlite:///absolute/path.sqlite' (a file, 0600 in a 0700 directory, one server "
+        "instance per file; a restart loses nothing) (default %(default)s)",
+    )
+    p.add_argument(
+        "--mailbox-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=c.mailbox_ttl,
+        help="seconds a message is held unless its recipient deletes it (default %(default)s)",
+    )
+    p.add_argument(
+        "--mailbox-max-message-bytes",
+        metavar="N",
+        type=int,
+        default=c.mailbox_max_message_bytes,
+        help="largest envelope accepted; at most the default, so that any message fits in "
+        "one fetch response (default %(default)s)",
+    )
+    for what, default, unit in (
+        ("messages-per-recipient", c.mailbox_max_messages_per_recipient, "messages held "
+         "for one recipient; more get HTTP 507 until it deletes some"),
+        ("bytes-per-recipient", c.mailbox_max_bytes_per_recipient, "envelope bytes held "
+         "for one recipient; more get HTTP 507 until it deletes some"),
+        ("messages-per-client", c.mailbox_max_messages_per_client, "live messages one "
+         "client may have posted; more get HTTP 429"),
+        ("bytes-per-client", c.mailbox_max_bytes_per_client, "live envelope bytes one "
+         "client may have posted; more get HTTP 429"),
+        ("bytes", c.mailbox_max_bytes, "envelope bytes held, all recipients together; "
+         "more get HTTP 503"),
+    ):  # fmt: skip
+        p.add_argument(
+            f"--mailbox-max-{what}",
+            metavar="N",
+            type=int,
+            default=default,
+            help=f"{unit} (default %(default)s)",
+        )
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Build a ServerConfig from parsed arguments; raise ValueError naming the bad one."""
     try:
@@ -158,6 +214,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         turn_secret=args.turn_secret or None,
         turn_urls=[u.strip() for u in args.turn_urls.split(",") if u.strip()],
         turn_ttl=args.turn_ttl,
+        mailbox_state=args.state,
+        mailbox_ttl=args.mailbox_ttl,
+        mailbox_max_message_bytes=args.mailbox_max_message_bytes,
+        mailbox_max_messages_per_recipient=args.mailbox_max_messages_per_recipient,
+        mailbox_max_bytes_per_recipient=args.mailbox_max_bytes_per_recipient,
+        mailbox_max_messages_per_client=args.mailbox_max_messages_per_client,
+        mailbox_max_bytes_per_client=args.mailbox_max_bytes_per_client,
+        mailbox_max_bytes=args.mailbox_max_bytes,
     )
 
 
@@ -188,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         asyncio.run(serve(config, args.host, args.port))
+    except MailboxStoreError as exc:
+        parser.exit(1, f"duet-signaling: cannot use the mailbox state: {exc}\n")
     except OSError as exc:
         parser.exit(1, f"duet-signaling: cannot listen on {args.host}:{args.port}: {exc}\n")
     return 0

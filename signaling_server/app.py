@@ -14,6 +14,8 @@ from signaling_server.connections import ConnectionGuard, GuardedTCPSite
 from signaling_server.handlers import SignalingHandlers
 from signaling_server.host_handlers import HostHandlers
 from signaling_server.hosts import HostRegistry, HostState
+from signaling_server.mailbox import MailboxState, mailbox_from_config
+from signaling_server.mailbox_handlers import MailboxHandlers
 from signaling_server.middleware import MAX_BODY, error_middleware, rate_limit_middleware
 from signaling_server.ratelimit import RateLimiter, parse_networks
 from signaling_server.state import InMemoryState, SignalingState
@@ -27,10 +29,15 @@ __all__ = ["RunningServer", "ServerConfig", "create_app", "start_server"]
 
 
 def create_app(
-    config: ServerConfig, state: SignalingState | None = None, hosts: HostState | None = None
+    config: ServerConfig,
+    state: SignalingState | None = None,
+    hosts: HostState | None = None,
+    mailbox: MailboxState | None = None,
 ) -> web.Application:
     """The aiohttp application; `state` defaults to a fresh InMemoryState, `hosts` (the
-    standing hosts' offers) to a fresh HostRegistry."""
+    standing hosts' offers) to a fresh HostRegistry, `mailbox` to the one
+    `config.mailbox_state` names (MailboxStoreError if its file cannot be used). The app
+    closes `mailbox` when it shuts down."""
     if state is None:
         state = InMemoryState(
             config.ttl,
@@ -46,6 +53,8 @@ def create_app(
             max_offers_per_host=config.max_offers_per_host,
             max_entries_per_owner=config.max_entries_per_client,
         )
+    if mailbox is None:
+        mailbox = mailbox_from_config(config)
     limiter = RateLimiter(config.rate, config.burst, max_clients=config.max_clients)
     app = web.Application(
         middlewares=[error_middleware, rate_limit_middleware(limiter)],
@@ -62,10 +71,11 @@ def create_app(
     app.router.add_get("/v1/ice-servers", h.ice_servers)
     # Host long-polls share the duet handlers' per-client budget of concurrent long-polls.
     HostHandlers(hosts, config, waits=h.waits).add_routes(app)
+    MailboxHandlers(mailbox, config, waits=h.waits).add_routes(app)
 
     async def sweeper(app: web.Application) -> AsyncIterator[None]:
         interval = min(config.ttl, config.host_idle, 30.0)
-        task = asyncio.create_task(_sweep_forever((state, hosts), interval))
+        task = asyncio.create_task(_sweep_forever((state, hosts, mailbox), interval))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -74,16 +84,20 @@ def create_app(
     async def wake_waiters(app: web.Application) -> None:
         await state.close()
         await hosts.close()
+        await mailbox.close()
 
     app.cleanup_ctx.append(sweeper)
     app.on_shutdown.append(wake_waiters)
     return app
 
 
-async def _sweep_forever(stores: tuple[SignalingState, HostState], interval: float) -> None:
+async def _sweep_forever(
+    stores: tuple[SignalingState, HostState, MailboxState], interval: float
+) -> None:
     while True:
         await asyncio.sleep(interval)
-        for store, what in zip(stores, ("duet IDs", "host offers"), strict=True):
+        names = ("duet IDs", "host offers", "mailbox messages")
+        for store, what in zip(stores, names, strict=True):
             try:
                 dropped = await store.sweep()
             except Exception:
@@ -118,15 +132,20 @@ class RunningServer:
 
 
 async def start_server(
-    config: ServerConfig, host: str = "127.0.0.1", port: int = 0
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    mailbox: MailboxState | None = None,
 ) -> RunningServer:
-    """Start the app on host:port (port 0 picks a free one) and return once it listens.
+    """Start the app on host:port (port 0 picks a free one) and return once it listens;
+    `mailbox` as for `create_app`.
 
     Connections pass a ConnectionGuard (connection caps, head and body deadlines) before
     aiohttp serves them; a bare `create_app` under another runner has no such guard.
     """
     runner = web.AppRunner(
-        create_app(config),
+        create_app(config, mailbox=mailbox),
         shutdown_timeout=config.shutdown_timeout,
         keepalive_timeout=config.keepalive_timeout,
     )

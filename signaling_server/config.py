@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from signaling_server.ice import validate_ice_servers, validate_turn_urls
@@ -11,6 +12,11 @@ from signaling_server.ratelimit import parse_networks
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 """This host. Behind a same-host reverse proxy every client comes from here, so
 per-client caps would bind all clients together; they are waived for it by default."""
+
+MAILBOX_MESSAGE_LIMIT = 512 * 1024
+"""Largest mailbox message the server can ever be set to accept, in bytes: any one message
+must fit, base64-encoded, in one fetch response, and clients read at most 1 MiB of one."""
+_SQLITE_PREFIX = "sqlite://"
 
 _POSITIVE = (
     "ttl",
@@ -22,6 +28,7 @@ _POSITIVE = (
     "body_timeout",
     "keepalive_timeout",
     "host_idle",
+    "mailbox_ttl",
 )
 _AT_LEAST_ONE = (
     "max_body",
@@ -33,6 +40,13 @@ _AT_LEAST_ONE = (
     "max_connections",
     "max_connections_per_client",
     "max_offers_per_host",
+    "mailbox_max_message_bytes",
+    "mailbox_max_messages_per_recipient",
+    "mailbox_max_bytes_per_recipient",
+    "mailbox_max_messages_per_client",
+    "mailbox_max_bytes_per_client",
+    "mailbox_max_messages",
+    "mailbox_max_bytes",
 )
 
 
@@ -90,6 +104,25 @@ class ServerConfig:
     """Seconds a standing host counts as online after its last wait for offers ended."""
     max_offers_per_host: int = 64
     """Offers waiting for one standing host (undelivered or unanswered); more get HTTP 503."""
+    mailbox_state: str = "memory"
+    """Where mailbox messages live: "memory", or "sqlite:///absolute/path.sqlite" (survives
+    restarts; one server instance per file)."""
+    mailbox_ttl: float = 7 * 86400.0
+    """Seconds a mailbox message is held (unless its recipient deletes it sooner)."""
+    mailbox_max_message_bytes: int = MAILBOX_MESSAGE_LIMIT
+    """Largest envelope accepted, in bytes (at most MAILBOX_MESSAGE_LIMIT)."""
+    mailbox_max_messages_per_recipient: int = 256
+    """Messages held for one recipient; more get HTTP 507 until it deletes some."""
+    mailbox_max_bytes_per_recipient: int = 64 * 1024 * 1024
+    """Envelope bytes held for one recipient; more get HTTP 507 until it deletes some."""
+    mailbox_max_messages_per_client: int = 256
+    """Live messages one client address (IPv4, or IPv6 /64) may have posted (429 above it)."""
+    mailbox_max_bytes_per_client: int = 64 * 1024 * 1024
+    """Live envelope bytes one client address may have posted (429 above it)."""
+    mailbox_max_messages: int = 100_000
+    """Messages held, all recipients together (503 when full)."""
+    mailbox_max_bytes: int = 1024 * 1024 * 1024
+    """Envelope bytes held, all recipients together (503 when full)."""
 
     def __post_init__(self) -> None:
         for name in _POSITIVE:
@@ -107,3 +140,41 @@ class ServerConfig:
         self.turn_urls = validate_turn_urls(self.turn_urls)
         if self.turn_secret and not self.turn_urls:
             raise ValueError("a TURN secret needs at least one TURN URL (--turn-urls)")
+        self._check_mailbox()
+
+    def _check_mailbox(self) -> None:
+        mailbox_state_path(self.mailbox_state)  # raises ValueError on a bad spec
+        if self.mailbox_max_message_bytes > MAILBOX_MESSAGE_LIMIT:
+            raise ValueError(
+                f"mailbox_max_message_bytes must be <= {MAILBOX_MESSAGE_LIMIT}: a message "
+                "must fit in one fetch response, which clients read up to 1 MiB"
+            )
+        for name in ("mailbox_max_bytes_per_recipient", "mailbox_max_bytes_per_client"):
+            if getattr(self, name) < self.mailbox_max_message_bytes:
+                raise ValueError(f"{name} must be >= mailbox_max_message_bytes")
+        if self.mailbox_max_bytes < self.mailbox_max_message_bytes:
+            raise ValueError("mailbox_max_bytes must be >= mailbox_max_message_bytes")
+
+
+def mailbox_state_path(spec: str) -> str | None:
+    """The SQLite file a `mailbox_state` spec names, None for "memory"; ValueError if the
+    spec is neither "memory" nor "sqlite:///absolute/path" (no "..", no query)."""
+    if spec == "memory":
+        return None
+    spec = spec if isinstance(spec, str) else repr(spec)
+    path = spec[len(_SQLITE_PREFIX) :]
+    parts = PurePosixPath(path).parts
+    if (
+        not spec.startswith(_SQLITE_PREFIX)
+        or not path.startswith("/")
+        or path.endswith("/")
+        or len(parts) < 2
+        or ".." in parts
+        or any(c in path for c in "?#")
+        or not path.isprintable()
+    ):
+        raise ValueError(
+            f"the mailbox state must be memory or sqlite:///absolute/path.sqlite, "
+            f"not {spec[:200]!r}"
+        )
+    return path

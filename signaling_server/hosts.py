@@ -7,7 +7,8 @@ memory, bounded; a shared backend would implement the same `HostState` protocol.
 
 A challenge is stateless: random || expiry || MAC(server secret, host ID, random, expiry).
 Issuing one stores nothing, so asking for many evicts nothing; a challenge is remembered
-(until it expires) only once a wait with a valid signature has spent it.
+(until it expires) only once a wait with a valid signature has spent it. `ChallengeBook`
+does this for any kind of key holder (the mailbox's recipients use one too).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ MAX_REASON = 500
 _WAIT_CONTEXT = b"duet_p2p host wait v1"
 
 __all__ = [
+    "ChallengeBook",
     "DeliveredOffer",
     "HostBusy",
     "HostOffline",
@@ -61,6 +63,7 @@ __all__ = [
     "HostRegistry",
     "HostState",
     "host_id_of",
+    "verify_key_proof",
     "verify_wait_proof",
     "wait_message",
 ]
@@ -89,18 +92,95 @@ def host_id_of(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:32]
 
 
-def verify_wait_proof(host_id: str, public_key: bytes, challenge: bytes, signature: bytes) -> bool:
-    """Whether `public_key` is the host's and signed `wait_message(host_id, challenge)`."""
+def verify_key_proof(owner_id: str, public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether `public_key` is the one `owner_id` stands for and signed `message`."""
     if len(public_key) != KEY_BYTES or len(signature) != SIGNATURE_BYTES:
         return False
-    if not hmac.compare_digest(host_id_of(public_key), host_id):
+    if not hmac.compare_digest(host_id_of(public_key), owner_id):
         return False
     try:
         key = Ed25519PublicKey.from_public_bytes(public_key)
-        key.verify(signature, wait_message(host_id, challenge))
+        key.verify(signature, message)
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def verify_wait_proof(host_id: str, public_key: bytes, challenge: bytes, signature: bytes) -> bool:
+    """Whether `public_key` is the host's and signed `wait_message(host_id, challenge)`."""
+    return verify_key_proof(host_id, public_key, wait_message(host_id, challenge), signature)
+
+
+class ChallengeBook:
+    """Stateless one-time challenges for key holders named by an ID, and the spent set.
+
+    `context` separates kinds of challenges: one issued by a book never passes another
+    book's check (each also has its own random secret). At most `max_spent` spent,
+    unexpired challenges are remembered; `take` raises StateFull(`full_message`) past it.
+    """
+
+    def __init__(
+        self,
+        context: bytes,
+        *,
+        max_spent: int,
+        full_message: str = "the server holds too many sessions; try again later",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._context = context
+        self._max_spent = max_spent
+        self._full_message = full_message
+        self._clock = clock
+        self._secret = os.urandom(32)
+        self.spent: dict[bytes, int] = {}
+        """Spent challenge -> its expiry."""
+        self.spent_order: list[tuple[int, bytes]] = []
+        """Heap of (expiry, challenge) over `spent`."""
+
+    def _mac(self, owner_id: str, head: bytes) -> bytes:
+        message = self._context + owner_id.encode("ascii") + head
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def issue(self, owner_id: str) -> bytes:
+        """A fresh challenge for `owner_id` (an ASCII ID); stores nothing."""
+        expiry = max(0, math.ceil(self._clock() + CHALLENGE_TTL))
+        head = secrets.token_bytes(_RANDOM_BYTES) + expiry.to_bytes(_EXPIRY_BYTES, "big")
+        return head + self._mac(owner_id, head)
+
+    def _expiry_if_valid(self, owner_id: str, challenge: bytes) -> int | None:
+        """The challenge's expiry if it was issued here for `owner_id` and has not expired."""
+        if len(challenge) != CHALLENGE_BYTES or not owner_id.isascii():
+            return None
+        head, mac = challenge[:-_MAC_BYTES], challenge[-_MAC_BYTES:]
+        if not hmac.compare_digest(self._mac(owner_id, head), mac):
+            return None
+        expiry = int.from_bytes(head[_RANDOM_BYTES:], "big")
+        return expiry if expiry > self._clock() else None
+
+    def check(self, owner_id: str, challenge: bytes) -> bool:
+        """Whether `challenge` was issued for `owner_id`, has not expired and is not spent."""
+        expiry = self._expiry_if_valid(owner_id, challenge)
+        return expiry is not None and challenge not in self.spent
+
+    def take(self, owner_id: str, challenge: bytes) -> bool:
+        """Spend `challenge` if `check` holds; whether it did (StateFull when full)."""
+        expiry = self._expiry_if_valid(owner_id, challenge)
+        if expiry is None or challenge in self.spent:
+            return False
+        if len(self.spent) >= self._max_spent:
+            self.forget_expired()
+            if len(self.spent) >= self._max_spent:
+                raise StateFull(self._full_message)
+        self.spent[challenge] = expiry
+        heapq.heappush(self.spent_order, (expiry, challenge))
+        return True
+
+    def forget_expired(self) -> None:
+        """Drop spent challenges that expired (they fail `check` by their expiry anyway)."""
+        now = self._clock()
+        while self.spent_order and self.spent_order[0][0] <= now:
+            _, challenge = heapq.heappop(self.spent_order)
+            self.spent.pop(challenge, None)
 
 
 @dataclass(frozen=True)
@@ -220,11 +300,21 @@ class HostRegistry:
         self._offers: dict[str, _Offer] = {}
         self._hosts: dict[str, _Host] = {}
         self._owned: dict[str, set[str]] = {}
-        self._secret = os.urandom(32)
-        self._max_spent = max_entries * MAX_CHALLENGES if max_spent is None else max_spent
-        self._spent: dict[bytes, int] = {}  # spent challenge -> its expiry
-        self._spent_order: list[tuple[int, bytes]] = []  # heap of (expiry, challenge)
+        self._challenges = ChallengeBook(
+            _CHALLENGE_CONTEXT,
+            max_spent=max_entries * MAX_CHALLENGES if max_spent is None else max_spent,
+            full_message="the server holds too many host sessions; try again later",
+            clock=clock,
+        )
         self._closed = False
+
+    @property
+    def _spent(self) -> dict[bytes, int]:
+        return self._challenges.spent
+
+    @property
+    def _spent_order(self) -> list[tuple[int, bytes]]:
+        return self._challenges.spent_order
 
     # -- hosts ------------------------------------------------------------------------
 
@@ -255,49 +345,14 @@ class HostRegistry:
 
     # -- challenges -------------------------------------------------------------------
 
-    def _mac(self, host_id: str, head: bytes) -> bytes:
-        message = _CHALLENGE_CONTEXT + host_id.encode("ascii") + head
-        return hmac.new(self._secret, message, hashlib.sha256).digest()[:_MAC_BYTES]
-
-    def _issue(self, host_id: str) -> bytes:
-        expiry = max(0, math.ceil(self._clock() + CHALLENGE_TTL))
-        head = secrets.token_bytes(_RANDOM_BYTES) + expiry.to_bytes(_EXPIRY_BYTES, "big")
-        return head + self._mac(host_id, head)
-
-    def _expiry_if_valid(self, host_id: str, challenge: bytes) -> int | None:
-        """The challenge's expiry if it was issued here for the host and has not expired."""
-        if len(challenge) != CHALLENGE_BYTES or not host_id.isascii():
-            return None
-        head, mac = challenge[:-_MAC_BYTES], challenge[-_MAC_BYTES:]
-        if not hmac.compare_digest(self._mac(host_id, head), mac):
-            return None
-        expiry = int.from_bytes(head[_RANDOM_BYTES:], "big")
-        return expiry if expiry > self._clock() else None
-
-    def _forget_expired_spent(self) -> None:
-        now = self._clock()
-        while self._spent_order and self._spent_order[0][0] <= now:
-            _, challenge = heapq.heappop(self._spent_order)
-            self._spent.pop(challenge, None)
-
     async def new_challenge(self, host_id: str) -> bytes:
-        return self._issue(host_id)
+        return self._challenges.issue(host_id)
 
     async def check_challenge(self, host_id: str, challenge: bytes) -> bool:
-        expiry = self._expiry_if_valid(host_id, challenge)
-        return expiry is not None and challenge not in self._spent
+        return self._challenges.check(host_id, challenge)
 
     async def take_challenge(self, host_id: str, challenge: bytes) -> bool:
-        expiry = self._expiry_if_valid(host_id, challenge)
-        if expiry is None or challenge in self._spent:
-            return False
-        if len(self._spent) >= self._max_spent:
-            self._forget_expired_spent()
-            if len(self._spent) >= self._max_spent:
-                raise StateFull("the server holds too many host sessions; try again later")
-        self._spent[challenge] = expiry
-        heapq.heappush(self._spent_order, (expiry, challenge))
-        return True
+        return self._challenges.take(host_id, challenge)
 
     # -- offers -----------------------------------------------------------------------
 
@@ -395,7 +450,7 @@ class HostRegistry:
             if host.wait is wait:
                 host.wait = None
             host.seen_at = self._clock()
-        return delivered, self._issue(host_id)
+        return delivered, self._challenges.issue(host_id)
 
     def _deliver(self, host: _Host) -> list[DeliveredOffer]:
         self._expire_host_offers(host)
@@ -445,7 +500,7 @@ class HostRegistry:
         expired = [i for i, e in self._offers.items() if e.expires_at <= now]
         for offer_id in expired:
             self._expire(offer_id)
-        self._forget_expired_spent()
+        self._challenges.forget_expired()
         self._drop_idle_hosts()
         return len(expired)
 

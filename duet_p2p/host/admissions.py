@@ -90,6 +90,9 @@ class AdmissionPolicy:
                 admission = entry[0]
                 _settle(entry[1], None)  # the older offer gives way
             self._pending[client_id] = (admission, future)
+        stored = self._state.admission(client_id)  # decided between verdict() and now?
+        if stored in (ADMITTED, REFUSED):
+            _settle(future, stored == ADMITTED)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:

@@ -248,29 +248,29 @@ class Host:
         try:
             connection = await self._listener.accept(offer)
         except BaseException:
-            await supervisor.close()
+            await asyncio.shield(supervisor.close())
             raise
-        old = self._sessions.pop(offer.client_id, None)
-        if old is not None:  # the same scientist again (e.g. after a crash): the newer wins
-            await old.close()
         core = OwnerCore(
             connection, allowlist=owner.allowlist, limits=owner.limits, audit=owner.audit,
             supervisor=supervisor, owner=owner,
         )  # fmt: skip
         try:
+            old = self._sessions.pop(offer.client_id, None)
+            if old is not None:  # the same scientist again (e.g. after a crash): newer wins
+                await old.close()  # shielded: a newer attempt cannot cut it short
             await core.start()
         except BaseException:
-            await core.close()
+            await core.close()  # closes the connection and the worker supervisor too
             raise
         if self._closed:
             await core.close()
             return
         self._sessions[offer.client_id] = core
-        await asyncio.to_thread(self.state.seen, offer.client_id)
-        log.info("scientist %s connected", offer.client_id)
         task = asyncio.ensure_future(self._serve_until_closed(core))
         self._session_tasks.add(task)
         task.add_done_callback(self._session_tasks.discard)
+        log.info("scientist %s connected", offer.client_id)
+        self.owner.later(self.state.seen, offer.client_id)
 
     def _take_supervisor(self) -> WorkerSupervisor:
         """A worker supervisor with a worker warming up; another is readied for the next

@@ -570,22 +570,36 @@ class HostState:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (and synced) when the block ends; a write
-        inside another (same thread) joins it, so several steps cost one sync."""
+        """One write transaction, committed (and synced) when the block ends. A write inside
+        another (same thread) joins it under a savepoint: if it fails, its own changes are
+        undone and the outer transaction goes on, so several steps cost one sync and each
+        fails alone."""
         outer = getattr(self._tx, "db", None)
         if outer is not None:
-            yield outer
+            name = f"step{id(outer) & 0xFFFF}_{getattr(self._tx, 'depth', 0)}"
+            self._tx.depth = getattr(self._tx, "depth", 0) + 1
+            outer.execute(f"SAVEPOINT {name}")
+            try:
+                yield outer
+            except BaseException:
+                outer.execute(f"ROLLBACK TO {name}")
+                outer.execute(f"RELEASE {name}")
+                raise
+            else:
+                outer.execute(f"RELEASE {name}")
+            finally:
+                self._tx.depth -= 1
             return
         with self._write_lock, self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
             self._tx.db = db
             try:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            else:
                 db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
             finally:
                 self._tx.db = None
 

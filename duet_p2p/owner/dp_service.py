@@ -13,6 +13,7 @@ otherwise the reservation is returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Protocol
@@ -243,6 +244,16 @@ class DPQueries:
             self._core.audit.event("dp_refused", client_id=self.client_id,
                                    request_id=request.request_id, why=str(exc)[:500])  # fmt: skip
             return str(exc)
+        except Exception:  # e.g. a locked or full ledger: no debit, so no release
+            log.exception("debiting the privacy budget of %s failed", request.request_id)
+            with contextlib.suppress(Exception):
+                reservation.cancel()
+            return "the owner's privacy ledger could not be written; ask again later"
+        with contextlib.suppress(Exception):  # the debit is written; its audit is extra
+            self._audit_debits(debits)
+        return None
+
+    def _audit_debits(self, debits: Any) -> None:
         for debit in debits:
             left = self.ledger.left(debit.client_id, debit.dataset)
             self._core.audit.event(
@@ -252,7 +263,6 @@ class DPQueries:
                 epsilon_left=exact_text(left.epsilon) if left else None,
                 delta_left=exact_text(left.delta) if left else None,
             )  # fmt: skip
-        return None
 
     def close(self) -> None:
         for reservation in self._reservations.values():

@@ -36,6 +36,7 @@ class JournalWriter:
     ):  # fmt: skip
         """Queue ``function(*args, **kwargs)``; the future settles once it is committed."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # a waiter giving up cannot cancel the write
         if self._closed:
             future.set_exception(RuntimeError("the journal is closed"))
             return future
@@ -43,6 +44,13 @@ class JournalWriter:
         return future
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # never expected; say so rather than stop silently
+            log.exception("the journal writer stopped")
+            raise
+
+    def _serve(self) -> None:
         while True:
             batch = [self._queue.get()]
             while len(batch) < MAX_BATCH:
@@ -70,6 +78,8 @@ class JournalWriter:
             log.exception("committing %d journal writes failed", len(batch))
             outcomes = [(item[3], None, exc) for item in batch]
         for future, result, error in outcomes:
+            if future.done():
+                continue
             if error is None:
                 future.set_result(result)
             else:

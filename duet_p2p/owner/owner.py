@@ -10,6 +10,7 @@ with a single session, which closes it.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -32,6 +33,10 @@ from duet_p2p.schema import TableSchema, from_dataframe, schema_for_tensor
 from duet_p2p.store import OwnerStore, StoredObject, clean_tags, new_object_id, value_nbytes
 
 log = logging.getLogger(__name__)
+JOURNAL_WAIT = 60.0
+"""Seconds an owner's decision waits for the journal to have it on disk."""
+MAX_KEPT_PER_SCIENTIST = 100_000
+"""Decided requests a journal keeps per scientist at most, whatever ``max_requests`` says."""
 
 
 class RequestJournal(Protocol):
@@ -132,6 +137,7 @@ class Owner:
         self.journal = journal
         self.keep_released = keep_released
         self._writer = JournalWriter(journal.transaction) if journal is not None else None
+        self._kept_per_scientist = max(1, min(limits.max_requests, MAX_KEPT_PER_SCIENTIST))
         self.disclosure = disclosure if disclosure is not None else DisclosureRules()
         self._ledger = ledger
         self._lock = threading.Lock()
@@ -177,9 +183,11 @@ class Owner:
         with self._lock:
             session = self._routes.pop(request.request_id, None)
         if session is not None and session._on_decision(request):
-            return  # the session journals it (off its loop) before delivering it
+            return  # the session journals it before delivering it
         if self.journal is not None:
-            self.journal_decision(request)
+            written = self.later(self.journal_decision, request)
+            if not _on_event_loop():  # the owner's own thread: durable before it returns
+                written.result(timeout=JOURNAL_WAIT)
 
     # -- requests as the journal keeps them -----------------------------------------------
     #
@@ -200,9 +208,12 @@ class Owner:
         self.requests.submit(request)
 
     def preview_kept(self, request_id: str) -> Any:
-        """The value kept for a request whose session has gone (the owner's preview)."""
-        payload = None if self.journal is None else self.journal.payload(request_id)
-        stored = None if self.journal is None else self.journal.get(request_id)
+        """The value kept for a request whose session has gone (the owner's preview; read
+        after the journal's queued writes, so a keep still on its way is seen)."""
+        if self.journal is None:
+            raise DuetError("the value is no longer held: its scientist left before a decision")
+        read = self.later(lambda: (self.journal.payload(request_id), self.journal.get(request_id)))
+        payload, stored = read.result(timeout=JOURNAL_WAIT)
         if payload is None or stored is None:
             raise DuetError("the value is no longer held: its scientist left before a decision")
         value = codec.decode(payload, limits=codec.DecodeLimits(max_bytes=max(1, len(payload))))
@@ -213,8 +224,11 @@ class Owner:
         """Keep a request still waiting for a decision, with its value (or failure). The
         values kept for one scientist's pending requests, over all their sessions, stay
         within ``max_pending_bytes``. Returns whether it was kept."""
-        if self.journal is None:
-            return False
+        if self.journal is None or request.status not in (
+            RequestStatus.PENDING,
+            RequestStatus.ACCEPTED,
+        ):
+            return False  # denied or withdrawn meanwhile: nothing to keep
         size = 0 if payload is None else len(payload)
         try:
             if size and self.journal.pending_bytes(request.requester) + size > (
@@ -225,7 +239,7 @@ class Owner:
             self.journal.keep(request, dp=request.dp is not None,
                               payload=None if payload is None else bytes(payload),
                               module=module, failure=failure,
-                              prune_to=self.limits.max_requests)  # fmt: skip
+                              prune_to=self._kept_per_scientist)  # fmt: skip
         except Exception as exc:  # e.g. a value past the journal's cap, or a full disk
             log.warning("the host cannot keep the value of %s: %s", request.request_id, exc)
             request.error = f"the host could not keep this value ({type(exc).__name__})"
@@ -260,7 +274,7 @@ class Owner:
                 request, dp=request.dp is not None,
                 keep_until=time.time() + self.keep_released if accepted else None,
                 handler=(handler.name, handler.matched) if handler and handler.name else None,
-                prune_to=self.limits.max_requests,
+                prune_to=self._kept_per_scientist,
             )  # fmt: skip
         except Exception:  # the audit log has the decision; the session still delivers it
             log.exception("recording the decision on %s failed", request.request_id)
@@ -343,3 +357,11 @@ class Owner:
 
 def _is_dataframe(value: Any) -> bool:
     return type(value).__name__ == "DataFrame" and hasattr(value, "columns")
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -154,6 +154,8 @@ class _Held:
     """Which budget it is held in (private values' sizes are private)."""
     dp: bool = False
     """A DP release, held in a budget of its own (see ``_hold_value``)."""
+    counted: bool = True
+    """Its bytes still count against the session's budget."""
 
 
 class OwnerCore:
@@ -229,6 +231,7 @@ class OwnerCore:
         """Bytes of uploads waiting for the monitor."""
         self._space = asyncio.Event()
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self.serving = True
         self.stop_cause = ""
 
@@ -338,9 +341,13 @@ class OwnerCore:
 
     async def _send_quietly(
         self, message: Message, attachment: bytes | memoryview | None = None
-    ) -> None:
-        with contextlib.suppress(PeerClosed, ProtocolError):
+    ) -> bool:
+        """Send, or give up quietly if the peer is gone; whether it was sent."""
+        try:
             await self.endpoint.send(message, attachment)
+        except (PeerClosed, ProtocolError):
+            return False
+        return True
 
     # -- incoming -----------------------------------------------------------------------
 
@@ -684,14 +691,18 @@ class OwnerCore:
     def _hold_failure(self, info: dict[str, Any]) -> _Held:
         return _Held(None, False, _clean_error(info), None, True)
 
-    def _release_hold(self, held: _Held) -> None:
-        if held.payload is not None:
+    def _release_hold(self, held: _Held, keeping: bool = False) -> None:
+        """Give back the hold's budget and its memory (``keeping``: a queued journal write
+        still takes the value to disk, then lets it go)."""
+        if held.payload is not None and held.counted:
             if held.dp:
                 self.dp_held_bytes -= len(held.payload)
             elif held.private:
                 self.held_bytes -= len(held.payload)
             else:
                 self.public_held_bytes -= len(held.payload)
+            held.counted = False
+        if not keeping:
             held.payload = None
 
     def _fill(self, request: Request, held: _Held) -> None:
@@ -744,14 +755,21 @@ class OwnerCore:
         """Journal a request left waiting, with its value (from a thread; a delivery
         waits for it, so a value delivered is never left kept)."""
         rid = request.request_id
-        keeping = asyncio.wrap_future(self.owner.later(
-            self.owner.keep, request, held.payload, module=held.module, failure=held.error))  # fmt: skip
+        keeping = asyncio.wrap_future(self.owner.later(self._keep_now, request, held))
         self._keeping[rid] = keeping
         try:
             if await keeping:
                 self._kept.add(rid)
         finally:
             self._keeping.pop(rid, None)
+
+    def _keep_now(self, request: Request, held: _Held) -> bool:
+        """On the journal's writer thread: keep the value if it is still held (a value let go
+        meanwhile, decided or delivered, is not kept, and its memory is not pinned)."""
+        payload = held.payload
+        if payload is None and held.error is None:
+            return False
+        return self.owner.keep(request, payload, module=held.module, failure=held.error)
 
     def _on_decision(self, request: Request) -> bool:
         """Called once per request when it leaves pending, from any thread; False if this
@@ -773,8 +791,15 @@ class OwnerCore:
         denial = self.dp.settle(request) if request.dp is not None else None
         if self.owner.journal is not None and request.request_id in self._mine:
             # written behind, in order after the value was kept (the audit log already
-            # holds the decision); the delivery does not wait for the disk
-            self.owner.later(self.owner.journal_decision, request)
+            # holds the decision); the delivery does not wait for the disk, except when a
+            # handler's quota counts it: that count must survive a crash
+            written = self.owner.later(self.owner.journal_decision, request)
+            handler = request.handler
+            if handler is not None and handler.max_requests is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(written)
+        if request.status is not RequestStatus.ACCEPTED:
+            self._kept.discard(request.request_id)  # the journal frees it with the decision
         get = self._gets.pop(request.request_id, None)
         held = self._held.pop(request.request_id, None)
         if get is None or held is None:
@@ -791,7 +816,8 @@ class OwnerCore:
         finally:
             self._release_hold(held)
 
-    async def _send_decision(self, request: Request, held: _Held) -> None:
+    async def _send_decision(self, request: Request, held: _Held) -> bool:
+        """Answer a decided request; whether a value (or its failure) reached the scientist."""
         rid = request.request_id
         status = request.status
         if status is not RequestStatus.ACCEPTED:
@@ -799,7 +825,7 @@ class OwnerCore:
             await self._send_quietly(
                 Decision(request_id=rid, status=denied, reason=request.decision_reason or "")
             )
-            return
+            return False
         if held.payload is None:
             error = held.error or _refused_info("get", "failed")
             if request.aggregation != float("inf"):
@@ -808,29 +834,29 @@ class OwnerCore:
                          "message": f"{where}the computation failed; {WITHHELD}"}  # fmt: skip
             self.audit.release(object_id=request.object_id, request_id=rid, nbytes=0,
                                sha256="error")  # fmt: skip
-            await self._send_quietly(Decision(request_id=rid, status="accepted", error=error))
-            return
+            return await self._send_quietly(
+                Decision(request_id=rid, status="accepted", error=error)
+            )
         if held.max_bytes is not None and len(held.payload) > held.max_bytes:
             await self._send_quietly(Decision(
                 request_id=rid, status="denied",
                 reason=f"the value is larger than the max_bytes={held.max_bytes} you set",
             ))  # fmt: skip
-            return
+            return False
         payload = held.payload
         digest = getattr(payload, "sha256", "") or _sha256(payload)  # hashed as it arrived
         self.audit.release(object_id=request.object_id, request_id=rid, nbytes=len(payload),
                            sha256=digest)  # fmt: skip
         self._show_locally(request, held)
-        await self._send_quietly(
+        sent = await self._send_quietly(
             Decision(request_id=rid, status="accepted", module=held.module),
             attachment=memoryview(payload),
         )
-        keeping = self._keeping.get(rid)
-        if keeping is not None:
-            await asyncio.wait([keeping])
-        if rid in self._kept:
+        if sent and (rid in self._keeping or rid in self._kept):
+            # queued after the keep (the writer runs in order): nothing is left on disk
             self._kept.discard(rid)
             self.owner.later(self.owner.delivered, rid)
+        return sent
 
     def _show_locally(self, request: Request, held: _Held) -> None:
         handler = getattr(request, "handler", None)
@@ -869,8 +895,13 @@ class OwnerCore:
     # -- closing ------------------------------------------------------------------------
 
     async def close(self) -> None:
-        if self._closed:
-            return
+        """Close once; every caller waits for the same closing, which no caller's
+        cancellation cuts short."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._closed = True
         self._push(_STOP)
         self._space.set()
@@ -891,8 +922,8 @@ class OwnerCore:
     def _let_go_of_held_values(self) -> None:
         """Values held for this session's undecided requests are dropped with it (a standing
         host keeps them in its journal; previews then read them there)."""
-        for held in self._held.values():
-            self._release_hold(held)
+        for rid, held in self._held.items():
+            self._release_hold(held, keeping=rid in self._keeping)
         self._held.clear()
         self._fitted.clear()
         self._gets.clear()
@@ -960,8 +991,8 @@ class OwnerCore:
         )  # fmt: skip
         held = _Held(None if payload is None else bytearray(payload), stored.module,
                      stored.failure, None)  # fmt: skip
-        await self._send_decision(request, held)
-        self.owner.later(self.owner.delivered, rid)
+        if await self._send_decision(request, held):
+            self.owner.later(self.owner.delivered, rid)
 
 
 def _row_of_stored(stored: Any) -> dict[str, Any]:

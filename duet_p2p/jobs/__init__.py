@@ -1,0 +1,1 @@
+"""Offline jobs: signed job documents, host-signed receipts and the job lifecycle."""

@@ -1,0 +1,111 @@
+"""A job's states and the only ways it may move between them.
+
+    SUBMITTED -> PENDING_REVIEW -> APPROVED | AUTO_APPROVED | REJECTED
+    APPROVED | AUTO_APPROVED -> QUEUED -> RUNNING
+    RUNNING -> FINISHED | FAILED | TIMED_OUT | CANCELLED
+    FINISHED -> PENDING_OUTPUT_REVIEW -> RELEASED | WITHHELD
+    RELEASED -> DELIVERED
+
+CANCELLED is also reached from every state before the run (SUBMITTED, PENDING_REVIEW,
+APPROVED, AUTO_APPROVED, QUEUED), and EXPIRED from every open (non-terminal) state when
+the deadline passes. A RUNNING job is expired by whoever runs it (it must stop the run
+first); the store's sweep leaves RUNNING jobs alone.
+
+Never run twice: a job carries an ``attempts`` counter, set to 1 when its run begins
+(``start_attempt``) and never reset. A job found RUNNING after a restart becomes FAILED
+("host restarted"); only when its run never began (``attempts == 0``: claimed, worker not
+yet started) and the host's policy asks for it may it go back to QUEUED (:func:`check_requeue`).
+A run can begin only when ``attempts == 0``, so no job runs a second time, whatever the
+policy. Terminal states never change again.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from duet_p2p.errors import DuetError
+
+__all__ = [
+    "OPEN", "TERMINAL", "TRANSITIONS", "InvalidTransition", "JobState", "check_requeue",
+    "check_transition", "is_terminal", "parse_state",
+]  # fmt: skip
+
+
+class InvalidTransition(DuetError):
+    """A job cannot move from its state to the one asked for."""
+
+
+class JobState(StrEnum):
+    SUBMITTED = "submitted"
+    PENDING_REVIEW = "pending_review"
+    APPROVED = "approved"
+    AUTO_APPROVED = "auto_approved"
+    REJECTED = "rejected"
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    PENDING_OUTPUT_REVIEW = "pending_output_review"
+    RELEASED = "released"
+    WITHHELD = "withheld"
+    DELIVERED = "delivered"
+    EXPIRED = "expired"
+
+
+_S = JobState
+TERMINAL = frozenset({
+    _S.REJECTED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED, _S.WITHHELD, _S.DELIVERED, _S.EXPIRED,
+})  # fmt: skip
+OPEN = frozenset(_S) - TERMINAL
+BEFORE_RUN = frozenset({_S.SUBMITTED, _S.PENDING_REVIEW, _S.APPROVED, _S.AUTO_APPROVED, _S.QUEUED})
+
+_FLOW: dict[JobState, frozenset[JobState]] = {
+    _S.SUBMITTED: frozenset({_S.PENDING_REVIEW}),
+    _S.PENDING_REVIEW: frozenset({_S.APPROVED, _S.AUTO_APPROVED, _S.REJECTED}),
+    _S.APPROVED: frozenset({_S.QUEUED}),
+    _S.AUTO_APPROVED: frozenset({_S.QUEUED}),
+    _S.QUEUED: frozenset({_S.RUNNING}),
+    _S.RUNNING: frozenset({_S.FINISHED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED}),
+    _S.FINISHED: frozenset({_S.PENDING_OUTPUT_REVIEW}),
+    _S.PENDING_OUTPUT_REVIEW: frozenset({_S.RELEASED, _S.WITHHELD}),
+    _S.RELEASED: frozenset({_S.DELIVERED}),
+}
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    state: _FLOW.get(state, frozenset())
+    | (frozenset({_S.CANCELLED}) if state in BEFORE_RUN else frozenset())
+    | (frozenset({_S.EXPIRED}) if state in OPEN else frozenset())
+    for state in _S
+}
+"""Every state -> the states it may move to (terminal states -> none)."""
+
+
+def parse_state(value: object) -> JobState:
+    """``value`` as a JobState; InvalidTransition if it is none."""
+    try:
+        return JobState(value)
+    except (ValueError, TypeError):
+        raise InvalidTransition(f"unknown job state {str(value)[:40]!r}") from None
+
+
+def is_terminal(state: JobState | str) -> bool:
+    return parse_state(state) in TERMINAL
+
+
+def check_transition(old: JobState | str, new: JobState | str) -> None:
+    """Raise InvalidTransition unless a job may move from ``old`` to ``new``."""
+    old, new = parse_state(old), parse_state(new)
+    if new not in TRANSITIONS[old]:
+        if old in TERMINAL:
+            raise InvalidTransition(f"the job is {old}; it can no longer change")
+        raise InvalidTransition(f"a job cannot go from {old} to {new}")
+
+
+def check_requeue(state: JobState | str, attempts: int) -> None:
+    """Raise InvalidTransition unless a RUNNING job may go back to QUEUED after a restart:
+    only when its run never began (``attempts == 0``)."""
+    if parse_state(state) is not _S.RUNNING:
+        raise InvalidTransition("only a job found running can be re-queued")
+    if type(attempts) is not int or attempts != 0:
+        raise InvalidTransition("the job's run had begun; it is never run a second time")
