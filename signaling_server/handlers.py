@@ -5,11 +5,12 @@ Logs name IDs (a short prefix) and sizes, never SDP text.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -167,3 +168,25 @@ class SignalingHandlers:
             turn_label=c.turn_label,
         )
         return json_response({"iceServers": servers})
+
+
+@contextlib.asynccontextmanager
+async def long_poll_slot(
+    waits: ConcurrencyLimiter, request: web.Request, wait: float
+) -> AsyncIterator[None]:
+    """Count a long-poll against the client's concurrent long-polls (none if wait is 0)."""
+    if wait <= 0:
+        yield
+        return
+    key = client_key(request)
+    if not waits.try_acquire(key):
+        raise ApiError(
+            429,
+            "too_many_waits",
+            "too many open long-polls from this address",
+            {"Retry-After": "1"},
+        )
+    try:
+        yield
+    finally:
+        waits.release(key)

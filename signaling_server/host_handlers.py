@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from signaling_server.config import ServerConfig
-from signaling_server.handlers import DUET_ID_RE, json_object, wait_seconds
+from signaling_server.handlers import DUET_ID_RE, json_object, long_poll_slot, wait_seconds
 from signaling_server.hosts import (
     CHALLENGE_BYTES,
     CHALLENGE_TTL,
@@ -132,24 +130,9 @@ class HostHandlers:
             raise _invalid(f'"{name}" must be the padded base64 of {size} bytes')
         return raw
 
-    @contextlib.asynccontextmanager
-    async def _long_poll_slot(self, request: web.Request, wait: float) -> AsyncIterator[None]:
+    def _long_poll_slot(self, request: web.Request, wait: float) -> Any:
         """Count a long-poll against the client's concurrent long-polls (none if wait is 0)."""
-        if wait <= 0:
-            yield
-            return
-        key = client_key(request)
-        if not self._waits.try_acquire(key):
-            raise ApiError(
-                429,
-                "too_many_waits",
-                "too many open long-polls from this address",
-                {"Retry-After": "1"},
-            )
-        try:
-            yield
-        finally:
-            self._waits.release(key)
+        return long_poll_slot(self._waits, request, wait)
 
     # -- routes ---------------------------------------------------------------------
 

@@ -604,7 +604,7 @@ class SqliteMailbox(_Mailbox):
 
     def _locked(self, fn: Callable[..., _T], *args: Any) -> _T:
         with self._lock:
-            if fn is not self._release:
+            if fn != self._release:
                 self._check_open()  # closed while this call waited for the lock
             return fn(*args)
 
@@ -670,7 +670,6 @@ class SqliteMailbox(_Mailbox):
             cursor.close()
 
     def _valid_rows(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[StoredMessage]:
-        limit = self.limits.max_message_bytes
         for message_id, sender_id, envelope, posted_at in rows:
             if (
                 isinstance(message_id, str)
@@ -678,7 +677,7 @@ class SqliteMailbox(_Mailbox):
                 and isinstance(sender_id, str)
                 and _ID_RE.fullmatch(sender_id)
                 and isinstance(envelope, bytes)
-                and 0 < len(envelope) <= max(limit, MAILBOX_MESSAGE_LIMIT)
+                and 0 < len(envelope) <= MAILBOX_MESSAGE_LIMIT
                 and isinstance(posted_at, float)
                 and math.isfinite(posted_at)
             ):

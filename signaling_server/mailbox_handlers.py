@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from signaling_server.config import ServerConfig
-from signaling_server.handlers import DUET_ID_RE, wait_seconds
+from signaling_server.handlers import DUET_ID_RE, long_poll_slot, wait_seconds
 from signaling_server.host_handlers import b64, b64_field
 from signaling_server.hosts import CHALLENGE_BYTES, CHALLENGE_TTL, KEY_BYTES, SIGNATURE_BYTES
 from signaling_server.mailbox import (
@@ -38,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _POST_KEYS = {"sender_id", "envelope"}
 _PROOF_KEYS = {"public_key", "challenge", "signature"}
+"""A body missing one fails the proof (403, as any failed proof); an unknown field is 400."""
 _FETCH_KEYS = _PROOF_KEYS | {"after"}
 _DELETE_KEYS = _PROOF_KEYS | {"message_ids"}
 _CONTROL_BODY = 32 * 1024
@@ -89,28 +88,6 @@ def b64_bounded(value: object, max_size: int) -> bytes | None:
     if not 0 < len(raw) <= max_size or base64.b64encode(raw).decode("ascii") != value:
         return None
     return raw
-
-
-@contextlib.asynccontextmanager
-async def long_poll_slot(
-    waits: ConcurrencyLimiter, request: web.Request, wait: float
-) -> AsyncIterator[None]:
-    """Count a long-poll against the client's concurrent long-polls (none if wait is 0)."""
-    if wait <= 0:
-        yield
-        return
-    key = client_key(request)
-    if not waits.try_acquire(key):
-        raise ApiError(
-            429,
-            "too_many_waits",
-            "too many open long-polls from this address",
-            {"Retry-After": "1"},
-        )
-    try:
-        yield
-    finally:
-        waits.release(key)
 
 
 class MailboxHandlers:
@@ -204,10 +181,9 @@ class MailboxHandlers:
         recipient_id = self._recipient(request)
         wait = wait_seconds(request, self._config.max_wait)
         body = await read_json_object(request, _CONTROL_BODY)
-        if not _PROOF_KEYS <= set(body) <= _FETCH_KEYS:
+        if not set(body) <= _FETCH_KEYS:  # a missing proof field is a failed proof (403)
             raise _invalid(
-                "the body must have the fields: challenge, public_key, signature "
-                "and, optionally, after"
+                "the body may only have the fields: after, challenge, public_key, signature"
             )
         after = body.get("after")
         if after is not None and (not isinstance(after, str) or not DUET_ID_RE.fullmatch(after)):
@@ -238,10 +214,9 @@ class MailboxHandlers:
     async def delete(self, request: web.Request) -> web.Response:
         recipient_id = self._recipient(request)
         body = await read_json_object(request, _CONTROL_BODY)
-        if set(body) != _DELETE_KEYS:
+        if not set(body) <= _DELETE_KEYS or "message_ids" not in body:
             raise _invalid(
-                "the body must have exactly the fields: challenge, message_ids, "
-                "public_key, signature"
+                "the body must have the fields: challenge, message_ids, public_key, signature"
             )
         ids = body["message_ids"]
         if (
