@@ -37,6 +37,7 @@ from duet_p2p.errors import (
     SignalingError,
 )
 from duet_p2p.identity import Identity, SessionBinding, fresh_nonce, verify
+from duet_p2p.mailbox.known_keys import KnownKeys
 from duet_p2p.signaling import SignalingClient
 from duet_p2p.signaling.client import wait_message
 from duet_p2p.text import printable
@@ -125,6 +126,8 @@ async def join_host(
         answer = reply["sdp"]
         verify(host_id, reply["public_key"], reply["signature"],
                SessionBinding.for_sdp("host", identity.id, nonce, answer))  # fmt: skip
+        with contextlib.suppress(DuetError, OSError):  # pinned for sealing offline jobs
+            KnownKeys().remember(reply["public_key"])
         from aiortc import RTCSessionDescription
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))

@@ -123,6 +123,15 @@ class Identity:
     def sign(self, binding: SessionBinding) -> bytes:
         return self._key.sign(binding.message())
 
+    def seed(self) -> bytes:
+        """The private key's 32-byte seed (to derive the X25519 key that opens sealed
+        mailbox messages); never leaves the process."""
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
     def sign_bytes(self, message: bytes) -> bytes:
         """Sign a message of another protocol step (e.g. a host's wait proof); every such
         message starts with its own length-prefixed context, so none reads as another."""

@@ -32,7 +32,6 @@ import asyncio
 import base64
 import binascii
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,14 +41,13 @@ from duet_p2p.identity import Identity
 from duet_p2p.mailbox.envelope import MAX_ENVELOPE_BYTES
 from duet_p2p.signaling.client import LONG_POLL_SECONDS, SignalingClient, _b64, _clean, _is_id
 
-MAX_FETCH_RESPONSE_BYTES = 16 << 20
-"""Largest fetch response read (a server should fill one with fewer bytes)."""
+MAX_FETCH_RESPONSE_BYTES = 2 << 20
+"""Largest response read (the server fills a fetch with under 1 MiB of JSON)."""
 MAX_MESSAGES_PER_FETCH = 64
 MIN_CHALLENGE_BYTES = 16
 MAX_CHALLENGE_BYTES = 64
 MAX_DELETE_IDS = 256
 """Message IDs in one delete request (more go in several)."""
-_MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTEXT = b"duet_p2p mailbox v1"
 ACTIONS = frozenset({b"fetch", b"delete"})
 _MESSAGE_KEYS = {"message_id", "sender_id", "envelope", "posted_at"}
@@ -128,8 +126,9 @@ class MailboxClient(SignalingClient):
         return challenge
 
     async def fetch(self, wait: float = 0.0, *, after: str | None = None) -> list[Delivered]:
-        """Messages in this identity's mailbox (after message ``after`` if given), waiting up
-        to ``wait`` seconds for one to arrive; [] if none did."""
+        """One page of the messages in this identity's mailbox (those after message ``after``
+        if given; pass the last one's ID for the next page), waiting up to ``wait`` seconds
+        for one to arrive; [] if none did. Fetching deletes nothing: see ``delete``."""
         if isinstance(wait, bool) or not isinstance(wait, int | float):
             raise TypeError("wait is a number of seconds")
         if not math.isfinite(wait) or wait < 0:
@@ -152,7 +151,7 @@ class MailboxClient(SignalingClient):
         """Delete messages from this identity's mailbox; how many the server deleted."""
         ids = list(dict.fromkeys(message_ids))
         if not all(_is_message_id(m) for m in ids):
-            raise ValueError("message IDs are 1 to 64 of A-Z, a-z, 0-9, _ and -")
+            raise ValueError("message IDs are 32 lowercase hex digits")
         deleted = 0
         for start in range(0, len(ids), MAX_DELETE_IDS):
             batch = ids[start : start + MAX_DELETE_IDS]
@@ -217,7 +216,7 @@ def _error(data: Any) -> object:
 
 
 def _is_message_id(value: object) -> bool:
-    return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
+    return _is_id(value)  # the server names messages as it names everything: 32 hex digits
 
 
 def _is_seconds(value: object) -> bool:

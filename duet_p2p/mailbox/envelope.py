@@ -43,7 +43,6 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
@@ -153,11 +152,7 @@ class Opened:
 
 def identity_seed(identity: Identity) -> bytes:
     """The 32-byte Ed25519 seed of ``identity`` (secret)."""
-    return identity._key.private_bytes(
-        serialization.Encoding.Raw,
-        serialization.PrivateFormat.Raw,
-        serialization.NoEncryption(),
-    )
+    return identity.seed()
 
 
 def x25519_private(identity: Identity) -> PrivateKey:
@@ -264,15 +259,7 @@ def verify_envelope(
     encrypted). EnvelopeRefused if it is malformed, not from ``sender_id`` (and its key
     ``sender_key`` if given), not to ``recipient``, not signed, of another kind, or stale."""
     check_id(sender_id, "sender ID")
-    if not isinstance(envelope, bytes) or len(envelope) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeRefused(f"refused a mailbox message: not bytes, or over {MAX_ENVELOPE_BYTES}")
-    if len(envelope) < _PREFIX + SIGNATURE_BYTES or not envelope.startswith(MAGIC):
-        raise EnvelopeRefused("refused a mailbox message: not an envelope")
-    size = int.from_bytes(envelope[len(MAGIC) : _PREFIX], "big")
-    if size > MAX_HEADER_BYTES or _PREFIX + size + SIGNATURE_BYTES > len(envelope):
-        raise EnvelopeRefused("refused a mailbox message: its header length is malformed")
-    encoded = envelope[_PREFIX : _PREFIX + size]
-    body = envelope[_PREFIX + size : -SIGNATURE_BYTES]
+    encoded, body = _split(envelope)
     header = _parse_header(encoded)
     if header.sender_id != sender_id:
         raise EnvelopeRefused(
@@ -359,12 +346,19 @@ def open_envelope(
 def peek_header(envelope: bytes) -> Header:
     """The header of ``envelope`` UNVERIFIED (to route it, e.g. to its stream's assembler);
     EnvelopeRefused if malformed. Nothing it says is trusted until it is opened."""
-    if not isinstance(envelope, bytes) or not envelope.startswith(MAGIC):
+    return _parse_header(_split(envelope)[0])
+
+
+def _split(envelope: bytes) -> tuple[bytes, bytes]:
+    """(header, body) of ``envelope``; EnvelopeRefused if its framing is malformed."""
+    if not isinstance(envelope, bytes) or len(envelope) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeRefused(f"refused a mailbox message: not bytes, or over {MAX_ENVELOPE_BYTES}")
+    if len(envelope) < _PREFIX + SIGNATURE_BYTES or not envelope.startswith(MAGIC):
         raise EnvelopeRefused("refused a mailbox message: not an envelope")
     size = int.from_bytes(envelope[len(MAGIC) : _PREFIX], "big")
     if size > MAX_HEADER_BYTES or _PREFIX + size + SIGNATURE_BYTES > len(envelope):
         raise EnvelopeRefused("refused a mailbox message: its header length is malformed")
-    return _parse_header(envelope[_PREFIX : _PREFIX + size])
+    return envelope[_PREFIX : _PREFIX + size], envelope[_PREFIX + size : -SIGNATURE_BYTES]
 
 
 def _signed_message(header: bytes, body: bytes) -> bytes:
