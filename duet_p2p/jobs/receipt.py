@@ -158,7 +158,7 @@ class Receipt:
             released_at=released_at,
         )  # fmt: skip
         draft = cls(**fields, public_key=identity.public_key, signature=bytes(SIGNATURE_BYTES))
-        draft._check_job(spec)
+        draft.check_job(spec)
         signature = identity.sign_bytes(draft._message())
         return cls(**fields, public_key=identity.public_key, signature=signature)
 
@@ -190,7 +190,7 @@ class Receipt:
             self.public_key, self.signature, self._message(), error=InvalidReceipt
         )
         if job is not None:
-            self._check_job(job.spec if isinstance(job, SignedJob) else job)
+            self.check_job(job.spec if isinstance(job, SignedJob) else job)
         if outputs is not None:
             if not isinstance(outputs, Mapping) or set(outputs) != set(self.outputs):
                 raise InvalidReceipt("the outputs received are not the ones the receipt lists")
@@ -200,7 +200,8 @@ class Receipt:
                 if not hmac.compare_digest(content_hash(data), self.outputs[name]):
                     raise InvalidReceipt(f"output {name} is not the one the host released")
 
-    def _check_job(self, spec: JobSpec) -> None:
+    def check_job(self, spec: JobSpec) -> None:
+        """InvalidReceipt unless the receipt is for the job ``spec``."""
         if not isinstance(spec, JobSpec):
             raise InvalidReceipt("a receipt is checked against a JobSpec or SignedJob")
         if not hmac.compare_digest(spec.hash(), self.job_hash):

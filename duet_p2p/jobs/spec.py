@@ -186,8 +186,10 @@ def verify_signature(
 
 
 def pack_envelope(body: bytes, public_key: bytes, signature: bytes) -> bytes:
-    """``{"v": 1, "body", "key", "sig"}`` in canonical form."""
-    return canonical_bytes({"v": VERSION, "body": body, "key": public_key, "sig": signature})
+    """``{"v": 1, "body", "key", "sig"}`` in canonical form (the body may be larger than
+    any byte string inside a document)."""
+    fields = {"v": VERSION, "body": body, "key": public_key, "sig": signature}
+    return codec.encode(dict(sorted(fields.items(), key=lambda item: codec.encode(item[0]))))
 
 
 def unpack_envelope(
@@ -196,9 +198,9 @@ def unpack_envelope(
     """Check a signed envelope's form (not its signature): (body, key, signature)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise error("a signed document is bytes")
-    data = bytes(data)
-    if len(data) > max_body_bytes + 256:
+    if memoryview(data).nbytes > max_body_bytes + 256:
         raise error(f"a signed document is at most {max_body_bytes + 256} bytes")
+    data = bytes(data)
     limits = codec.DecodeLimits(
         max_depth=2, max_items=16, max_bytes=max_body_bytes + 256, max_tensor_elements=1
     )
