@@ -22,17 +22,15 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
-import threading
 import time
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from duet_p2p.errors import ConfigurationError, DuetError
-from duet_p2p.host.state import _connect, _prepare_file
+from duet_p2p.host.sqlite_file import SqliteFile
 from duet_p2p.jobs import lifecycle
 from duet_p2p.jobs.lifecycle import OPEN, TERMINAL, InvalidTransition, JobState
 from duet_p2p.jobs.receipt import InvalidReceipt, Receipt, content_hash
@@ -159,7 +157,7 @@ class StoredJob:
         return self.state in TERMINAL
 
 
-class JobStore:
+class JobStore(SqliteFile):
     """The host's jobs in one SQLite file; every method is thread-safe.
 
     ``host_id``: refuse jobs addressed to another host. Caps: ``max_open_per_client`` jobs
@@ -168,6 +166,8 @@ class JobStore:
     longer be replayed, their deadline having passed), ``max_output_bytes`` per output.
     Unknown jobs raise KeyError.
     """
+
+    what = "the host's job store"
 
     def __init__(
         self,
@@ -185,18 +185,11 @@ class JobStore:
         ):  # fmt: skip
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be a positive int")
-        self.path = Path(path)
         self.host_id = host_id
         self.max_open_per_client = max_open_per_client
         self.max_jobs_per_client = max_jobs_per_client
         self.max_jobs = max_jobs
-        self._write_lock = threading.Lock()
-        self._tx = threading.local()
-        self._state = threading.Condition()
-        self._busy = 0
-        self._closed = False
-        self._dbs: dict[threading.Thread, sqlite3.Connection] = {}
-        _prepare_file(self.path)
+        super().__init__(path)
         try:
             with self._connection() as db:
                 limit = db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) - _ROW_SLACK
@@ -487,21 +480,6 @@ class JobStore:
 
     # -- lifetime ----------------------------------------------------------------------
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Wait (up to ``timeout`` s) for calls in flight, then close every connection."""
-        with self._state:
-            self._closed = True
-            self._state.wait_for(lambda: self._busy == 0, timeout=timeout)
-            dbs, self._dbs = list(self._dbs.values()), {}
-        for db in dbs:
-            db.close()
-
-    def __enter__(self) -> JobStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals ---------------------------------------------------------------------
 
     def _state_of(self, db: sqlite3.Connection, job_id: str) -> tuple[JobState, int]:
@@ -539,67 +517,6 @@ class JobStore:
             except (ValueError, TypeError) as exc:
                 logger.warning("skipping corrupted job row %r: %s", row[0], exc)
         return found
-
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, counted as in use until the block ends."""
-        with self._state:
-            if self._closed:
-                raise DuetError("the job store is closed")
-            self._busy += 1
-            thread = threading.current_thread()
-            db = self._dbs.get(thread)
-            if db is None:
-                for old in [t for t in self._dbs if not t.is_alive()]:
-                    self._dbs.pop(old).close()
-        try:
-            if db is None:
-                db = _connect(self.path)
-                with self._state:
-                    self._dbs[thread] = db
-            yield db
-        finally:
-            with self._state:
-                self._busy -= 1
-                self._state.notify_all()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One synced write transaction; a write inside another (same thread) joins it
-        under a savepoint, undone alone if it fails."""
-        outer = getattr(self._tx, "db", None)
-        if outer is not None:
-            depth = getattr(self._tx, "depth", 0)
-            name = f"job_step_{depth}"
-            self._tx.depth = depth + 1
-            outer.execute(f"SAVEPOINT {name}")
-            try:
-                yield outer
-            except BaseException:
-                outer.execute(f"ROLLBACK TO {name}")
-                outer.execute(f"RELEASE {name}")
-                raise
-            else:
-                outer.execute(f"RELEASE {name}")
-            finally:
-                self._tx.depth = depth
-            return
-        with self._write_lock, self._connection() as db:
-            db.execute("BEGIN IMMEDIATE")
-            self._tx.db = db
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            finally:
-                self._tx.db = None
-
-    def transaction(self) -> Any:
-        """A write transaction the calls inside it join (one sync for them all)."""
-        return self._write()
 
 
 # -- writing helpers ---------------------------------------------------------------------

@@ -18,19 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import sqlite3
-import stat
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from duet_p2p.errors import ConfigurationError, DuetError
+from duet_p2p.host.sqlite_file import SqliteFile
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +117,7 @@ class StoredRequest:
     delivered: bool
 
 
-class HostState:
+class HostState(SqliteFile):
     """The host's state in one SQLite file; every method is thread-safe.
 
     Each thread uses its own connection; writes are serialised by a lock and each is one
@@ -133,14 +129,7 @@ class HostState:
             raise TypeError("max_payload_bytes must be an int")
         if max_payload_bytes < 0:
             raise ValueError("max_payload_bytes must not be negative")
-        self.path = Path(path)
-        self._write_lock = threading.Lock()
-        self._tx = threading.local()
-        self._state = threading.Condition()
-        self._busy = 0
-        self._closed = False
-        self._dbs: dict[threading.Thread, sqlite3.Connection] = {}
-        _prepare_file(self.path)
+        super().__init__(path)
         try:
             with self._connection() as db:
                 limit = db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) - _ROW_SLACK
@@ -511,21 +500,6 @@ class HostState:
 
     # -- lifetime ----------------------------------------------------------------------
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Wait (up to ``timeout`` s) for calls in flight, then close every connection."""
-        with self._state:
-            self._closed = True
-            self._state.wait_for(lambda: self._busy == 0, timeout=timeout)
-            dbs, self._dbs = list(self._dbs.values()), {}
-        for db in dbs:
-            db.close()
-
-    def __enter__(self) -> HostState:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals ---------------------------------------------------------------------
 
     def _select(
@@ -544,68 +518,6 @@ class HostState:
             except (ValueError, TypeError, RecursionError) as exc:
                 logger.warning("skipping corrupted request row %r: %s", row[0], exc)
         return found
-
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, counted as in use until the block ends."""
-        with self._state:
-            if self._closed:
-                raise DuetError("the host state is closed")
-            self._busy += 1
-            thread = threading.current_thread()
-            db = self._dbs.get(thread)
-            if db is None:
-                for old in [t for t in self._dbs if not t.is_alive()]:
-                    self._dbs.pop(old).close()
-        try:
-            if db is None:
-                db = _connect(self.path)
-                with self._state:
-                    self._dbs[thread] = db
-            yield db
-        finally:
-            with self._state:
-                self._busy -= 1
-                self._state.notify_all()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (and synced) when the block ends. A write inside
-        another (same thread) joins it under a savepoint: if it fails, its own changes are
-        undone and the outer transaction goes on, so several steps cost one sync and each
-        fails alone."""
-        outer = getattr(self._tx, "db", None)
-        if outer is not None:
-            name = f"step{id(outer) & 0xFFFF}_{getattr(self._tx, 'depth', 0)}"
-            self._tx.depth = getattr(self._tx, "depth", 0) + 1
-            outer.execute(f"SAVEPOINT {name}")
-            try:
-                yield outer
-            except BaseException:
-                outer.execute(f"ROLLBACK TO {name}")
-                outer.execute(f"RELEASE {name}")
-                raise
-            else:
-                outer.execute(f"RELEASE {name}")
-            finally:
-                self._tx.depth -= 1
-            return
-        with self._write_lock, self._connection() as db:
-            db.execute("BEGIN IMMEDIATE")
-            self._tx.db = db
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            finally:
-                self._tx.db = None
-
-    def transaction(self) -> Any:
-        """A write transaction the calls inside it join (one sync for them all)."""
-        return self._write()
 
     def record_decision(
         self,
@@ -647,59 +559,6 @@ class HostState:
 
 
 # -- the file --------------------------------------------------------------------------
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the directory (0700) and the file (0600); refuse what others may read or
-    write, what another user owns, and anything but a regular file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = os.stat(path.parent)
-    if folder.st_uid != os.getuid() or stat.S_IMODE(folder.st_mode) & 0o022:
-        raise ConfigurationError(
-            f"{path.parent} belongs to another user or others may write to it; "
-            f"a host's directory must be private: chmod 700 {path.parent}"
-        )
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        _check_private(path, os.fstat(fd))
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
-        try:
-            info = os.lstat(side)
-        except FileNotFoundError:
-            continue
-        _check_private(side, info)
-
-
-def _check_private(path: Path, info: os.stat_result) -> None:
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigurationError(f"{path} is not a regular file; refusing to use it")
-    if info.st_uid != os.getuid():
-        raise ConfigurationError(f"{path} belongs to another user; refusing to use it")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise ConfigurationError(
-            f"{path} may be read by other users (mode {mode:o}); the host's state must be "
-            f"private: chmod 600 {path}"
-        )
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA synchronous=FULL")  # a decision is on disk before it is acted on
-        db.execute("PRAGMA secure_delete=ON")  # freed payloads are overwritten
-        db.execute("PRAGMA trusted_schema=OFF")
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        raise ConfigurationError(f"{path} is not a host state database: {exc}") from None
-    return db
 
 
 def _init_schema(db: sqlite3.Connection, path: Path) -> None:

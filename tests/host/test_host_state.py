@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from duet_p2p.errors import ConfigurationError, DuetError
+from duet_p2p.host import sqlite_file
 from duet_p2p.host import state as state_module
 from duet_p2p.host.state import STATE_FILE, HostState, StoredRequest
 from duet_p2p.permissions.request import Request, RequestStatus
@@ -72,7 +73,7 @@ def test_created_private(state: HostState, host_dir: Path) -> None:
 
 def test_every_write_is_synced_and_freed_pages_overwritten(host_dir: Path) -> None:
     HostState.open(host_dir).close()
-    db = state_module._connect(host_dir / STATE_FILE)
+    db = sqlite_file.connect(host_dir / STATE_FILE)
     try:
         assert db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
         assert db.execute("PRAGMA secure_delete").fetchone() == (1,)
@@ -115,7 +116,7 @@ def test_refuses_a_symlink_and_a_foreign_file(host_dir: Path, tmp_path: Path) ->
     fd = os.open(host_dir / STATE_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"not a database at all" * 100)
     os.close(fd)
-    with pytest.raises(ConfigurationError, match="not a host state"):
+    with pytest.raises(ConfigurationError, match="is not a"):
         HostState.open(host_dir)
 
 
@@ -125,7 +126,7 @@ def test_refuses_another_database(host_dir: Path) -> None:
     os.close(fd)
     with raw(host_dir) as db:
         db.execute("CREATE TABLE something_else (x)")
-    with pytest.raises(ConfigurationError, match="not a host state"):
+    with pytest.raises(ConfigurationError, match="is not a"):
         HostState.open(host_dir)
 
 
