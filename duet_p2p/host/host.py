@@ -27,7 +27,6 @@ from duet_p2p.host.admissions import ADMITTED, REFUSED, AdmissionPolicy, Admissi
 from duet_p2p.host.state import HostState, StoredRequest
 from duet_p2p.identity import Identity
 from duet_p2p.limits import OwnerLimits
-from duet_p2p.modules import spec_to_module
 from duet_p2p.owner.dp_controls import OwnerDP
 from duet_p2p.owner.owner import Owner
 from duet_p2p.owner.session import OwnerCore, new_supervisor
@@ -36,7 +35,6 @@ from duet_p2p.owner.worker import WorkerSupervisor
 from duet_p2p.permissions import AuditLog, Request
 from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import open_ledger
-from duet_p2p.rpc import codec
 from duet_p2p.table import Table, TableView, format_clock
 
 log = logging.getLogger(__name__)
@@ -164,24 +162,7 @@ class Host:
                     "again", decided_at=time.time(), keep_until=None,
                 )  # fmt: skip
                 continue
-            self.owner.requests.restore(_request_of(stored, self._preview))
-        for handler in self.owner.requests.handlers:
-            if handler.name:
-                handler.matched = self.state.handler_count(handler.name)
-
-    def restore_handler_counts(self) -> None:
-        """Give handlers added after start their kept quota counters."""
-        for handler in self.owner.requests.handlers:
-            if handler.name:
-                handler.matched = max(handler.matched, self.state.handler_count(handler.name))
-
-    def _preview(self, request_id: str) -> Any:
-        stored = self.state.get(request_id)
-        payload = self.state.payload(request_id)
-        if stored is None or payload is None:
-            raise DuetError("the value is no longer held")
-        value = codec.decode(payload, limits=codec.DecodeLimits(max_bytes=max(1, len(payload))))
-        return spec_to_module(value) if stored.module else value
+            self.owner.requests.restore(_request_of(stored, self.owner.preview_kept))
 
     async def _housekeeping(self) -> None:
         """Let timed handlers and expiry decide requests while nobody is connected, and

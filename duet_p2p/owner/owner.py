@@ -61,6 +61,8 @@ class RequestJournal(Protocol):
 
     def set_handler_count(self, name: str, count: int) -> None: ...
 
+    def handler_count(self, name: str) -> int: ...
+
     def transaction(self) -> Any: ...
 
     def keep(self, request: Any, *, dp: bool, payload: bytes | None, module: bool,
@@ -133,6 +135,7 @@ class Owner:
             on_decision=self._route_decision, audit=audit, min_aggregation=min_aggregation,
             max_history=limits.max_requests, expire_after=expire_after,
             max_pending_per_requester=limits.max_pending_per_scientist,
+            handler_counts=None if journal is None else journal.handler_count,
         )  # fmt: skip
         self.journal = journal
         self.keep_released = keep_released

@@ -223,6 +223,7 @@ class RequestQueue(TableView):
         max_pending: int = DEFAULT_MAX_PENDING,
         max_history: int = DEFAULT_MAX_HISTORY,
         max_pending_per_requester: int | None = None,
+        handler_counts: Callable[[str], int] | None = None,
     ) -> None:
         """``min_aggregation``: accept handlers never release a value that summarises fewer
         private elements. ``expire_after``: seconds after which ``expire_overdue`` marks a
@@ -234,6 +235,8 @@ class RequestQueue(TableView):
         self.max_pending = max_pending
         self.max_history = max_history
         self.max_pending_per_requester = max_pending_per_requester
+        self._handler_counts = handler_counts
+        """A named handler's count so far, as kept across restarts (a standing host)."""
         """Pending requests of one requester at once (None: no cap of its own)."""
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
@@ -414,6 +417,8 @@ class RequestQueue(TableView):
             max_delta=max_delta,
             ignore_disclosure_checks=ignore_disclosure_checks,
         )
+        if name and self._handler_counts is not None:
+            handler.matched = self._handler_counts(name)  # its quota survives restarts
         decided: list[Request] = []
         with self._lock:
             self._handlers.append(handler)
