@@ -71,6 +71,8 @@ EXPIRE_INTERVAL = 1.0
 MAX_QUEUED_MESSAGES = 10_000
 """Messages from the peer waiting for the monitor; past that, uploads are refused."""
 WITHHELD = "its details are withheld by the owner"
+CLOSE_GRACE = 30.0
+"""Seconds a closing session of a standing host waits for values still being computed."""
 
 
 def listing_entry(record: StoredObject) -> dict[str, Any]:
@@ -911,6 +913,7 @@ class OwnerCore:
         for task in self._tasks:
             task.cancel()
         self._withdraw_dp_requests()
+        await self._finish_values_being_computed()
         self._let_go_of_held_values()
         self.dp.close()
         self.owner.detach(self)
@@ -918,6 +921,17 @@ class OwnerCore:
         self.audit.event("disconnected", duet_id=self.connection.duet_id)
         if self._owns_owner:
             self.owner.close()
+
+    async def _finish_values_being_computed(self) -> None:
+        """A standing host keeps a departed scientist's pending requests: values still being
+        computed are waited for (a while), so the owner can decide them later."""
+        if self.owner.journal is None or not self._snaps:
+            return
+        waits = [asyncio.ensure_future(event.wait()) for event in self._snaps.values()]
+        _, late = await asyncio.wait(waits, timeout=min(CLOSE_GRACE, self.limits.max_op_seconds))
+        for wait in late:
+            wait.cancel()
+        await asyncio.sleep(0)  # each value's keep is queued before the session lets go
 
     def _let_go_of_held_values(self) -> None:
         """Values held for this session's undecided requests are dropped with it (a standing

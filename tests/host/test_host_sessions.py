@@ -158,3 +158,18 @@ def test_pending_requests_come_back_after_a_restart(host: Host):
         assert request.requested_at <= time.time()
     finally:
         state.close()
+
+
+def test_a_scientist_who_leaves_at_once_still_has_the_request_kept(host: Host):
+    host.owner.host(torch.rand(1500, 1500), tags=("ages",))
+    alice = host.connect(ALICE)
+    ages = _ages(alice)
+    handle = (ages @ ages @ ages).sum().get(request_block=False)  # still computing...
+    host.leave(alice)  # ...when she leaves
+    assert wait_for(lambda: len(host.owner.requests) == 1, WAIT)
+    request = host.owner.requests[0]
+    assert request.request_id == handle.request_id and request.pending and request.ready
+    request.accept()
+    again = host.connect(ALICE)
+    assert again.requests[0].kept
+    assert isinstance(float(again.requests[0].get(timeout=WAIT)), float)
