@@ -175,9 +175,11 @@ class OwnerCore:
         ledger: PrivacyLedger | None = None,
         disclosure: DisclosureRules | None = None,
         owner: Owner | None = None,
+        session_limits: OwnerLimits | None = None,
     ) -> None:
         """``owner``: the owner this session serves a scientist for (None: a new owner of
-        this session's own, closed with it: the one-off Duet)."""
+        this session's own, closed with it: the one-off Duet). ``session_limits``: this
+        session's own time and size budgets where they differ from the owner's (a job's)."""
         self._owns_owner = owner is None
         self.owner = owner or Owner(
             allowlist=allowlist, limits=limits, audit=audit, min_aggregation=min_aggregation,
@@ -191,7 +193,7 @@ class OwnerCore:
         self.requests = self.owner.requests
         self._sealed = self.owner.sealed
         self.disclosure = self.owner.disclosure
-        self.monitor = Monitor(self.allowlist, self.limits)
+        self.monitor = Monitor(self.allowlist, session_limits or self.limits)
         self.worker = supervisor or new_supervisor(allowlist, limits)
         self.worker.on_done = self._on_worker_done
         self.worker.on_lost = self._on_worker_lost
