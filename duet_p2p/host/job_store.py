@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from duet_p2p.errors import ConfigurationError, DuetError
-from duet_p2p.host.sqlite_file import SqliteFile
+from duet_p2p.host.sqlite_file import SqliteFile, init_schema
 from duet_p2p.jobs import lifecycle
 from duet_p2p.jobs.lifecycle import OPEN, TERMINAL, InvalidTransition, JobState
 from duet_p2p.jobs.receipt import InvalidReceipt, Receipt, content_hash
@@ -52,7 +52,6 @@ MAX_RECEIPT_BYTES = 1 << 17
 MAX_PROGRESS = 1 << 62
 MAX_LIMIT = 100_000
 HOST_RESTARTED = "host restarted"
-_ROW_SLACK = 4096
 
 _SCHEMA = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT",
@@ -190,13 +189,7 @@ class JobStore(SqliteFile):
         self.max_jobs_per_client = max_jobs_per_client
         self.max_jobs = max_jobs
         super().__init__(path)
-        try:
-            with self._connection() as db:
-                limit = db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) - _ROW_SLACK
-                _init_schema(db, self.path)
-        except BaseException:
-            self.close()
-            raise
+        limit = self._set_up(_init_schema)
         self.max_output_bytes = min(max_output_bytes, limit)
 
     @classmethod
@@ -609,38 +602,8 @@ def _limit(value: object) -> int:
 
 
 def _init_schema(db: sqlite3.Connection, path: Path) -> None:
-    """Create the tables in a new file; refuse a file of another schema version."""
-    try:
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise ConfigurationError(f"{path}: SQLite refused WAL mode ({mode})")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            tables = {
-                r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-            if "schema_version" not in tables:
-                if tables:
-                    raise ConfigurationError(f"{path} is not a job database")
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            else:
-                rows = db.execute("SELECT version FROM schema_version").fetchall()
-                if rows != [(SCHEMA_VERSION,)]:
-                    found = rows[0][0] if len(rows) == 1 else "missing or repeated"
-                    raise ConfigurationError(
-                        f"{path} has job schema version {found}; this duet_p2p reads "
-                        f"version {SCHEMA_VERSION}"
-                    )
-                if not {"jobs", "job_events", "job_outputs"} <= tables:
-                    raise ConfigurationError(f"{path} is not a job database")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-    except sqlite3.DatabaseError as exc:
-        raise ConfigurationError(f"{path} is not a job database: {exc}") from None
+    init_schema(db, path, statements=_SCHEMA, version=SCHEMA_VERSION,
+                tables=frozenset({"jobs", "job_events", "job_outputs"}), what="job")  # fmt: skip
 
 
 # -- reading: trust nothing the file holds -------------------------------------------------

@@ -12,12 +12,15 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from duet_p2p.errors import ConfigurationError, DuetError
+
+ROW_SLACK = 4096
+"""Room left in SQLite's largest row for a blob's key and other columns."""
 
 
 class SqliteFile:
@@ -35,6 +38,17 @@ class SqliteFile:
         self._closed = False
         self._dbs: dict[threading.Thread, sqlite3.Connection] = {}
         prepare_file(self.path)
+
+    def _set_up(self, init_schema: Callable[[sqlite3.Connection, Path], None]) -> int:
+        """Create or check the schema (closing the file if that fails); returns the largest
+        blob a row of this file can hold."""
+        try:
+            with self._connection() as db:
+                init_schema(db, self.path)
+                return db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) - ROW_SLACK
+        except BaseException:
+            self.close()
+            raise
 
     def close(self, timeout: float = 30.0) -> None:
         """Wait (up to ``timeout`` s) for calls in flight, then close every connection."""
@@ -165,3 +179,55 @@ def connect(path: Path) -> sqlite3.Connection:
         db.close()
         raise ConfigurationError(f"{path} is not a database: {exc}") from None
     return db
+
+
+def init_schema(
+    db: sqlite3.Connection,
+    path: Path,
+    *,
+    statements: tuple[str, ...],
+    version: int,
+    tables: frozenset[str],
+    what: str,
+) -> None:
+    """Create the tables (``statements``, then the version row) in a new file; refuse a
+    file with other tables, or of another schema version, naming it as ``what``."""
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise ConfigurationError(f"{path}: SQLite refused WAL mode ({mode})")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )}  # fmt: skip
+            if "schema_version" not in found:
+                if found:
+                    raise ConfigurationError(f"{path} is not a {what} database")
+                for statement in statements:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+            else:
+                _check_version(db, path, version)
+                if not tables <= found:
+                    raise ConfigurationError(f"{path} is not a {what} database")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:
+        raise ConfigurationError(f"{path} is not a {what} database: {exc}") from None
+
+
+def _check_version(db: sqlite3.Connection, path: Path, expected: int) -> None:
+    rows = db.execute("SELECT version FROM schema_version").fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][0], int):
+        raise ConfigurationError(f"{path}: its schema version is missing or corrupted")
+    version = rows[0][0]
+    if version > expected:
+        raise ConfigurationError(
+            f"{path} was written by a newer duet_p2p (schema version {version}; this one "
+            f"reads version {expected}): upgrade duet_p2p to use it"
+        )
+    if version != expected:
+        raise ConfigurationError(f"{path} has an unknown schema version {version}")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from duet_p2p.errors import ConfigurationError, DuetError
-from duet_p2p.host.sqlite_file import SqliteFile
+from duet_p2p.host.sqlite_file import SqliteFile, init_schema
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ PENDING, ACCEPTED, DENIED, EXPIRED, CANCELLED = (
 STATUSES = frozenset({PENDING, ACCEPTED, DENIED, EXPIRED, CANCELLED})
 ADMISSIONS = frozenset({"admitted", "refused"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_ROW_SLACK = 4096
-"""Room left in SQLite's largest row for a payload's key."""
 
 _SCHEMA = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT",
@@ -130,13 +128,7 @@ class HostState(SqliteFile):
         if max_payload_bytes < 0:
             raise ValueError("max_payload_bytes must not be negative")
         super().__init__(path)
-        try:
-            with self._connection() as db:
-                limit = db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) - _ROW_SLACK
-                _init_schema(db, self.path)
-        except BaseException:
-            self.close()
-            raise
+        limit = self._set_up(_init_schema)
         self.max_payload_bytes = min(max_payload_bytes, limit)
 
     @classmethod
@@ -562,44 +554,8 @@ class HostState(SqliteFile):
 
 
 def _init_schema(db: sqlite3.Connection, path: Path) -> None:
-    """Create the tables in a new file; refuse a file of another schema version."""
-    try:
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise ConfigurationError(f"{path}: SQLite refused WAL mode ({mode})")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            tables = {row[0] for row in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-            )}  # fmt: skip
-            if "schema_version" not in tables:
-                if tables:
-                    raise ConfigurationError(f"{path} is not a host state database")
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            else:
-                _check_version(db, path)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-    except sqlite3.DatabaseError as exc:
-        raise ConfigurationError(f"{path} is not a host state database: {exc}") from None
-
-
-def _check_version(db: sqlite3.Connection, path: Path) -> None:
-    rows = db.execute("SELECT version FROM schema_version").fetchall()
-    if len(rows) != 1 or not isinstance(rows[0][0], int):
-        raise ConfigurationError(f"{path}: its schema version is missing or corrupted")
-    version = rows[0][0]
-    if version > SCHEMA_VERSION:
-        raise ConfigurationError(
-            f"{path} was written by a newer duet_p2p (schema version {version}; this one "
-            f"reads version {SCHEMA_VERSION}): upgrade duet_p2p to use it"
-        )
-    if version != SCHEMA_VERSION:
-        raise ConfigurationError(f"{path} has an unknown schema version {version}")
+    init_schema(db, path, statements=_SCHEMA, version=SCHEMA_VERSION,
+                tables=frozenset({"requests", "payloads", "admissions", "handler_counts", "meta"}), what="host state")  # fmt: skip
 
 
 def _free(db: sqlite3.Connection, request_id: str) -> None:
