@@ -617,6 +617,7 @@ class OwnerCore:
         except WorkerLost as lost:
             if label.private:
                 self._held[rid] = _Held(None, False, _lost_info(lost.cause), None)
+                request.error = _lost(lost.cause)  # owner-side, as for any failed value
                 ready.set()
                 with contextlib.suppress(DuetError):
                     self.requests.deny(rid, reason=_lost(lost.cause))
