@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-network demo demo-train demo-dp demo-host bench bench-large bench-network lint format signaling clean
+.PHONY: install test test-network demo demo-train demo-dp demo-host demo-offline bench bench-large bench-network lint format signaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ demo-dp: install
 
 demo-host: install
 	$(PY) examples/host/run.py
+
+demo-offline: install
+	$(PY) examples/offline_digits/run.py
 
 bench: install
 	$(PY) -m benchmarks

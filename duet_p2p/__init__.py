@@ -50,6 +50,14 @@ _EXPORTS = {
     "launch_duet_async": "duet_p2p.duet",
     "launch_host": "duet_p2p.host.launch",
     "launch_host_async": "duet_p2p.host.launch",
+    "Job": "duet_p2p.scientist.jobs",
+    "JobFailed": "duet_p2p.scientist.jobs",
+    "JobSettings": "duet_p2p.host.jobs",
+    "JobPolicy": "duet_p2p.offline.policy",
+    "ReleaseRule": "duet_p2p.offline.policy",
+    "jobs": "duet_p2p.scientist.jobs",
+    "submit_job": "duet_p2p.scientist.jobs",
+    "submit_job_async": "duet_p2p.scientist.jobs",
 }
 __all__ = [
     "AllowedOp",
@@ -66,6 +74,10 @@ __all__ = [
     "Host",
     "Identity",
     "InvalidQuery",
+    "Job",
+    "JobFailed",
+    "JobPolicy",
+    "JobSettings",
     "OperationNotAllowed",
     "OwnerLimits",
     "PeerClosed",
@@ -75,18 +87,22 @@ __all__ = [
     "PrivacyLedger",
     "PrivateValueError",
     "ProtocolError",
+    "ReleaseRule",
     "RemoteError",
     "RequestTimeout",
     "ReturnKind",
     "SignalingError",
     "SignalingNotFound",
     "ValueTooLarge",
+    "jobs",
     "join_duet",
     "join_duet_async",
     "launch_duet",
     "launch_duet_async",
     "launch_host",
     "launch_host_async",
+    "submit_job",
+    "submit_job_async",
 ]
 
 
@@ -129,10 +145,13 @@ if TYPE_CHECKING:
         ValueTooLarge,
     )
     from duet_p2p.host.host import Host
+    from duet_p2p.host.jobs import JobSettings
     from duet_p2p.host.launch import launch_host, launch_host_async
     from duet_p2p.identity import Identity
     from duet_p2p.limits import OwnerLimits
+    from duet_p2p.offline.policy import JobPolicy, ReleaseRule
     from duet_p2p.permissions.disclosure import DisclosureRules
     from duet_p2p.permissions.ledger import PrivacyLedger
     from duet_p2p.scientist.dp import DPHistogram
+    from duet_p2p.scientist.jobs import Job, JobFailed, jobs, submit_job, submit_job_async
     from duet_p2p.scientist.pointer import Pointer

@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from duet_p2p import config, patches
@@ -53,9 +53,18 @@ class Duet:
     """A connected session, as the owner or as the scientist."""
 
     def __init__(
-        self, connection: Connection, core: OwnerCore | ScientistCore, *, background: bool
+        self,
+        connection: Connection,
+        core: OwnerCore | ScientistCore,
+        *,
+        background: bool,
+        identity: Identity | None = None,
+        signaling_url: str | None = None,
     ) -> None:
         self._connection = connection
+        self._identity = identity
+        """The scientist's identity on a standing host (None in a one-off Duet)."""
+        self._signaling_url = signaling_url
         self._core = core
         self._background = background
         self.role = connection.role
@@ -111,6 +120,49 @@ class Duet:
         if isinstance(self._core, OwnerCore):
             raise DuetError("no_grad marks the scientist's remote ops; the owner uses torch's")
         return self._core.no_grad()
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *,
+        inputs: Mapping[str, str],
+        outputs: Sequence[str] | str,
+        reason: str,
+        max_seconds: float = 600.0,
+        deadline: float | None = None,
+        max_result_bytes: int | None = None,
+    ) -> Any:
+        """Submit an offline job to this standing host (see ``sy.submit_job``): the host
+        reviews and runs it later; collect it with ``job.result()`` now or after a
+        reconnect (``duet.jobs``), or from the mailbox when offline (``sy.jobs()``)."""
+        core = self._scientist_core("submit jobs")
+        from duet_p2p.scientist.job_recording import build_job
+        from duet_p2p.scientist.jobs import Job, JobBook, record_job
+
+        extra = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
+        allowlist = dict(core._allowlist)
+        signed = build_job(self._identity, self.duet_id, fn, inputs=inputs, outputs=outputs,
+                           reason=reason, max_seconds=max_seconds, deadline=deadline,
+                           allowlist=allowlist, **extra)  # type: ignore[arg-type]  # fmt: skip
+        row = core.sync(core.submit_job(signed.to_wire()))
+        book = JobBook(self._identity.id)  # type: ignore[union-attr]
+        record_job(book, signed, self._signaling_url, "live",
+                   row if isinstance(row, dict) else None)  # fmt: skip
+        return Job(self._identity, signed.job_id, core=core, book=book)  # type: ignore[arg-type]
+
+    @property
+    def jobs(self) -> Any:
+        """Your offline jobs on this host, newest first (a table; ``[0].result()``)."""
+        core = self._scientist_core("list jobs")
+        from duet_p2p.scientist.jobs import JobsList
+
+        return JobsList(self._identity, self.duet_id, core=core)  # type: ignore[arg-type]
+
+    def _scientist_core(self, what: str) -> ScientistCore:
+        if not isinstance(self._core, ScientistCore) or self._identity is None:
+            raise DuetError(f"only a scientist connected to a standing host can {what} "
+                            "(sy.join_duet(host_id, identity=...))")  # fmt: skip
+        return self._core
 
     def plan(self, function: Callable[..., Any], name: str | None = None) -> Any:
         """Scientist: record ``function``'s remote ops once; the owner replays them per call.
@@ -433,6 +485,7 @@ async def _join(
             on_client_id(client_id)
 
     standing = await _is_host(duet_id, options)
+    who = None
     if standing:
         who = identity if isinstance(identity, Identity) else Identity.load(identity or "default")
         connection = await join_host(duet_id, options, who, on_waiting=announce_host)
@@ -448,4 +501,5 @@ async def _join(
     if standing:
         _say("Objects you compute live in the host's memory until you disconnect; your "
              "requests and the values approved for you are kept (duet.requests).")  # fmt: skip
-    return Duet(connection, core, background=_on_runtime_loop())
+    return Duet(connection, core, background=_on_runtime_loop(),
+                identity=who if standing else None, signaling_url=options.signaling_url)  # fmt: skip

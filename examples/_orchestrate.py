@@ -106,10 +106,12 @@ class Demo:
         self.processes.append(process)
         return process
 
-    def start_signaling(self, timeout: float = 20.0) -> str:
-        """Start a signaling server on a free loopback port; returns its URL."""
+    def start_signaling(self, timeout: float = 20.0, extra: list[str] | None = None) -> str:
+        """Start a signaling server on a free loopback port (with ``extra`` flags); returns
+        its URL."""
         server = self.start(
-            "signaling", ["-m", "signaling_server", "--port", "0", "--log-level", "WARNING"]
+            "signaling",
+            ["-m", "signaling_server", "--port", "0", "--log-level", "WARNING", *(extra or [])],
         )
         return server.wait_for(URL, "the signaling server's URL", timeout)[1]
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,9 @@ Run a standing host, and administer it while it serves.
 A standing host is an owner that stays up: one long-running process with a persistent
 identity (its Host ID never changes), hosting the datasets listed in host.toml and serving
 many scientists over days. Handlers in host.toml decide routine requests; the rest wait for
-you. From another terminal you list and decide them, admit or refuse new scientists, and
+you. Scientists may also submit offline jobs, which run later: you review their code before
+they run and their outputs before they are released (or a [jobs] policy does). From
+another terminal you list and decide requests and jobs, admit or refuse new scientists, and
 read the audit log. Those commands talk to the running host through a socket in its host
 directory that only your user can open."""
 
@@ -40,6 +43,8 @@ example:
   duet-host requests                   # terminal 2: what scientists ask to take away
   duet-host accept 0123456789abcdef0123456789abcdef
   duet-host deny 0123456789abcdef0123456789abcdef --reason "too fine-grained"
+  duet-host jobs                       # offline jobs; then job / approve / reject /
+                                       # release / withhold JOB
 
 Every command finds the host through --config (default ./host.toml, or $DUET_HOST_CONFIG),
 or through --socket PATH. IDs may be typed as listed, quoted: '<UID:...>'.
@@ -78,6 +83,18 @@ admit = "ask"                            # "ask": you admit each new scientist
 # [[budgets]]
 # dataset = "ages"
 # epsilon = 1.0
+
+# Offline jobs: scientists submit them now, they run later. Each waits for you to review
+# its code (`duet-host jobs` / `job` / `approve` / `reject`) and its outputs (`release` /
+# `withhold`), unless a rule below decides.
+# [jobs]
+# enabled = true
+# concurrency = 1                       # jobs run at once
+# max_job_seconds = 3600                # refuse jobs asking for longer
+# approve_clients = ["0123456789abcdef0123456789abcdef"]   # their code runs unreviewed
+# [[jobs.release]]                      # release these outputs without asking
+# outputs = ["accuracy"]
+# max_elements = 1
 """
 
 _TEXT_CHARS = 200
@@ -142,13 +159,16 @@ def _parser() -> argparse.ArgumentParser:
         "duet-host serve --config host.toml",
         parent=common,
     )
-    command(
+    p = command(
         "id",
         _id,
-        "Print this host's ID (what scientists join with) without serving.",
-        "duet-host id --config host.toml",
+        "Print this host's ID (what scientists join with) without serving; --json adds its "
+        "public key (what a scientist who never connected passes as host_key= to submit a "
+        "job through the mailbox).",
+        "duet-host id --config host.toml\nduet-host id --config host.toml --json",
         parent=common,
     )
+    p.add_argument("--json", action="store_true", help="print the ID and public key as JSON")
     command("status", _status, "Show the running host's state.", "duet-host status")
     p = command(
         "requests",
@@ -206,7 +226,43 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"how many entries, 1 to {MAX_AUDIT_LAST} (default %(default)s)",
     )
+    _job_commands(command)
     return parser
+
+
+_JOB = "0123456789abcdef0123456789abcdef"
+
+
+def _job_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``jobs``, ``job`` and the owner's decisions on a job."""
+    p = command(
+        "jobs",
+        _jobs,
+        "List open offline jobs, newest first (--all: finished ones too).",
+        "duet-host jobs\nduet-host jobs --all --json",
+    )
+    p.add_argument("--all", action="store_true", help="also list finished jobs")
+    decisions = [
+        ("job", _job, "Show a job: its code review, its outputs and its trail.",
+         f"duet-host job {_JOB}", False),
+        ("approve", _decision, "Approve a job's code: it is queued to run.",
+         f"duet-host job {_JOB}        # read its code review first\n"
+         f"duet-host approve {_JOB}", False),
+        ("reject", _decision, "Reject a job's code; the scientist sees your reason.",
+         f'duet-host reject {_JOB} --reason "uses the raw labels"', True),
+        ("release", _decision,
+         "Release a finished job's outputs to its scientist (with a receipt).",
+         f"duet-host job {_JOB}        # read its outputs first\n"
+         f"duet-host release {_JOB}", False),
+        ("withhold", _decision, "Withhold a finished job's outputs; the scientist sees your "
+         "reason.", f'duet-host withhold {_JOB} --reason "the model memorises rows"', True),
+    ]  # fmt: skip
+    for name, run, summary, example, reason in decisions:
+        p = command(name, run, summary, example)
+        p.add_argument("job_id", metavar="JOB", help="the job's ID (as listed by jobs)")
+        if reason:
+            p.add_argument("--reason", required=True, metavar="TEXT",
+                           help="why, shown to the scientist")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,7 +307,11 @@ def _id(args: argparse.Namespace) -> int:
 
     settings = _load(args.config).settings
     folder = Path(settings.data_dir or data_dir()) / "identities"
-    print(Identity.load(settings.name, directory=folder).id)
+    identity = Identity.load(settings.name, directory=folder)
+    if getattr(args, "json", False):
+        print(json.dumps({"host_id": identity.id, "public_key": identity.public_key.hex()}))
+    else:
+        print(identity.id)
     return 0
 
 
@@ -383,6 +443,162 @@ def _audit(args: argparse.Namespace) -> int:
     )
     print(table)
     return 0
+
+
+# --- jobs --------------------------------------------------------------------------------
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    result = _ask(args, "jobs", all=args.all)
+    if args.json:
+        _print_json(result)
+        return 0
+    rows = [
+        [_text(row.get("job_id"), 64), _text(row.get("client_id"), 64),
+         _text(row.get("state"), 40), _plan(row), _clock(row.get("submitted_at")),
+         _text(row.get("reason"))]
+        for row in _rows(result, "jobs")
+    ]  # fmt: skip
+    columns = ["Job ID", "Client ID", "State", "Plan", "Submitted", "Reason"]
+    empty = "No jobs yet." if args.all else "No open jobs."
+    print(Table(columns, rows, index=False, empty_text=empty))
+    return 0
+
+
+def _decision(args: argparse.Namespace) -> int:
+    """approve, reject, release or withhold a job."""
+    reason = {"reason": args.reason} if hasattr(args, "reason") else {}
+    result = _ask(args, args.command, job_id=args.job_id, **reason)
+    if args.json:
+        _print_json(result)
+        return 0
+    answer = result if isinstance(result, dict) else {}
+    job_id = _text(answer.get("job_id") or args.job_id, 80)
+    decision = _text(answer.get("decision") or _DECIDED[args.command], 40)
+    state = _text(answer.get("state"), 40)
+    print(f"Job {job_id}: {decision}" + (f" (now {state})" if state and state != decision else ""))
+    return 0
+
+
+_DECIDED = {"approve": "approved", "reject": "rejected", "release": "released",
+            "withhold": "withheld"}  # fmt: skip
+
+
+def _job(args: argparse.Namespace) -> int:
+    result = _ask(args, "job", job_id=args.job_id)
+    if args.json:
+        _print_json(result)
+        return 0
+    if not isinstance(result, dict) or not isinstance(result.get("job"), dict):
+        raise DuetError("the host sent a malformed job")
+    job = result["job"]
+    job_id = _text(job.get("job_id"), 64)
+    progress = job.get("progress")
+    rows = [
+        ("Job ID", job_id), ("Client ID", _text(job.get("client_id"), 64)),
+        ("State", _text(job.get("state"), 40)), ("Reason", _text(job.get("reason"), 1000)),
+        ("By", _text(job.get("last_by"))), ("Plan", _plan(job)),
+        ("Submitted", _date(job.get("submitted_at"))), ("Deadline", _date(job.get("deadline"))),
+    ]  # fmt: skip
+    if isinstance(progress, list) and len(progress) == 2 and job.get("started_at") is not None:
+        rows.append(("Progress", f"{_text(progress[0])} of {_text(progress[1])} steps"))
+    print(Table(["Field", "Value"], rows, f"Job {job_id}", index=False, max_cell_chars=200))
+    print()
+    review = result.get("review")
+    if isinstance(review, dict):
+        print(_review_table(review))
+    else:
+        print(f"No code review: {_text(result.get('review_error'), 500)}")
+    print()
+    outputs = [
+        [_text(o.get("name"), 64), _text(o.get("status"), 40) + (" (failed)" if o.get("error")
+         else ""), _text(o.get("lineage"), 2000), _count(o.get("elements")),
+         _size(o.get("size_bytes")), _text(o.get("aggregation_text"), 60),
+         _text(o.get("checks"), 500)]
+        for o in _rows(result.get("outputs", []), "outputs")
+    ]  # fmt: skip
+    columns = ["Output", "Status", "Lineage", "Elements", "Size", "Aggregation", "Checks"]
+    print(Table(columns, outputs, "Outputs", index=False, max_cell_chars=100,
+                empty_text="No outputs."))  # fmt: skip
+    print()
+    events = [
+        [_date(e.get("at")), _text(e.get("old"), 40), _text(e.get("new"), 40),
+         _text(e.get("by")), _text(e.get("reason"), 1000)]
+        for e in _rows(result.get("events", []), "events")
+    ]  # fmt: skip
+    print(Table(["At", "From", "To", "By", "Reason"], events, "Trail", index=False,
+                max_cell_chars=100, empty_text="No events."))  # fmt: skip
+    hint = _NEXT.get(str(job.get("state")))
+    if hint:
+        print()
+        print(hint.format(prog=PROG, id=job_id))
+    return 0
+
+
+_NEXT = {
+    "pending_review": "Decide: {prog} approve {id}\n    or: {prog} reject {id} --reason TEXT",
+    "pending_output_review": "Decide: {prog} release {id}\n    or: {prog} withhold {id} "
+    "--reason TEXT",
+}
+
+
+def _review_table(review: dict[str, Any]) -> Table:
+    rows = [
+        ("Job hash", _text(review.get("job_hash"), 64)),
+        ("Plan hash", _text(review.get("plan_hash"), 64)),
+        ("Plan", _plan(review)),
+        ("Reason", _text(review.get("reason"), 4000)),
+    ]
+    for problem in _list(review.get("problems")):
+        rows.append(("Problem", _text(problem, 1000)))
+    for item in _list(review.get("inputs")):
+        if isinstance(item, dict):
+            where = "hosted" if item.get("hosted") is True else "NOT HOSTED"
+            rows.append((f"Input {_text(item.get('name'), 64)}",
+                         f"{_text(item.get('tag'))} ({where})"))  # fmt: skip
+    for item in _list(review.get("outputs")):
+        if isinstance(item, dict):
+            rows.append((f"Output {_text(item.get('name'), 64)}",
+                         _text(item.get("lineage"), 2000) or "(made by no step)"))  # fmt: skip
+    rows.append(("Ops", _text(review.get("ops"), 2000)))
+    limits = (f"{_number(review.get('max_seconds'))} s, "
+              f"{_number(review.get('max_result_elements'))} elements, "
+              f"{_number(review.get('max_result_bytes'))} bytes")  # fmt: skip
+    rows += [("Limits", limits), ("Created", _date(review.get("created_at")))]
+    status = "can run" if review.get("ok") is True else "cannot run"
+    return Table(["Field", "Value"], rows, f"Code review ({status})", index=False,
+                 max_cell_chars=500)  # fmt: skip
+
+
+def _plan(row: dict[str, Any]) -> str:
+    steps = row.get("steps")
+    name = _text(row.get("plan"), 64)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        return f"{name} ({steps} step{'' if steps == 1 else 's'})"
+    return name
+
+
+def _count(value: Any) -> int | str:
+    return value if isinstance(value, int) and not isinstance(value, bool) else ""
+
+
+def _number(value: Any) -> str:
+    if _is_number(value) and math.isfinite(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return "?"
+
+
+def _list(value: Any) -> list[Any]:
+    return value[:10_000] if isinstance(value, list) else []
+
+
+def _date(value: Any) -> str:
+    if not _is_number(value) or not math.isfinite(value):
+        return ""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def _done(

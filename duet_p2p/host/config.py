@@ -1,4 +1,4 @@
-"""host.toml: a standing host's settings, limits, datasets, handlers and budgets.
+"""host.toml: a standing host's settings, limits, datasets, handlers, budgets and jobs.
 
 The file is read whole and checked before anything runs. Every error is a
 ConfigurationError naming the file and the field (``host.toml: datasets[0].path: ...``;
@@ -19,14 +19,19 @@ import tomllib
 import typing
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
 from duet_p2p import paths
 from duet_p2p.errors import ConfigurationError
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.offline.policy import JobPolicy, job_policy_from_dict
 from duet_p2p.permissions.policy import Handler
+
+if TYPE_CHECKING:  # the job machinery imports torch; reading a host.toml must not
+    from duet_p2p.host.jobs import JobSettings
 
 MAX_CONFIG_BYTES = 1024**2
 MAX_ENTRIES = 1000
@@ -43,6 +48,14 @@ ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DATASET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _CLIENT_ID = re.compile(r"[0-9a-fA-F]{32}")
+MAX_JOB_SECONDS = 1e9
+MAX_POLL_SECONDS = 300
+MAX_CONCURRENCY = 16
+ON_RESTART = ("fail", "requeue")
+"""As JobSettings checks them (duet_p2p.host.jobs)."""
+_JOB_SETTINGS = ("enabled", "concurrency", "on_restart", "max_job_seconds", "mailbox",
+                 "poll_seconds")  # fmt: skip
+_JOB_POLICY = ("approve_clients", "approve_plans", "approve_ops", "max_seconds", "release")
 _ZERO_LIMITS = frozenset({"max_worker_restarts", "worker_memory_slack"})
 """OwnerLimits integers that may be 0; every other one must be at least 1."""
 _REQUIRED = object()
@@ -112,6 +125,19 @@ class BudgetSpec:
 
 
 @dataclass(frozen=True)
+class JobOptions:
+    """The ``[jobs]`` table, checked: JobSettings' fields (``HostConfig.jobs``)."""
+
+    enabled: bool = True
+    policy: JobPolicy = field(default_factory=JobPolicy)
+    concurrency: int = 1
+    on_restart: str = "fail"
+    max_job_seconds: float | None = None
+    mailbox: bool = True
+    poll_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
 class HostConfig:
     """A whole host.toml, checked."""
 
@@ -121,6 +147,19 @@ class HostConfig:
     handlers: tuple[HandlerSpec, ...]
     budgets: tuple[BudgetSpec, ...]
     source: Path
+    job_options: JobOptions = field(default_factory=JobOptions)
+    """The ``[jobs]`` table, checked; ``jobs`` makes it JobSettings."""
+
+    @cached_property
+    def jobs(self) -> JobSettings:
+        """The ``[jobs]`` table: offline jobs, and what is decided without the owner."""
+        from duet_p2p.host.jobs import JobSettings
+
+        try:
+            options = self.job_options
+            return JobSettings(**{f.name: getattr(options, f.name) for f in fields(options)})
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{self.source}: jobs: {exc}") from None
 
     @property
     def host_dir(self) -> Path:
@@ -171,7 +210,9 @@ def open_regular(path: Path) -> BinaryIO:
 
 def parse_config(data: dict[str, Any], source: Path) -> HostConfig:
     """Check parsed TOML (``source`` names the file and anchors relative paths)."""
-    top = _Table(str(source), "", data, ("host", "limits", "datasets", "handlers", "budgets"))
+    top = _Table(
+        str(source), "", data, ("host", "limits", "datasets", "handlers", "budgets", "jobs")
+    )
     base = source.expanduser().absolute().parent
     settings = _settings(top.table("host"), base)
     limits = _limits(top.table("limits"))
@@ -183,7 +224,9 @@ def parse_config(data: dict[str, Any], source: Path) -> HostConfig:
     budgets = tuple(_budget(t, known_tags) for t in top.array("budgets"))
     scopes = [f"{b.dataset} {'total' if b.total else b.client_id or 'each'}" for b in budgets]
     _unique(top, "budgets", scopes, "budget (same dataset and scope)", key="dataset")
-    return HostConfig(settings, limits, datasets, handlers, budgets, source.expanduser().absolute())
+    jobs = _jobs(top.table("jobs"), known_tags)
+    source = source.expanduser().absolute()
+    return HostConfig(settings, limits, datasets, handlers, budgets, source, job_options=jobs)
 
 
 # -- sections ------------------------------------------------------------------------------
@@ -342,6 +385,33 @@ def _budget(t: _Table, known_tags: Collection[str]) -> BudgetSpec:
         delta=float(t.number("delta", 0, low=0, high=1, below=True)),
         client_id=client_id,
         total=total,
+    )
+
+
+def _jobs(t: _Table, known_tags: Collection[str]) -> JobOptions:
+    t.allow(*_JOB_SETTINGS, *_JOB_POLICY)
+    seconds = t.number("max_job_seconds", None, low=0, high=MAX_JOB_SECONDS, above=True,
+                       below=True)  # fmt: skip
+    try:
+        policy = job_policy_from_dict({k: v for k, v in t.data.items() if k in _JOB_POLICY},
+                                      where=t.path)  # fmt: skip
+    except ConfigurationError as exc:  # "jobs.field: message"
+        raise ConfigurationError(f"{t.file}: {exc}") from None
+    for index, rule in enumerate(policy.release):
+        for tag in sorted(rule.tags or ()):
+            if tag not in known_tags:
+                t.fail(f"release[{index}].tags",
+                       f"{_short(tag)} is neither the name nor a tag of any dataset")  # fmt: skip
+    return JobOptions(
+        enabled=t.boolean("enabled", True),
+        policy=policy,
+        concurrency=t.integer("concurrency", 1, low=1, high=MAX_CONCURRENCY),
+        on_restart=t.choice("on_restart", "fail", ON_RESTART),
+        max_job_seconds=None if seconds is None else float(seconds),
+        mailbox=t.boolean("mailbox", True),
+        poll_seconds=float(
+            t.number("poll_seconds", 20.0, low=0, high=MAX_POLL_SECONDS, above=True)
+        ),  # fmt: skip
     )
 
 

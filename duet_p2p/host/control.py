@@ -78,6 +78,18 @@ class HostControl(Protocol):
 
     def control_audit(self, last: int) -> list[dict[str, Any]]: ...
 
+    def control_jobs(self, all: bool) -> list[dict[str, Any]]: ...
+
+    def control_job(self, job_id: str) -> dict[str, Any]: ...
+
+    def control_approve(self, job_id: str) -> dict[str, Any]: ...
+
+    def control_reject(self, job_id: str, reason: str) -> dict[str, Any]: ...
+
+    def control_release(self, job_id: str) -> dict[str, Any]: ...
+
+    def control_withhold(self, job_id: str, reason: str) -> dict[str, Any]: ...
+
 
 # --- where the socket lives -------------------------------------------------------------
 
@@ -158,6 +170,13 @@ def _reason(value: object) -> str:
     return value
 
 
+def _why(value: object) -> str:
+    text = _reason(value)
+    if not text.strip():
+        raise _Invalid("reason must say why (the scientist reads it)")
+    return text
+
+
 def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise _Invalid("all must be true or false")
@@ -180,15 +199,25 @@ class _Param:
 _REQUEST_ID = _Param("request_id", _an_id("request_id"))
 _CLIENT_ID = _Param("client_id", _an_id("client_id"))
 _REASON = _Param("reason", _reason, "")
+_JOB_ID = _Param("job_id", _an_id("job_id"))
+_WHY = _Param("reason", _why)
+"""Rejecting or withholding a job says why."""
+_ALL = _Param("all", _flag, False)
 _COMMANDS: dict[str, tuple[str, tuple[_Param, ...]]] = {
     "status": ("control_status", ()),
-    "requests": ("control_requests", (_Param("all", _flag, False),)),
+    "requests": ("control_requests", (_ALL,)),
     "accept": ("control_accept", (_REQUEST_ID,)),
     "deny": ("control_deny", (_REQUEST_ID, _REASON)),
     "admissions": ("control_admissions", ()),
     "admit": ("control_admit", (_CLIENT_ID,)),
     "refuse": ("control_refuse", (_CLIENT_ID, _REASON)),
     "audit": ("control_audit", (_Param("last", _last, DEFAULT_AUDIT_LAST),)),
+    "jobs": ("control_jobs", (_ALL,)),
+    "job": ("control_job", (_JOB_ID,)),
+    "approve": ("control_approve", (_JOB_ID,)),
+    "reject": ("control_reject", (_JOB_ID, _WHY)),
+    "release": ("control_release", (_JOB_ID,)),
+    "withhold": ("control_withhold", (_JOB_ID, _WHY)),
 }
 COMMANDS = frozenset(_COMMANDS)
 """The commands a control socket answers."""

@@ -24,6 +24,8 @@ from duet_p2p.connect import ConnectOptions
 from duet_p2p.connect_host import HostListener, HostOffer
 from duet_p2p.errors import DuetError
 from duet_p2p.host.admissions import ADMITTED, REFUSED, AdmissionPolicy, AdmissionsView
+from duet_p2p.host.jobs import HostJobs, JobSettings
+from duet_p2p.host.jobs_view import JobsView
 from duet_p2p.host.state import HostState, StoredRequest
 from duet_p2p.identity import Identity
 from duet_p2p.limits import OwnerLimits
@@ -66,6 +68,7 @@ class Host:
         request_expiry: float | None = None,
         max_scientists: int = 16,
         max_pending_admissions: int = 32,
+        jobs: JobSettings | None = None,
     ) -> None:
         host_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.identity = identity
@@ -101,6 +104,9 @@ class Host:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.time()
         self._closed = False
+        settings = JobSettings() if jobs is None else jobs
+        self._jobs: HostJobs | None = HostJobs(self, settings) if settings.enabled else None
+        self.owner.jobs = self._jobs
 
     # -- the owner's API ----------------------------------------------------------------
 
@@ -112,6 +118,14 @@ class Host:
     def send(self, obj: Any, **options: Any) -> Any:
         """Host ``obj`` (see ``host.store.send``); every connected scientist is told."""
         return self.store.send(obj, **options)
+
+    @property
+    def jobs(self) -> JobsView:
+        """Offline jobs: a table; ``[i].approve()``, ``.reject(reason)``, ``.release()``,
+        ``.withhold(reason)``, ``.review``, ``.outputs``, ``.preview()``."""
+        if self._jobs is None:
+            raise DuetError("this host does not take jobs (JobSettings(enabled=False))")
+        return JobsView(self._jobs)
 
     @property
     def scientists(self) -> ScientistsView:
@@ -138,6 +152,8 @@ class Host:
         self._spare = new_supervisor(self.owner.allowlist, self.owner.limits)
         await self._spare.warm()
         self.audit.event("host_started", host_id=self.id)
+        if self._jobs is not None:
+            await self._jobs.start()
         self._tasks = [asyncio.ensure_future(self._listener.run()),
                        asyncio.ensure_future(self._housekeeping())]  # fmt: skip
         try:
@@ -283,6 +299,8 @@ class Host:
             return
         self._closed = True
         await self._listener.close()
+        if self._jobs is not None:
+            await self._jobs.aclose()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

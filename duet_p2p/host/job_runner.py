@@ -25,9 +25,9 @@ from typing import Any
 from duet_p2p.allowlist import Allowlist
 from duet_p2p.connect import Connection
 from duet_p2p.errors import DuetError, RequestTimeout
-from duet_p2p.jobs.review import review_code
-from duet_p2p.jobs.spec import SignedJob
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.offline.review import review_code
+from duet_p2p.offline.spec import SignedJob
 from duet_p2p.owner.owner import Owner
 from duet_p2p.owner.session import OwnerCore, new_supervisor
 from duet_p2p.rpc.ops import INDEX_OP

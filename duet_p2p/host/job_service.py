@@ -19,22 +19,30 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
 
 from duet_p2p.allowlist import Allowlist
-from duet_p2p.errors import DuetError, PermissionDenied, RequestTimeout
+from duet_p2p.errors import DuetError, PermissionDenied, ProtocolError, RequestTimeout
 from duet_p2p.host.admissions import AdmissionPolicy
 from duet_p2p.host.job_runner import JobRun, JobRunError, JobRunner
 from duet_p2p.host.job_store import JobStore
 from duet_p2p.identity import Identity
-from duet_p2p.jobs.lifecycle import BEFORE_RUN, InvalidTransition, JobState
-from duet_p2p.jobs.policy import JobPolicy, auto_reject_reason, decide_code
-from duet_p2p.jobs.receipt import Receipt, content_hash
-from duet_p2p.jobs.review import CodeReview, review_code
-from duet_p2p.jobs.spec import InvalidJob, SignedJob
+from duet_p2p.modules import spec_to_module
+from duet_p2p.offline.lifecycle import BEFORE_RUN, InvalidTransition, JobState
+from duet_p2p.offline.policy import (
+    JobPolicy,
+    auto_reject_reason,
+    decide_code,
+    decide_output,
+    output_facts,
+)
+from duet_p2p.offline.receipt import Receipt, content_hash
+from duet_p2p.offline.results import encode_output
+from duet_p2p.offline.review import CodeReview, review_code
+from duet_p2p.offline.spec import InvalidJob, SignedJob
 from duet_p2p.owner.owner import Owner
 from duet_p2p.rpc import codec
 from duet_p2p.text import printable
@@ -100,7 +108,6 @@ class JobService:
         self._lock = threading.Lock()
         self._runs: dict[str, JobRun] = {}
         self._inputs: dict[str, dict[str, str]] = {}
-        self._released: dict[str, dict[str, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- recording -------------------------------------------------------------------
@@ -241,6 +248,10 @@ class JobService:
             return
         with self._lock:
             self._runs[job_id] = run
+        requests = {name: rid for name, rid in run.request_ids.items() if rid is not None}
+        with contextlib.suppress(Exception):  # bookkeeping only: the run goes on
+            self.store.set_requests(job_id, requests)
+            self.store.set_progress(job_id, 0, len(signed.spec.program["steps"]))
         spec = signed.spec
         bound = min(spec.max_seconds + self.slack_seconds, spec.deadline - time.time())
         outcome = await self._await_outputs(run, job_id, max(bound, 0.0))
@@ -256,6 +267,9 @@ class JobService:
         elif run.failures:
             await self._finish(job_id, _S.FAILED, self._why(run))
         else:
+            steps = len(spec.program["steps"])
+            with contextlib.suppress(Exception):
+                self.store.set_progress(job_id, steps, steps)
             self._move(job_id, _S.FINISHED, by=HOST, reason="run finished")
             count = len(run.outputs)
             self._move(job_id, _S.PENDING_OUTPUT_REVIEW, by=HOST,
@@ -343,25 +357,39 @@ class JobService:
             return self._runs.get(job_id)
 
     def released(self, job_id: str) -> dict[str, bytes] | None:
-        """The encoded bytes a released job's receipt attests, by output name."""
-        found = self._released.get(job_id)
-        return None if found is None else dict(found)
+        """The encoded bytes a released job's receipt attests, by output name (None once
+        freed, or before its release)."""
+        stored = self.store.get(job_id)
+        if stored is None or stored.receipt is None:
+            return None
+        outputs = self.store.outputs(job_id)
+        if any(out.payload is None for out in outputs) or not outputs:
+            return None
+        return {out.name: out.payload for out in outputs}  # type: ignore[misc]
 
     # -- settling -----------------------------------------------------------------------
 
     async def settle_outputs(self, job_id: str, timeout: float) -> JobState:
         """Once every output request of a job awaiting output review is decided: RELEASED
-        (all accepted) with a signed receipt, or WITHHELD (any denied or failed). Returns
-        the job's state (still PENDING_OUTPUT_REVIEW while a decision is missing)."""
+        (all accepted) with a signed receipt and its outputs stored, or WITHHELD (any
+        denied or failed). Returns the job's state (still PENDING_OUTPUT_REVIEW while a
+        decision is missing). After a restart the decisions and values come from the
+        owner's journal."""
         state = self._state(job_id)
-        run = self.run_of(job_id)
-        if state is not _S.PENDING_OUTPUT_REVIEW or run is None:
+        if state is not _S.PENDING_OUTPUT_REVIEW:
             return state
-        values = await run.wait_outputs(timeout)
+        run = self.run_of(job_id)
+        if run is not None:
+            values = await run.wait_outputs(timeout)
+            by = self._deciders(run.request_ids.values())
+        else:
+            read = await asyncio.to_thread(self._values_from_journal, job_id)
+            if read is None:
+                return _S.PENDING_OUTPUT_REVIEW
+            values, by = read
         if any(isinstance(v, RequestTimeout) for v in values.values()):
             return _S.PENDING_OUTPUT_REVIEW
         denied = {n: v for n, v in values.items() if isinstance(v, BaseException)}
-        by = self._deciders(run)
         if denied:
             reason = "; ".join(f"output {n}: {printable(str(e), 500)}" for n, e in denied.items())
             await self._finish_as(job_id, _S.WITHHELD, by, reason)
@@ -370,16 +398,28 @@ class JobService:
         if stored is None:
             raise KeyError(f"no job {printable(job_id, 64)!r}")
         try:
-            encoded = {name: codec.encode(value) for name, value in values.items()}
-        except (TypeError, ValueError) as exc:
+            encoded = {name: encode_output(value) for name, value in values.items()}
+        except (TypeError, ValueError, DuetError) as exc:
             await self._finish_as(job_id, _S.WITHHELD, HOST, f"an output cannot be encoded: {exc}")
             return _S.WITHHELD
         if sum(len(b) for b in encoded.values()) > stored.job.spec.max_result_bytes:
             await self._finish_as(job_id, _S.WITHHELD, HOST, "results exceed max_result_bytes")
             return _S.WITHHELD
+        inputs = self._inputs.get(job_id)
+        if inputs is None:  # the host restarted since the run: the datasets as loaded now
+            try:
+                inputs = self._input_hashes(stored.job)
+            except JobRefused as exc:
+                await self._finish_as(job_id, _S.WITHHELD, HOST, exc.reason)
+                return _S.WITHHELD
+        try:
+            await asyncio.to_thread(self._store_outputs, job_id, encoded)
+        except DuetError as exc:  # over a quota of the store
+            await self._finish_as(job_id, _S.WITHHELD, HOST, f"the results cannot be kept: {exc}")
+            return _S.WITHHELD
         now = time.time()
         receipt = Receipt.issue(
-            self.identity, stored.job, inputs=self._inputs.get(job_id, {}),
+            self.identity, stored.job, inputs=inputs,
             outputs={name: content_hash(data) for name, data in encoded.items()},
             submitted_at=stored.submitted_at,
             started_at=stored.started_at or stored.submitted_at,
@@ -387,19 +427,127 @@ class JobService:
         )  # fmt: skip
         self._move(job_id, _S.RELEASED, by=by, reason="every output accepted", at=now)
         self.store.set_receipt(job_id, receipt.to_wire())
-        self._released[job_id] = encoded
         await self._drop(job_id)
         return _S.RELEASED
+
+    def _store_outputs(self, job_id: str, encoded: dict[str, bytes]) -> None:
+        requests = self.store.requests(job_id)
+        have = {out.name for out in self.store.outputs(job_id, payloads=False)}
+        for name, data in encoded.items():
+            if name in have:
+                continue
+            lineage, elements, aggregation = "", 0, 0.0
+            request = self._request(requests.get(name))
+            if request is not None:
+                lineage, elements = request.lineage, int(request.elements)
+                aggregation = float(request.aggregation)
+            self.store.store_output(job_id, name, data, lineage, elements, aggregation)
+
+    def _request(self, request_id: str | None) -> Any:
+        if request_id is None:
+            return None
+        try:
+            return self.owner.requests[request_id]
+        except (KeyError, DuetError):
+            return None
+
+    def _values_from_journal(self, job_id: str) -> tuple[dict[str, Any], str] | None:
+        """A job's output values as the journal kept them (its run ended with the host's
+        last process); None while any is undecided."""
+        journal = self.owner.journal
+        requests = self.store.requests(job_id)
+        stored = self.store.get(job_id)
+        if stored is None:
+            raise KeyError(job_id)
+        values: dict[str, Any] = {}
+        deciders: list[str] = []
+        for name in stored.job.spec.outputs:
+            rid = requests.get(name)
+            live = self._request(rid)
+            if live is not None and live.pending:
+                return None
+            kept = None if journal is None or rid is None else journal.get(rid)
+            if kept is None:
+                values[name] = DuetError("its request was lost when the host restarted")
+                continue
+            if kept.status == "pending":
+                return None
+            if kept.decided_by and kept.decided_by not in deciders:
+                deciders.append(kept.decided_by)
+            if kept.status != "accepted":
+                values[name] = PermissionDenied(f"{kept.status}: {kept.decision_reason}")
+                continue
+            payload = journal.payload(rid) if journal is not None else None
+            if payload is None:
+                values[name] = DuetError("its value was not kept")
+                continue
+            try:
+                value = codec.decode(payload, limits=codec.DecodeLimits(max_bytes=len(payload)))
+                values[name] = spec_to_module(value) if kept.module else value
+            except (ProtocolError, ValueError, TypeError) as exc:
+                values[name] = DuetError(f"its kept value cannot be read: {exc}")
+        for rid in requests.values():  # the outputs now live in the job store
+            with contextlib.suppress(Exception):
+                self.owner.delivered(rid)
+        return values, printable(", ".join(deciders), 200) or OWNER
+
+    # -- output review ------------------------------------------------------------------
+
+    def output_requests(self, job_id: str) -> dict[str, Any]:
+        """Released name -> the owner's request for it (None if it is no longer queued)."""
+        stored = self.store.get(job_id)
+        if stored is None:
+            raise KeyError(f"no job {printable(job_id, 64)!r}")
+        requests = self.store.requests(job_id)
+        return {name: self._request(requests.get(name)) for name in stored.job.spec.outputs}
+
+    def release(self, job_id: str, by: str = OWNER) -> None:
+        """Accept every undecided output of a job awaiting output review."""
+        self._decide_outputs(job_id, True, by, "")
+
+    def withhold(self, job_id: str, reason: str, by: str = OWNER) -> None:
+        """Deny every undecided output of a job awaiting output review, saying why."""
+        self._decide_outputs(job_id, False, by, reason or f"withheld by {by}")
+
+    def _decide_outputs(self, job_id: str, accept: bool, by: str, reason: str) -> None:
+        if self._state(job_id) is not _S.PENDING_OUTPUT_REVIEW:
+            raise InvalidTransition(f"job {job_id} is not waiting for its output review")
+        for request in self.output_requests(job_id).values():
+            if request is not None and request.pending:
+                with contextlib.suppress(DuetError):  # decided meanwhile
+                    self.owner.requests.decide_as(request.request_id, accept, by, reason)
+
+    def apply_release_rules(self, job_id: str) -> int:
+        """Release each computed output the host's release rules cover (a job whose output
+        would break a rule waits for the owner); returns how many were released."""
+        if not self.policy.release or self._state(job_id) is not _S.PENDING_OUTPUT_REVIEW:
+            return 0
+        review = self.review(job_id)
+        released = 0
+        for name, request in self.output_requests(job_id).items():
+            if request is None or not request.pending or not request.ready:
+                continue
+            facts = output_facts(
+                review, name, elements=request.elements, size_bytes=request.size_bytes,
+                aggregation=request.aggregation, checks=request.checks, error=request.error,
+            )  # fmt: skip
+            ok, why = decide_output(facts, self.policy.release,
+                                    min_aggregation=self.owner.requests.min_aggregation)  # fmt: skip
+            if ok:
+                with contextlib.suppress(DuetError):
+                    self.owner.requests.decide_as(request.request_id, True, f"{POLICY}: {why}")
+                    released += 1
+        return released
 
     async def _finish_as(self, job_id: str, state: JobState, by: str, reason: str) -> None:
         self._move(job_id, state, by=by, reason=reason)
         await self._drop(job_id)
 
-    def _deciders(self, run: JobRun) -> str:
+    def _deciders(self, request_ids: Iterable[str | None]) -> str:
         found: list[str] = []
-        for output in run.outputs.values():
-            with contextlib.suppress(KeyError, TypeError):
-                who = self.owner.requests[output.request_id].decided_by  # type: ignore[index]
+        for request_id in request_ids:
+            with contextlib.suppress(KeyError, TypeError, DuetError):
+                who = self.owner.requests[request_id].decided_by  # type: ignore[index]
                 if who and who not in found:
                     found.append(who)
         return printable(", ".join(found), 200) or OWNER

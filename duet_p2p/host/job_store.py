@@ -6,7 +6,7 @@ STRICT tables, a schema version, one connection per thread, every write one sync
 transaction). A job is stored as the signed wire form it arrived in, checked when
 submitted (signature, host, deadline, duplicates, quotas) and parsed again when read.
 
-Every state change goes through :func:`duet_p2p.jobs.lifecycle.check_transition` and is
+Every state change goes through :func:`duet_p2p.offline.lifecycle.check_transition` and is
 appended to ``job_events`` (job, time, old state, new state, who, why) in the same
 transaction: the job's audit trail. Outputs of a job are kept until it reaches a terminal
 state (delivered, withheld, expired, ...), then deleted in that transaction.
@@ -31,10 +31,10 @@ from typing import Any
 
 from duet_p2p.errors import ConfigurationError, DuetError
 from duet_p2p.host.sqlite_file import SqliteFile, init_schema
-from duet_p2p.jobs import lifecycle
-from duet_p2p.jobs.lifecycle import OPEN, TERMINAL, InvalidTransition, JobState
-from duet_p2p.jobs.receipt import InvalidReceipt, Receipt, content_hash
-from duet_p2p.jobs.spec import InvalidJob, SignedJob
+from duet_p2p.offline import lifecycle
+from duet_p2p.offline.lifecycle import OPEN, TERMINAL, InvalidTransition, JobState
+from duet_p2p.offline.receipt import InvalidReceipt, Receipt, content_hash
+from duet_p2p.offline.spec import InvalidJob, SignedJob
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ _SCHEMA = (
         size_bytes INTEGER NOT NULL, lineage TEXT NOT NULL, elements INTEGER NOT NULL,
         aggregation REAL NOT NULL, stored_at REAL NOT NULL,
         PRIMARY KEY (job_id, name)) STRICT""",
+    """CREATE TABLE job_requests (
+        job_id TEXT NOT NULL, name TEXT NOT NULL, request_id TEXT NOT NULL,
+        PRIMARY KEY (job_id, name)) STRICT""",
+    """CREATE TABLE job_notices (
+        job_id TEXT PRIMARY KEY, state TEXT NOT NULL, at REAL NOT NULL) STRICT""",
 )
 _COLUMNS = (
     "job_id, job_hash, client_id, wire, state, attempts, submitted_at, deadline, updated_at, "
@@ -367,7 +372,8 @@ class JobStore(SqliteFile):
             raise JobQuotaExceeded(f"an output is at most {self.max_output_bytes} bytes here")
         with self._write() as db:
             state, _ = self._state_of(db, job_id)
-            if state not in (JobState.RUNNING, JobState.FINISHED):
+            if state not in (JobState.RUNNING, JobState.FINISHED,
+                             JobState.PENDING_OUTPUT_REVIEW):  # fmt: skip
                 raise InvalidTransition(f"job {job_id} is {state}; it stores no outputs now")
             spec = self._job(db, job_id).spec
             if type(name) is not str or name not in spec.outputs:
@@ -387,6 +393,49 @@ class JobStore(SqliteFile):
                 (job_id, name, payload, content_hash(payload), len(payload), lineage, elements,
                  float(aggregation), time.time()),
             )  # fmt: skip
+
+    def set_requests(self, job_id: str, request_ids: dict[str, str]) -> None:
+        """Remember the owner's request behind each declared output of a run."""
+        with self._write() as db:
+            spec = self._job(db, job_id).spec
+            for name, request_id in request_ids.items():
+                if name not in spec.outputs or type(request_id) is not str:
+                    raise ValueError(f"{str(name)[:64]!r} is not an output job {job_id} declared")
+                db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)",
+                           (job_id, name, _text(request_id, "request_id", 64, least=1)))  # fmt: skip
+
+    def requests(self, job_id: str) -> dict[str, str]:
+        """The owner's request behind each output of the job's run, by output name."""
+        with self._connection() as db:
+            rows = db.execute("SELECT name, request_id FROM job_requests WHERE job_id = ?",
+                              (_key(job_id),)).fetchall()  # fmt: skip
+        return {str(name): str(rid) for name, rid in rows}
+
+    def noticed(self, job_id: str) -> str | None:
+        """The last state its scientist was sent a notice of (None: none yet)."""
+        with self._connection() as db:
+            row = db.execute("SELECT state FROM job_notices WHERE job_id = ?",
+                             (_key(job_id),)).fetchone()  # fmt: skip
+        return row[0] if row is not None and isinstance(row[0], str) else None
+
+    def unnoticed(self, states: Collection[JobState | str], *, limit: int = 100) -> list[StoredJob]:
+        """Jobs in ``states`` whose scientist was not sent a notice of that state yet (nor
+        of a later one), oldest change first."""
+        chosen = sorted({str(lifecycle.parse_state(s)) for s in states})
+        if not chosen:
+            return []
+        return self._select(
+            f"WHERE state IN ({_marks(chosen)}) AND NOT EXISTS (SELECT 1 FROM job_notices n "
+            "WHERE n.job_id = jobs.job_id AND (n.state = jobs.state OR n.state = ?)) "
+            "ORDER BY updated_at LIMIT ?", (*chosen, str(JobState.DELIVERED), _limit(limit)),
+        )  # fmt: skip
+
+    def set_noticed(self, job_id: str, state: JobState | str) -> None:
+        """Record that the job's scientist was sent a notice of ``state``."""
+        state = lifecycle.parse_state(state)
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO job_notices VALUES (?, ?, ?)",
+                       (_key(job_id), str(state), time.time()))  # fmt: skip
 
     def outputs(self, job_id: str, *, payloads: bool = True) -> list[StoredOutput]:
         """The job's outputs by name (payload None once freed or if not ``payloads``)."""
@@ -433,23 +482,28 @@ class JobStore(SqliteFile):
         found = self._select("WHERE job_id = ?", (_key(job_id),))
         return found[0] if found else None
 
-    def for_client(self, client_id: str, *, limit: int = 1000) -> list[StoredJob]:
-        """``client_id``'s jobs, oldest first."""
+    def for_client(
+        self, client_id: str, *, limit: int = 1000, newest_first: bool = False
+    ) -> list[StoredJob]:
+        """``client_id``'s jobs, oldest first (or the newest first)."""
+        order = "DESC" if newest_first else ""
         return self._select(
-            "WHERE client_id = ? ORDER BY seq LIMIT ?", (_key(client_id), _limit(limit))
+            f"WHERE client_id = ? ORDER BY seq {order} LIMIT ?", (_key(client_id), _limit(limit))
         )
 
     def all(
-        self, states: Collection[JobState | str] | None = None, *, limit: int = 1000
-    ) -> list[StoredJob]:
-        """Every job (in ``states``, if given), oldest first."""
+        self, states: Collection[JobState | str] | None = None, *, limit: int = 1000,
+        newest_first: bool = False,
+    ) -> list[StoredJob]:  # fmt: skip
+        """Every job (in ``states``, if given), oldest first (or the newest first)."""
+        order = "ORDER BY seq DESC" if newest_first else "ORDER BY seq"
         if states is None:
-            return self._select("ORDER BY seq LIMIT ?", (_limit(limit),))
+            return self._select(f"{order} LIMIT ?", (_limit(limit),))
         chosen = sorted({str(lifecycle.parse_state(s)) for s in states})
         if not chosen:
             return []
         return self._select(
-            f"WHERE state IN ({_marks(chosen)}) ORDER BY seq LIMIT ?", (*chosen, _limit(limit))
+            f"WHERE state IN ({_marks(chosen)}) {order} LIMIT ?", (*chosen, _limit(limit))
         )
 
     def events(self, job_id: str) -> list[JobEvent]:
@@ -555,7 +609,7 @@ def _free(db: sqlite3.Connection, job_id: str) -> int:
 
 def _forget(db: sqlite3.Connection, job_id: str) -> None:
     """Delete a job, its outputs and its events (the host's audit log keeps them)."""
-    for table in ("job_outputs", "job_events", "jobs"):
+    for table in ("job_outputs", "job_events", "job_requests", "job_notices", "jobs"):
         db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
 
@@ -603,7 +657,8 @@ def _limit(value: object) -> int:
 
 def _init_schema(db: sqlite3.Connection, path: Path) -> None:
     init_schema(db, path, statements=_SCHEMA, version=SCHEMA_VERSION,
-                tables=frozenset({"jobs", "job_events", "job_outputs"}), what="job")  # fmt: skip
+                tables=frozenset({"jobs", "job_events", "job_outputs", "job_requests",
+                                      "job_notices"}), what="job")  # fmt: skip
 
 
 # -- reading: trust nothing the file holds -------------------------------------------------

@@ -10,6 +10,7 @@ from duet_p2p.allowlist import Allowlist
 from duet_p2p.connect import ConnectOptions
 from duet_p2p.duet import cap_owner_messages
 from duet_p2p.host.host import Host
+from duet_p2p.host.jobs import JobSettings
 from duet_p2p.identity import Identity
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.paths import data_dir as default_data_dir
@@ -33,6 +34,7 @@ def new_host(
     request_expiry: float | None = None,
     max_scientists: int = 16,
     max_pending_admissions: int = 32,
+    jobs: JobSettings | None = None,
     ice_servers: list[dict[str, Any]] | None = None,
     host_addresses: list[str] | None = None,
     timeout: float | None = None,
@@ -50,6 +52,7 @@ def new_host(
         allowlist=allowlist, limits=limits, min_aggregation=min_aggregation,
         disclosure=disclosure, keep_released=keep_released, request_expiry=request_expiry,
         max_scientists=max_scientists, max_pending_admissions=max_pending_admissions,
+        jobs=jobs,
     )  # fmt: skip
 
 
@@ -63,7 +66,9 @@ def launch_host(signaling_url: str | None = None, **options: Any) -> Host:
     ``admit``: ``"ask"`` (the owner accepts each new scientist: ``host.admissions``),
     ``"any"``, or a list of Client IDs. ``keep_released``: seconds a value accepted while
     its scientist was away is kept for them. ``request_expiry``: seconds after which an
-    undecided request expires (None: never). Other arguments as for ``launch_duet``.
+    undecided request expires (None: never). ``jobs``: how offline jobs are taken, reviewed
+    and run (``JobSettings``; default: taken live and from the mailbox, the owner reviews
+    each). Other arguments as for ``launch_duet``.
     """
     host = new_host(signaling_url, **options)
     runtime = get_runtime()

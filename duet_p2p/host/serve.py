@@ -28,6 +28,7 @@ def host_from_config(config: HostConfig) -> Host:
         max_scientists=s.max_scientists, max_pending_admissions=s.max_pending_admissions,
         ice_servers=None if s.ice_servers is None else [dict(e) for e in s.ice_servers],
         host_addresses=None if s.host_addresses is None else list(s.host_addresses),
+        jobs=config.jobs,
     )  # fmt: skip
     try:
         for spec in config.datasets:
@@ -37,6 +38,8 @@ def host_from_config(config: HostConfig) -> Host:
             handler.add_to(host.owner.requests)
     except BaseException:
         host.state.close()
+        if host._jobs is not None:
+            host._jobs.close_files()
         raise
     return host
 

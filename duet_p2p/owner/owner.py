@@ -138,6 +138,8 @@ class Owner:
             handler_counts=None if journal is None else journal.handler_count,
         )  # fmt: skip
         self.journal = journal
+        self.jobs: Any = None
+        """A standing host's offline jobs (``HostJobs``): what a session's job messages reach."""
         self.keep_released = keep_released
         self._writer = JournalWriter(journal.transaction) if journal is not None else None
         self._kept_per_scientist = max(1, min(limits.max_requests, MAX_KEPT_PER_SCIENTIST))

@@ -35,6 +35,7 @@ from duet_p2p.errors import DuetError, PeerClosed, ProtocolError, RemoteError
 from duet_p2p.limits import OwnerLimits
 from duet_p2p.modules import module_to_spec, spec_to_module
 from duet_p2p.owner.dp_service import DPQueries
+from duet_p2p.owner.job_desk import JobDesk
 from duet_p2p.owner.labels import Label
 from duet_p2p.owner.monitor import Monitor, Node, elements_of
 from duet_p2p.owner.owner import Owner
@@ -252,6 +253,7 @@ class OwnerCore:
         self.endpoint.on("cancel_request", self._on_cancel)
         self.endpoint.on("list_requests", self._on_list_requests)
         self.endpoint.on("fetch_release", self._on_fetch_release)
+        JobDesk(self)
         self._tasks = [
             asyncio.ensure_future(self._work_loop()),
             asyncio.ensure_future(self._expire_loop()),

@@ -506,7 +506,15 @@ class RequestQueue(TableView):
 
     # --- internals (call with the lock held) ------------------------------------------
 
-    def _owner_decides(self, request_id: str, status: RequestStatus, reason: str) -> Request:
+    def decide_as(self, request_id: str, accept: bool, by: str, reason: str = "") -> Request:
+        """Decide for the owner under another name (e.g. a job's release rule); the
+        decision is audited and sent like the owner's."""
+        status = RequestStatus.ACCEPTED if accept else RequestStatus.DENIED
+        return self._owner_decides(request_id, status, reason, by=_cap(by)[:200] or "owner")
+
+    def _owner_decides(
+        self, request_id: str, status: RequestStatus, reason: str, by: str = "owner"
+    ) -> Request:
         with self._lock:
             request = self._requests.get(_bare_id(request_id))
             if request is None:
@@ -516,7 +524,7 @@ class RequestQueue(TableView):
                     f"request {uid_label(request.request_id)} ({safe_text(request.name)}) "
                     f"was already {request.status.value}"
                 )
-            self._decide(request, status, "owner", _cap(reason))
+            self._decide(request, status, by, _cap(reason))
         self._emit(request)
         return request
 

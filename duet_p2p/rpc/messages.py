@@ -14,10 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from duet_p2p.errors import ProtocolError
 from duet_p2p.rpc.dp_spec import QuerySpec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """2: gets carry max_bytes; failures of private results are released like values.
 3: differentially private queries and budgets.
-4: a scientist lists their requests and fetches values approved while away."""
+4: a scientist lists their requests and fetches values approved while away.
+5: offline jobs on a standing host (submit, list, cancel, fetch results)."""
+MAX_JOB_BYTES = (1 << 20) + 256
+"""Largest signed job (``duet_p2p.offline.spec.MAX_WIRE_BYTES``)."""
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")]
 OpPath = Annotated[str, Field(min_length=1, max_length=200)]
 Text = Annotated[str, Field(max_length=4000)]
@@ -148,6 +151,47 @@ class FetchRelease(Message):
     request_id: ObjectId
 
 
+class SubmitJob(Message):
+    """Scientist -> standing host: a signed offline job (``duet_p2p.offline.spec`` wire form);
+    the reply is the job's row."""
+
+    kind: Literal["submit_job"] = "submit_job"
+    call_id: int = Field(ge=0)
+    job: Annotated[bytes, Field(max_length=MAX_JOB_BYTES)]
+
+
+class ListJobs(Message):
+    """Scientist -> standing host: the scientist's own jobs, with their states."""
+
+    kind: Literal["list_jobs"] = "list_jobs"
+    call_id: int = Field(ge=0)
+
+
+class CancelJob(Message):
+    """Scientist -> standing host: cancel one of the scientist's jobs."""
+
+    kind: Literal["cancel_job"] = "cancel_job"
+    call_id: int = Field(ge=0)
+    job_id: ObjectId
+
+
+class FetchJobResult(Message):
+    """Scientist -> standing host: the results of a released job; the reply is the job's
+    row, then (when released) a JobResult carrying the result bundle."""
+
+    kind: Literal["fetch_job_result"] = "fetch_job_result"
+    call_id: int = Field(ge=0)
+    job_id: ObjectId
+
+
+class JobResult(Message):
+    """Standing host -> scientist: a released job's result bundle (the attachment)."""
+
+    kind: Literal["job_result"] = "job_result"
+    job_id: ObjectId
+    value: Any = None
+
+
 class Reply(Message):
     """The answer to a message that had a ``call_id``."""
 
@@ -199,6 +243,11 @@ AnyMessage = Annotated[
     | BudgetQuery
     | ListRequests
     | FetchRelease
+    | SubmitJob
+    | ListJobs
+    | CancelJob
+    | FetchJobResult
+    | JobResult
     | Reply
     | Decision
     | StoreChanged

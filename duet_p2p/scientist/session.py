@@ -46,16 +46,21 @@ from duet_p2p.rpc.messages import (
     Action,
     Actions,
     BudgetQuery,
+    CancelJob,
     CancelRequest,
     Decision,
     Delete,
     DPQuery,
+    FetchJobResult,
     FetchRelease,
     GetRequest,
     Hello,
+    JobResult,
+    ListJobs,
     ListRequests,
     Message,
     StoreQuery,
+    SubmitJob,
     Upload,
 )
 from duet_p2p.rpc.ops import INDEX_OP
@@ -121,6 +126,7 @@ class ScientistCore:
         self.show_progress = _interactive_stderr()
         """Show a progress bar on stderr while a large value arrives."""
         self._progress_bar: Any = None
+        self._job_results: dict[str, tuple[asyncio.Future[bytes], int]] = {}
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -130,6 +136,7 @@ class ScientistCore:
             self.connection.transport.on_progress = self._on_progress
         self.endpoint.on("decision", self._on_decision)
         self.endpoint.on("store_changed", self._on_store_changed)
+        self.endpoint.on("job_result", self._on_job_result)
         hello = Hello(
             version=PROTOCOL_VERSION, role="scientist", library="duet_p2p",
             max_message_bytes=self._incoming_cap,
@@ -333,6 +340,50 @@ class ScientistCore:
     async def my_requests(self) -> Any:
         """The owner's list of this scientist's requests (checked by the caller)."""
         return await self._call(ListRequests(call_id=self.endpoint.next_call_id()))
+
+    # -- offline jobs on a standing host --------------------------------------------------
+
+    async def submit_job(self, wire: bytes) -> Any:
+        """Hand a signed job to the host; its row (checked by the caller)."""
+        return await self._call(SubmitJob(call_id=self.endpoint.next_call_id(), job=wire))
+
+    async def list_jobs(self) -> Any:
+        """The host's rows of this scientist's jobs (checked by the caller)."""
+        return await self._call(ListJobs(call_id=self.endpoint.next_call_id()))
+
+    async def cancel_job(self, job_id: str) -> Any:
+        return await self._call(CancelJob(call_id=self.endpoint.next_call_id(), job_id=job_id))
+
+    async def fetch_job_result(
+        self, job_id: str, max_bytes: int, timeout: float | None = None
+    ) -> tuple[Any, bytes | None]:
+        """The job's row, and its result bundle when released (at most ``max_bytes``)."""
+        self._allow_incoming(max_bytes)
+        assert self.loop is not None
+        future: asyncio.Future[bytes] = self.loop.create_future()
+        future.add_done_callback(_mark_retrieved)
+        self._job_results[job_id] = (future, max_bytes)
+        try:
+            row = await self._call(FetchJobResult(call_id=self.endpoint.next_call_id(),
+                                                  job_id=job_id))  # fmt: skip
+            size = row.get("size") if isinstance(row, dict) else None
+            if size is None:
+                return row, None
+            return row, await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            self._job_results.pop(job_id, None)
+            future.cancel()
+
+    def _on_job_result(self, message: JobResult) -> None:
+        waiting = self._job_results.get(message.job_id)
+        if waiting is None or waiting[0].done():
+            return
+        future, max_bytes = waiting
+        value = message.value
+        if not isinstance(value, bytes | bytearray | memoryview) or len(value) > max_bytes:
+            future.set_exception(ProtocolError("the host sent a malformed or oversize result"))
+        else:
+            future.set_result(bytes(value))
 
     async def fetch_release(
         self, request_id: str, max_bytes: int | None = None, timeout: float | None = None

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,8 +31,11 @@ WAIT = 10.0
 T = TypeVar("T")
 SUBCOMMANDS = [
     "init", "serve", "id", "status", "requests", "accept", "deny",
-    "admissions", "admit", "refuse", "audit",
+    "admissions", "admit", "refuse", "audit", "jobs", "job", "approve", "reject", "release",
+    "withhold",
 ]  # fmt: skip
+JOB = "00112233445566778899aabbccddeeff"
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeHost:
@@ -92,6 +96,68 @@ class FakeHost:
         self._call("audit", last)
         entry = {"ts": "2026-01-01T00:00:00.000Z", "event": "decision", "reason": EVIL}
         return [entry] * min(last, 2)
+
+    job_answer: Any = None
+
+    def control_jobs(self, all: bool) -> list[dict[str, Any]]:
+        self._call("jobs", all)
+        return [JOB_ROW]
+
+    def control_job(self, job_id: str) -> Any:
+        self._call("job", job_id)
+        if self.job_answer is not None:
+            return self.job_answer
+        return {"job": JOB_ROW, "review": REVIEW, "review_error": None,
+                "outputs": [OUTPUT, {**OUTPUT, "name": "loss", "status": "not computed",
+                                     "size_bytes": None, "error": "ran out " + EVIL}],
+                "events": [EVENT, {**EVENT, "old": "submitted", "new": "pending_review"}]}  # fmt: skip
+
+    def _job_decision(self, name: str, job_id: str, *reason: str) -> dict[str, Any]:
+        self._call(name, job_id, *reason)
+        state = {"approve": "queued", "reject": "rejected", "release": "pending_output_review",
+                 "withhold": "withheld"}[name]  # fmt: skip
+        if name == "reject":  # an older host: no decision in its answer
+            return {"job_id": job_id, "state": state}
+        decided = {"approve": "approved", "release": "released", "withhold": "withheld"}
+        return {"job_id": job_id, "decision": decided[name], "state": state}
+
+    def control_approve(self, job_id: str) -> dict[str, Any]:
+        return self._job_decision("approve", job_id)
+
+    def control_reject(self, job_id: str, reason: str) -> dict[str, Any]:
+        return self._job_decision("reject", job_id, reason)
+
+    def control_release(self, job_id: str) -> dict[str, Any]:
+        return self._job_decision("release", job_id)
+
+    def control_withhold(self, job_id: str, reason: str) -> dict[str, Any]:
+        return self._job_decision("withhold", job_id, reason)
+
+
+JOB_ROW = {
+    "job_id": JOB, "client_id": CID, "state": "pending_review", "plan": "stats" + EVIL,
+    "steps": 2, "submitted_at": 1_700_000_000.0, "updated_at": 1_700_000_000.0,
+    "deadline": 1_700_003_600.0, "started_at": None, "finished_at": None, "progress": [0, 0],
+    "last_by": "policy", "reason": "no rule matches " + EVIL, "receipt": False,
+}  # fmt: skip
+REVIEW = {
+    "job_id": JOB, "client_id": CID, "host_id": RID, "job_hash": "ab" * 32,
+    "plan_hash": "cd" * 32, "plan": "stats", "steps": 2, "reason": "for the paper " + EVIL,
+    "inputs": [{"name": "x", "tag": "ages " + EVIL, "hosted": True},
+               {"name": "y", "tag": "labels", "hosted": False}],
+    "outputs": [{"name": "accuracy", "source": "r1", "lineage": "ages.mean()", "ops": []}],
+    "ops": ["torch.Tensor.mean"], "max_seconds": 60.0, "max_result_elements": 100,
+    "max_result_bytes": 10000, "created_at": 1_700_000_000.0, "deadline": 1_700_003_600.0,
+    "problems": ["input y is bound to 'labels', which this host does not hold " + EVIL],
+    "ok": False,
+}  # fmt: skip
+OUTPUT = {
+    "name": "accuracy", "request_id": RID, "status": "pending", "lineage": "ages.mean()",
+    "elements": 1, "size_bytes": 1_200_000, "aggregation": 40.0,
+    "aggregation_text": ">= 40 records", "checks": ["small group " + EVIL], "error": None,
+}  # fmt: skip
+EVENT = {"at": 1_700_000_000.0, "old": None, "new": "submitted", "by": CID,
+         "reason": "submitted " + EVIL}  # fmt: skip
 
 
 class Background:
@@ -252,6 +318,141 @@ def test_audit_last_out_of_range(
     code, _, err = run(capsys, "audit", "--last", "0", "--socket", str(path))
     assert code == 1 and "--last" in err
     assert fake.calls == []
+
+
+# --- jobs --------------------------------------------------------------------------------
+
+
+def test_jobs_table(host: tuple[Path, FakeHost], capsys: pytest.CaptureFixture[str]) -> None:
+    path, fake = host
+    code, out, err = run(capsys, "jobs", "--socket", str(path))
+    assert code == 0 and err == ""
+    for word in ("Job ID", "Client ID", "State", "Plan", "Submitted", "Reason", JOB, CID,
+                 "pending_review", "(2 steps)", "no rule matches ok"):  # fmt: skip
+        assert word in out
+    assert_printable(out)
+    assert run(capsys, "jobs", "--all", "--socket", str(path))[0] == 0
+    code, out, _ = run(capsys, "jobs", "--json", "--socket", str(path))
+    assert code == 0 and json.loads(out)[0]["reason"] == "no rule matches " + EVIL
+    assert_printable(out)
+    assert fake.calls == [("jobs", (False,)), ("jobs", (True,)), ("jobs", (False,))]
+
+
+def test_job_shows_review_outputs_and_trail(
+    host: tuple[Path, FakeHost], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, fake = host
+    code, out, err = run(capsys, "job", f"<UID:{JOB}>", "--socket", str(path))
+    assert code == 0 and err == ""
+    for word in (f"Job {JOB}", "Code review (cannot run)", "Plan hash", "cd" * 32,
+                 "Problem", "which this host does not hold", "Input x", "(hosted)",
+                 "Input y", "NOT HOSTED", "Output accuracy", "ages.mean()", "60 s",
+                 "Outputs", "1.2 MB", ">= 40 records", "small group ok", "not computed (failed)",
+                 "Trail", "submitted", "pending_review",
+                 f"duet-host approve {JOB}", f"duet-host reject {JOB} --reason"):  # fmt: skip
+        assert word in out, word
+    assert_printable(out)
+    assert fake.calls == [("job", (JOB,))]
+
+
+@pytest.mark.parametrize(
+    "answer", [[], {"job": "x"}, {"job": {}, "outputs": "x"}, {"job": {}, "events": [1]}]
+)
+def test_a_malformed_job_answer_is_refused(
+    host: tuple[Path, FakeHost], capsys: pytest.CaptureFixture[str], answer: Any
+) -> None:
+    path, fake = host
+    fake.job_answer = answer
+    code, _, err = run(capsys, "job", JOB, "--socket", str(path))
+    assert code == 1 and "malformed" in err and "Traceback" not in err
+
+
+def test_job_decisions(host: tuple[Path, FakeHost], capsys: pytest.CaptureFixture[str]) -> None:
+    path, fake = host
+    sock = ("--socket", str(path))
+    assert run(capsys, "approve", JOB.upper(), *sock)[:2] == (
+        0,
+        f"Job {JOB}: approved (now queued)\n",
+    )
+    assert run(capsys, "reject", JOB, "--reason", "raw labels", *sock)[1] == (
+        f"Job {JOB}: rejected\n"
+    )
+    assert run(capsys, "release", JOB, *sock)[1] == (
+        f"Job {JOB}: released (now pending_output_review)\n"
+    )
+    code, out, _ = run(capsys, "withhold", JOB, "--reason", "too fine", "--json", *sock)
+    assert code == 0 and json.loads(out) == {
+        "job_id": JOB, "decision": "withheld", "state": "withheld",
+    }  # fmt: skip
+    assert fake.calls == [
+        ("approve", (JOB,)), ("reject", (JOB, "raw labels")), ("release", (JOB,)),
+        ("withhold", (JOB, "too fine")),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["reject", "withhold"])
+def test_rejecting_or_withholding_needs_a_reason(
+    host: tuple[Path, FakeHost], capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    path, fake = host
+    with pytest.raises(SystemExit) as exited:
+        main([command, JOB, "--socket", str(path)])
+    assert exited.value.code == 2 and "--reason" in capsys.readouterr().err
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["job", "not-an-id"],
+        ["approve", "../" + JOB],
+        ["release", JOB + "0"],
+        ["reject", JOB, "--reason", "  "],
+        ["withhold", JOB, "--reason", "line\x1b[2Jbreak"],
+        ["withhold", JOB, "--reason", "x" * 1001],
+    ],
+)
+def test_bad_job_arguments_are_refused_by_the_host(
+    host: tuple[Path, FakeHost], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    path, fake = host
+    code, _, err = run(capsys, *argv, "--socket", str(path))
+    assert code == 1 and err.startswith("duet-host: error: ")
+    assert_printable(err)
+    assert fake.calls == []
+
+
+NO_TORCH = """\
+import sys
+from duet_p2p.host.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+assert not loaded, loaded[:5]
+raise SystemExit(code)
+"""
+
+
+def test_job_commands_do_not_import_torch(host: tuple[Path, FakeHost], short_dir: Path) -> None:
+    path, fake = host
+    (short_dir / "hosts").mkdir()
+    (short_dir / "hosts" / "lab").symlink_to(path.parent)
+    config = short_dir / "host.toml"
+    config.write_text(
+        f'[host]\nname = "lab"\nsignaling_url = "http://127.0.0.1:8765"\n'
+        f'data_dir = "{short_dir}"\n\n[jobs]\nconcurrency = 2\n'
+        f'approve_clients = ["{CID}"]\n[[jobs.release]]\noutputs = ["accuracy"]\n'
+    )  # fmt: skip
+    for argv in (["jobs", "--help"], ["jobs", "--config", str(config)],
+                 ["approve", JOB, "--config", str(config)]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", NO_TORCH, *argv], cwd=REPO, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert fake.calls == [("jobs", (False,)), ("approve", (JOB,))]
 
 
 # --- no host, no config -----------------------------------------------------------------

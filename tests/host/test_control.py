@@ -23,6 +23,7 @@ from duet_p2p.host.control import ControlServer, request, socket_path
 
 RID = "0123456789abcdef0123456789abcdef"
 CID = "fedcba9876543210fedcba9876543210"
+JOB = "00112233445566778899aabbccddeeff"
 WAIT = 10.0
 
 
@@ -82,6 +83,30 @@ class FakeHost:
                 with self._lock:
                     self.running -= 1
         return [{"ts": "2026-01-01T00:00:00.000Z", "event": "connect"}] * min(last, 3)
+
+    def control_jobs(self, all: bool) -> list[dict[str, Any]]:
+        self._call("jobs", all)
+        return [{"job_id": JOB, "state": "pending_review"}]
+
+    def control_job(self, job_id: str) -> dict[str, Any]:
+        self._call("job", job_id)
+        return {"job": {"job_id": job_id}, "review": None, "outputs": [], "events": []}
+
+    def control_approve(self, job_id: str) -> dict[str, Any]:
+        self._call("approve", job_id)
+        return {"job_id": job_id, "state": "queued"}
+
+    def control_reject(self, job_id: str, reason: str) -> dict[str, Any]:
+        self._call("reject", job_id, reason)
+        return {"job_id": job_id, "state": "rejected"}
+
+    def control_release(self, job_id: str) -> dict[str, Any]:
+        self._call("release", job_id)
+        return {"job_id": job_id, "state": "released"}
+
+    def control_withhold(self, job_id: str, reason: str) -> dict[str, Any]:
+        self._call("withhold", job_id, reason)
+        return {"job_id": job_id, "state": "withheld"}
 
 
 @pytest.fixture
@@ -154,6 +179,23 @@ async def test_every_command_round_trips(served: tuple[ControlServer, FakeHost])
         ("audit", (2,)),
         ("audit", (control.DEFAULT_AUDIT_LAST,)),
     ]
+
+
+async def test_job_commands_round_trip(served: tuple[ControlServer, FakeHost]) -> None:
+    server, host = served
+    path = server.path
+    assert (await ask(path, "jobs"))[0]["job_id"] == JOB
+    await ask(path, "jobs", {"all": True})
+    assert (await ask(path, "job", {"job_id": f"<UID:{JOB.upper()}>"}))["job"]["job_id"] == JOB
+    assert await ask(path, "approve", {"job_id": f" {JOB} "}) == {"job_id": JOB, "state": "queued"}
+    await ask(path, "reject", {"job_id": JOB, "reason": "raw labels"})
+    await ask(path, "release", {"job_id": JOB})
+    await ask(path, "withhold", {"job_id": JOB, "reason": "too fine"})
+    assert host.calls == [
+        ("jobs", (False,)), ("jobs", (True,)), ("job", (JOB,)), ("approve", (JOB,)),
+        ("reject", (JOB, "raw labels")), ("release", (JOB,)), ("withhold", (JOB, "too fine")),
+    ]  # fmt: skip
+    assert {"jobs", "job", "approve", "reject", "release", "withhold"} <= control.COMMANDS
 
 
 async def test_socket_is_private(served: tuple[ControlServer, FakeHost]) -> None:
@@ -233,6 +275,18 @@ BAD_LINES = {
     "last bool": line("audit", last=True),
     "last float": line("audit", last=2.0),
     "NaN": b'{"command": "audit", "args": {"last": NaN}}\n',
+    "job without id": line("job"),
+    "job id short": line("job", job_id=JOB[:-1]),
+    "job id not hex": line("approve", job_id="z" * 32),
+    "job id a list": line("release", job_id=[JOB]),
+    "job id path": line("release", job_id="../" + JOB),
+    "reject without reason": line("reject", job_id=JOB),
+    "reject with blank reason": line("reject", job_id=JOB, reason=" \t"),
+    "withhold escape in reason": line("withhold", job_id=JOB, reason="a\x1b]0;x\x07b"),
+    "withhold long reason": line("withhold", job_id=JOB, reason="x" * 1001),
+    "approve with reason": line("approve", job_id=JOB, reason="x"),
+    "jobs all not bool": line("jobs", all="true"),
+    "cancel is not a command": line("cancel", job_id=JOB),
     "deep nesting": b'{"command": "status", "args": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
 }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from duet_p2p.host.config import (
     parse_config,
 )
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.offline.policy import JobPolicy, ReleaseRule
 from duet_p2p.permissions.request import RequestQueue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,6 +235,78 @@ def test_example_config_parses() -> None:
     assert config.handlers and config.budgets
 
 
+JOBS = f"""
+[jobs]
+enabled = false
+concurrency = 3
+on_restart = "requeue"
+max_job_seconds = 7200
+mailbox = false
+poll_seconds = 5
+approve_clients = ["{CLIENT.upper()}"]
+approve_plans = ["{"ab" * 32}"]
+approve_ops = ["torch.Tensor.mean", "torch.nn.functional.relu"]
+max_seconds = 600
+
+[[jobs.release]]
+name = "accuracy only"
+outputs = ["accuracy"]
+max_elements = 1
+
+[[jobs.release]]
+tags = ["ages"]
+op = "torch.Tensor.mean"
+min_aggregation = 20
+"""
+
+
+def test_jobs_table(folder: Path) -> None:
+    from duet_p2p.host.jobs import JobSettings
+
+    config = load_config(write(folder, MINIMAL + JOBS))
+    policy = JobPolicy(
+        approve_clients=frozenset({CLIENT}), approve_plans=frozenset({"ab" * 32}),
+        approve_ops=frozenset({"torch.Tensor.mean", "torch.nn.functional.relu"}),
+        max_seconds=600.0,
+        release=(ReleaseRule(name="accuracy only", outputs=frozenset({"accuracy"}),
+                             max_elements=1),
+                 ReleaseRule(tags=frozenset({"ages"}), op="torch.Tensor.mean",
+                             min_aggregation=20.0)),
+    )  # fmt: skip
+    expected = JobSettings(enabled=False, policy=policy, concurrency=3, on_restart="requeue",
+                           max_job_seconds=7200.0, mailbox=False, poll_seconds=5.0)  # fmt: skip
+    assert config.jobs == expected
+    assert config.jobs is config.jobs  # made once
+    assert isinstance(config.jobs.max_job_seconds, float)
+
+
+def test_jobs_defaults(folder: Path) -> None:
+    from duet_p2p.host.jobs import JobSettings
+
+    assert load_config(write(folder, MINIMAL)).jobs == JobSettings()
+    assert load_config(write(folder, MINIMAL + "[jobs]\n")).jobs == JobSettings()
+
+
+def test_job_limits_agree_with_the_job_machinery() -> None:
+    from duet_p2p.host import config, jobs
+
+    assert config.MAX_CONCURRENCY == jobs.MAX_CONCURRENCY
+    assert config.ON_RESTART == jobs.ON_RESTART
+
+
+def test_reading_jobs_does_not_import_torch(folder: Path) -> None:
+    path = write(folder, MINIMAL + JOBS)
+    code = (
+        "import sys; from duet_p2p.host.config import load_config; "
+        f"c = load_config({str(path)!r}); assert c.job_options.concurrency == 3; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+        "assert not bad, bad[:5]"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
 # -- refused, naming the field -------------------------------------------------------------
 
 PATH_CASES = [
@@ -376,6 +451,51 @@ PATH_CASES = [
      "budgets[0].client_id: cannot go with total = true"),
     (MINIMAL + '[[budgets]]\ndataset = "ages"\nepsilon = 3.0\n',
      "budgets[1].dataset: duplicate budget"),
+    # [jobs]
+    ("jobs = 1\n" + MINIMAL, "jobs: must be a table"),
+    (MINIMAL + "[jobs]\nconcurency = 2\n", "jobs.concurency: unknown key; expected one of"),
+    (MINIMAL + "[jobs]\nenabled = 'yes'\n", "jobs.enabled: must be true or false, not a string"),
+    (MINIMAL + "[jobs]\nmailbox = 1\n", "jobs.mailbox: must be true or false"),
+    (MINIMAL + "[jobs]\nconcurrency = 0\n", "jobs.concurrency: must be >= 1 and <= 16, not 0"),
+    (MINIMAL + "[jobs]\nconcurrency = 17\n", "jobs.concurrency: must be >= 1 and <= 16"),
+    (MINIMAL + "[jobs]\nconcurrency = 1.5\n", "jobs.concurrency: must be an integer"),
+    (MINIMAL + "[jobs]\nconcurrency = true\n", "jobs.concurrency: must be an integer, not a"),
+    (MINIMAL + "[jobs]\non_restart = 'retry'\n",
+     'jobs.on_restart: must be "fail" or "requeue", not \'retry\''),
+    (MINIMAL + "[jobs]\nmax_job_seconds = 0\n", "jobs.max_job_seconds: must be > 0"),
+    (MINIMAL + "[jobs]\nmax_job_seconds = -5\n", "jobs.max_job_seconds: must be > 0"),
+    (MINIMAL + "[jobs]\nmax_job_seconds = inf\n", "jobs.max_job_seconds: must be > 0"),
+    (MINIMAL + "[jobs]\nmax_job_seconds = nan\n", "jobs.max_job_seconds: must be > 0"),
+    (MINIMAL + "[jobs]\nmax_job_seconds = 1e10\n", "jobs.max_job_seconds: must be > 0 and <"),
+    (MINIMAL + "[jobs]\nmax_job_seconds = '60'\n", "jobs.max_job_seconds: must be a number"),
+    (MINIMAL + "[jobs]\npoll_seconds = 0\n", "jobs.poll_seconds: must be > 0 and <= 300"),
+    (MINIMAL + "[jobs]\npoll_seconds = 301\n", "jobs.poll_seconds: must be > 0 and <= 300"),
+    (MINIMAL + "[jobs]\napprove_clients = ['me']\n",
+     "jobs.approve_clients[0]: 'me' is not a Client ID"),
+    (MINIMAL + f"[jobs]\napprove_clients = '{CLIENT}'\n",
+     "jobs.approve_clients: must be a list"),
+    (MINIMAL + f"[jobs]\napprove_clients = ['{CLIENT}', '{CLIENT.upper()}']\n",
+     "jobs.approve_clients: has duplicates"),
+    (MINIMAL + "[jobs]\napprove_plans = ['ab']\n", "jobs.approve_plans[0]: 'ab' is not a plan"),
+    (MINIMAL + "[jobs]\napprove_ops = ['os.system']\n",
+     "jobs.approve_ops[0]: 'os.system' is not an op path"),
+    (MINIMAL + "[jobs]\napprove_ops = [\"torch.\\u001b[2J\"]\n",
+     "jobs.approve_ops[0]: must be printable text"),
+    (MINIMAL + "[jobs]\nmax_seconds = 0\n", "jobs.max_seconds: must be > 0"),
+    (MINIMAL + "[jobs]\nrelease = 'all'\n", "jobs.release: must be an array"),
+    (MINIMAL + "[[jobs.release]]\noutput = ['a']\n", "jobs.release[0].output: unknown key"),
+    (MINIMAL + "[[jobs.release]]\noutputs = ['1a']\n",
+     "jobs.release[0].outputs[0]: '1a' is not an output name"),
+    (MINIMAL + "[[jobs.release]]\nmax_elements = -1\n",
+     "jobs.release[0].max_elements: must be an integer >= 0"),
+    (MINIMAL + "[[jobs.release]]\nmin_aggregation = 0.5\n",
+     "jobs.release[0].min_aggregation: must be >= 1"),
+    (MINIMAL + "[[jobs.release]]\nname = \"a\\u0007b\"\n",
+     "jobs.release[0].name: must be printable text"),
+    (MINIMAL + "[[jobs.release]]\ntags = ['agse']\n",
+     "jobs.release[0].tags: 'agse' is neither the name nor a tag of any dataset"),
+    (MINIMAL + "[[jobs.release]]\nmax_elements = 1\n[[jobs.release]]\ntags = ['x']\n",
+     "jobs.release[1].tags: 'x' is neither"),
 ]  # fmt: skip
 
 

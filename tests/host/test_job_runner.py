@@ -17,8 +17,8 @@ from duet_p2p.allowlist import DEFAULT_ALLOWLIST
 from duet_p2p.host.job_runner import JobRun, JobRunError, JobRunner, job_limits
 from duet_p2p.host.state import HostState
 from duet_p2p.identity import Identity
-from duet_p2p.jobs.spec import JobSpec, SignedJob
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.offline.spec import JobSpec, SignedJob
 from duet_p2p.owner.owner import Owner
 from duet_p2p.permissions import AuditLog
 from duet_p2p.permissions.ledger import open_ledger

@@ -17,11 +17,12 @@ from duet_p2p.host.job_runner import JobRunner
 from duet_p2p.host.job_service import JobRefused, JobService
 from duet_p2p.host.job_store import JobStore
 from duet_p2p.identity import Identity
-from duet_p2p.jobs.lifecycle import InvalidTransition, JobState
-from duet_p2p.jobs.policy import JobPolicy
-from duet_p2p.jobs.receipt import InvalidReceipt, Receipt, content_hash
-from duet_p2p.jobs.spec import InvalidJob, JobSpec, SignedJob
 from duet_p2p.limits import OwnerLimits
+from duet_p2p.offline.lifecycle import InvalidTransition, JobState
+from duet_p2p.offline.policy import JobPolicy
+from duet_p2p.offline.receipt import InvalidReceipt, Receipt, content_hash
+from duet_p2p.offline.results import decode_output
+from duet_p2p.offline.spec import InvalidJob, JobSpec, SignedJob
 from duet_p2p.rpc import codec
 from duet_p2p.runtime import get_runtime
 from tests.conftest import wait_for
@@ -127,7 +128,7 @@ def test_an_accepted_output_is_released_with_a_receipt_that_verifies(env: Env):
     assert stored is not None and stored.receipt is not None
     receipt = Receipt.from_wire(stored.receipt)
     released = env.service.released(job_id)
-    assert released is not None and float(codec.decode(released["total"])) == 90.0
+    assert released is not None and float(decode_output(released["total"], max_bytes=1 << 20)) == 90.0
     receipt.verify(env.identity.id, job, released)
     ages = next(r.value for r in env.owner.store.listing() if r.tags[0] == "ages")
     assert list(receipt.inputs.values()) == [content_hash(ages)]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.offline.test_spec import HOST, SCIENTIST, make_program, make_spec
 
 from duet_p2p.errors import ConfigurationError
 from duet_p2p.host.job_store import (
@@ -22,10 +23,9 @@ from duet_p2p.host.job_store import (
     JobStore,
 )
 from duet_p2p.identity import Identity
-from duet_p2p.jobs.lifecycle import InvalidTransition, JobState
-from duet_p2p.jobs.receipt import InvalidReceipt, Receipt, content_hash
-from duet_p2p.jobs.spec import InvalidJob, SignedJob
-from tests.jobs.test_spec import HOST, SCIENTIST, make_program, make_spec
+from duet_p2p.offline.lifecycle import InvalidTransition, JobState
+from duet_p2p.offline.receipt import InvalidReceipt, Receipt, content_hash
+from duet_p2p.offline.spec import InvalidJob, SignedJob
 
 S = JobState
 TO_QUEUED = (S.PENDING_REVIEW, S.APPROVED, S.QUEUED)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from duet_p2p.jobs.lifecycle import (
+from duet_p2p.offline.lifecycle import (
     OPEN,
     TERMINAL,
     TRANSITIONS,

@@ -9,7 +9,7 @@ that the receipt is for the job it signed, and that the bytes it received are th
 host released (:meth:`Receipt.verify`).
 
 The receipt has the same canonical encoding and wire envelope as a job
-(``duet_p2p.jobs.spec``); reading one trusts nothing and fails with :class:`InvalidReceipt`.
+(``duet_p2p.offline.spec``); reading one trusts nothing and fails with :class:`InvalidReceipt`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 
 from duet_p2p.errors import DuetError
 from duet_p2p.identity import KEY_BYTES, SIGNATURE_BYTES, Identity, id_of
-from duet_p2p.jobs import spec as job_spec
-from duet_p2p.jobs.spec import JobSpec, SignedJob
+from duet_p2p.offline import spec as job_spec
+from duet_p2p.offline.spec import JobSpec, SignedJob
 from duet_p2p.rpc import codec
 
 __all__ = ["CONTEXT", "InvalidReceipt", "Receipt", "content_hash"]

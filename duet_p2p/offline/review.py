@@ -6,7 +6,7 @@ rendered like a live request's lineage (``model(x).argmax(1).eq(y).float().mean(
 each program input named after the dataset it is bound to. ``problems`` lists every reason
 the job cannot run (an op off the allowlist, a tag the host does not hold, an output no
 step makes, limits above the host's caps, a passed deadline); a review with problems is
-never auto-approved (``duet_p2p.jobs.policy``).
+never auto-approved (``duet_p2p.offline.policy``).
 
 ``plan_hash`` is the SHA-256 of the canonical program alone (no inputs, limits or IDs), so
 an owner can approve a plan once and let later jobs running the same code through.
@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from duet_p2p import lineage
 from duet_p2p.allowlist import Allowlist
 from duet_p2p.errors import DuetError
-from duet_p2p.jobs.spec import InvalidJob, SignedJob, canonical_bytes
+from duet_p2p.offline.spec import InvalidJob, SignedJob, canonical_bytes
 from duet_p2p.owner.monitor import FORBIDDEN_KWARGS
 from duet_p2p.rpc.messages import Action
 from duet_p2p.rpc.ops import INDEX_OP

@@ -11,8 +11,8 @@ import pytest
 
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.identity import Identity
-from duet_p2p.jobs.review import CodeReview, plan_hash, review_code
-from duet_p2p.jobs.spec import JobSpec, SignedJob, canonical_bytes
+from duet_p2p.offline.review import CodeReview, plan_hash, review_code
+from duet_p2p.offline.spec import JobSpec, SignedJob, canonical_bytes
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.messages import Action, to_wire
 from duet_p2p.rpc.ops import INDEX_OP

@@ -10,22 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-
-from duet_p2p.errors import ConfigurationError
-from duet_p2p.jobs.policy import (
-    JobPolicy,
-    OutputFacts,
-    ReleaseRule,
-    auto_reject_reason,
-    decide_code,
-    decide_output,
-    job_policy_from_dict,
-    output_facts,
-)
-from duet_p2p.jobs.review import CodeReview
-from duet_p2p.rpc.messages import Action
-from duet_p2p.rpc.ops import INDEX_OP
-from tests.jobs.test_review import (
+from tests.offline.test_review import (
     LINEAGE,
     MODEL,
     NOW,
@@ -36,6 +21,21 @@ from tests.jobs.test_review import (
     program,
     review,
 )
+
+from duet_p2p.errors import ConfigurationError
+from duet_p2p.offline.policy import (
+    JobPolicy,
+    OutputFacts,
+    ReleaseRule,
+    auto_reject_reason,
+    decide_code,
+    decide_output,
+    job_policy_from_dict,
+    output_facts,
+)
+from duet_p2p.offline.review import CodeReview
+from duet_p2p.rpc.messages import Action
+from duet_p2p.rpc.ops import INDEX_OP
 
 OTHER = "0" * 32
 OPS = frozenset({
@@ -344,7 +344,7 @@ def test_config_errors_carry_the_callers_prefix() -> None:
 
 
 def test_reading_the_policy_does_not_import_torch() -> None:
-    code = ("import sys, duet_p2p.jobs.policy as p; p.job_policy_from_dict({'max_seconds': 1}); "
+    code = ("import sys, duet_p2p.offline.policy as p; p.job_policy_from_dict({'max_seconds': 1}); "
             "print('torch' in sys.modules)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)  # fmt: skip

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from duet_p2p.identity import Identity
-from duet_p2p.jobs import spec as spec_module
-from duet_p2p.jobs.spec import InvalidJob, JobSpec, SignedJob, pack_envelope, signed_message
+from duet_p2p.offline import spec as spec_module
+from duet_p2p.offline.spec import InvalidJob, JobSpec, SignedJob, pack_envelope, signed_message
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.codec import ObjectRef
 from duet_p2p.rpc.messages import Action, to_wire

@@ -31,7 +31,7 @@ from duet_p2p.rpc.ops import INDEX_OP
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:  # review imports torch; reading a host.toml must not
-    from duet_p2p.jobs.review import CodeReview
+    from duet_p2p.offline.review import CodeReview
 
 __all__ = [
     "JobPolicy", "OutputFacts", "ReleaseRule", "auto_reject_reason", "decide_code",
@@ -149,7 +149,7 @@ class JobPolicy:
 
 def auto_reject_reason(review: CodeReview) -> str | None:
     """Why a job must be rejected (its first problem), or None when it can run."""
-    from duet_p2p.jobs.review import CodeReview
+    from duet_p2p.offline.review import CodeReview
 
     if not isinstance(review, CodeReview):
         raise TypeError("auto_reject_reason reads a CodeReview")
@@ -162,7 +162,7 @@ def auto_reject_reason(review: CodeReview) -> str | None:
 def decide_code(review: CodeReview, policy: JobPolicy) -> tuple[bool, str]:
     """(auto-approve?, why). Never approves a review with problems; unmatched: the owner
     decides."""
-    from duet_p2p.jobs.review import CodeReview
+    from duet_p2p.offline.review import CodeReview
 
     if not isinstance(review, CodeReview) or not isinstance(policy, JobPolicy):
         raise TypeError("decide_code reads a CodeReview and a JobPolicy")

@@ -1,0 +1,293 @@
+"""A standing host's offline jobs: settings, and the machinery the host runs them with."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from duet_p2p.errors import ConfigurationError
+from duet_p2p.host.job_mail import JobMail
+from duet_p2p.host.job_runner import JobRunner
+from duet_p2p.host.job_service import HOST, OWNER, JobRefused, JobService
+from duet_p2p.host.job_store import JobEvent, JobStore, StoredJob
+from duet_p2p.offline.lifecycle import InvalidTransition, JobState
+from duet_p2p.offline.policy import JobPolicy
+from duet_p2p.offline.results import ResultBundle
+from duet_p2p.offline.review import CodeReview
+from duet_p2p.offline.spec import SignedJob
+from duet_p2p.text import printable
+
+if TYPE_CHECKING:
+    from duet_p2p.host.host import Host
+
+__all__ = ["HostJobs", "JobSettings"]
+
+log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+MAX_LISTED = 1000
+START_SECONDS = 60.0
+"""Seconds a job's session may take to start."""
+IDLE_SECONDS = 1.0
+SETTLE_SECONDS = 0.25
+
+ON_RESTART = ("fail", "requeue")
+MAX_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """How a host takes offline jobs (``[jobs]`` in host.toml)."""
+
+    enabled: bool = True
+    policy: JobPolicy = field(default_factory=JobPolicy)
+    """What is approved and released without the owner."""
+    concurrency: int = 1
+    """Jobs run at once."""
+    on_restart: str = "fail"
+    """What a job RUNNING when the host stopped becomes: "fail", or "requeue" when its run
+    had not begun."""
+    max_job_seconds: float | None = None
+    """The host's cap on a job's ``max_seconds`` (review refuses a job asking more)."""
+    mailbox: bool = True
+    """Take jobs from the signaling server's mailbox, and send results back through it."""
+    poll_seconds: float = 20.0
+    """Seconds one mailbox long-poll waits."""
+
+    def __post_init__(self) -> None:
+        if type(self.enabled) is not bool or type(self.mailbox) is not bool:
+            raise ConfigurationError("enabled and mailbox are true or false")
+        if not isinstance(self.policy, JobPolicy):
+            raise ConfigurationError("policy must be a JobPolicy")
+        if type(self.concurrency) is not int or not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ConfigurationError(f"concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
+        if self.on_restart not in ON_RESTART:
+            raise ConfigurationError('on_restart must be "fail" or "requeue"')
+        cap = self.max_job_seconds
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < 1e9
+        ):
+            raise ConfigurationError("max_job_seconds must be a number of seconds above 0")
+        poll = self.poll_seconds
+        if isinstance(poll, bool) or not isinstance(poll, int | float) or not 0 < poll <= 300:
+            raise ConfigurationError("poll_seconds must be a number from 0 to 300")
+
+
+class HostJobs:
+    """A host's offline jobs: taken live or from the mailbox, reviewed, run, settled and
+    sent back. ``service`` holds the lifecycle; the methods here are the owner's verbs
+    (synchronous, thread-safe) and the scientist's (``*_for``, on the host's loop)."""
+
+    def __init__(self, host: Host, settings: JobSettings) -> None:
+        owner = host.owner
+        self.host = host
+        self.settings = settings
+        self.store = JobStore.open(host.host_dir, host_id=host.id)
+        self.runner = JobRunner(owner, owner.allowlist, owner.limits)
+        self.service = JobService(
+            owner, self.store, self.runner, host_identity=host.identity,
+            allowlist=owner.allowlist, admission=host.admission, policy=settings.policy,
+            dataset_tags=self._dataset_tags, max_seconds_cap=settings.max_job_seconds,
+        )  # fmt: skip
+        self.mail: JobMail | None = None
+        if settings.mailbox and host.options.signaling_url is not None:
+            self.mail = JobMail(self, host.options.signaling_url)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+
+    def _dataset_tags(self) -> list[str]:
+        return [record.tags[0] for record in self.host.owner.store.listing() if record.tags]
+
+    # -- the owner's verbs ----------------------------------------------------------------
+
+    def list(
+        self, states: Collection[JobState] | None = None, limit: int = 1000
+    ) -> list[StoredJob]:
+        """Jobs (in ``states``, if given), newest first."""
+        return self.store.all(states, limit=limit, newest_first=True)
+
+    def get(self, job_id: str) -> StoredJob:
+        found = self.store.get(job_id)
+        if found is None:
+            raise KeyError(f"no job {printable(str(job_id), 64)!r}")
+        return found
+
+    def review(self, job_id: str) -> CodeReview:
+        return self.service.review(job_id)
+
+    def approve(self, job_id: str, by: str = OWNER) -> None:
+        self.service.approve(job_id, by=by)
+        self.poke()
+
+    def reject(self, job_id: str, reason: str, by: str = OWNER) -> None:
+        self.service.reject(job_id, reason, by=by)
+        self.poke()
+
+    def output_requests(self, job_id: str) -> dict[str, Any]:
+        return self.service.output_requests(job_id)
+
+    def release(self, job_id: str, by: str = OWNER) -> None:
+        self.service.release(job_id, by=by)
+        self.poke()
+
+    def withhold(self, job_id: str, reason: str, by: str = OWNER) -> None:
+        self.service.withhold(job_id, reason, by=by)
+        self.poke()
+
+    def cancel(self, job_id: str, by: str = OWNER) -> None:
+        self.service.cancel(job_id, by=by)
+        self.poke()
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        return self.store.events(job_id)
+
+    def poke(self) -> None:
+        """Look at the jobs now rather than at the next tick (from any thread)."""
+        loop, wake = self.host.loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(wake.set)
+
+    # -- the scientist's verbs (live, on the host's loop) ------------------------------
+
+    async def submit_for(self, client_id: str, wire: bytes, via: str = "live") -> dict[str, Any]:
+        """Take a job its scientist sent; its row (JobRefused, InvalidJob or a store error
+        when refused). The job must be signed by ``client_id`` itself."""
+        signed = SignedJob.from_wire(wire)
+        if signed.client_id != client_id:
+            raise JobRefused("a job is submitted by the scientist who signed it")
+        job_id = await asyncio.to_thread(self.service.submit, signed, via=via)
+        self.poke()
+        return self.row(self.get(job_id))
+
+    def rows_for(self, client_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """The scientist's jobs, newest first."""
+        jobs = self.store.for_client(client_id, limit=limit, newest_first=True)
+        return [self.row(job) for job in jobs]
+
+    def mine(self, client_id: str, job_id: str) -> StoredJob:
+        """The scientist's own job; another's answers exactly as an unknown one."""
+        found = self.store.get(job_id) if JOB_ID.fullmatch(str(job_id)) else None
+        if found is None or found.client_id != client_id:
+            raise KeyError(f"no job {printable(str(job_id), 64)!r} of yours is here")
+        return found
+
+    async def cancel_for(self, client_id: str, job_id: str) -> dict[str, Any]:
+        self.mine(client_id, job_id)
+        await asyncio.to_thread(self.service.cancel, job_id, client_id)
+        self.poke()
+        return self.row(self.get(job_id))
+
+    async def result_for(self, client_id: str, job_id: str) -> tuple[dict[str, Any], bytes | None]:
+        """The job's row, and its result bundle if released (then it is DELIVERED)."""
+        job = self.mine(client_id, job_id)
+        if job.state not in (JobState.RELEASED, JobState.DELIVERED):
+            return self.row(job), None
+        found = await asyncio.to_thread(self.bundle, job)
+        if found is None:
+            return self.row(job), None
+        bundle = await asyncio.to_thread(found.to_bytes)
+        if job.state is JobState.RELEASED:
+            with contextlib.suppress(InvalidTransition):
+                await asyncio.to_thread(self._delivered, job_id, "fetched live")
+        return self.row(self.get(job_id)), bundle
+
+    def bundle(self, job: StoredJob) -> ResultBundle | None:
+        """The released job's result bundle (None once its outputs are freed)."""
+        outputs = self.service.released(job.job_id)
+        if outputs is None or job.receipt is None:
+            return None
+        return ResultBundle(job.job_id, job.receipt, outputs)
+
+    def _delivered(self, job_id: str, how: str) -> None:
+        self.service._move(job_id, JobState.DELIVERED, by=HOST, reason=how)
+
+    @staticmethod
+    def row(job: StoredJob) -> dict[str, Any]:
+        """What its scientist is told of a job."""
+        return {
+            "job_id": job.job_id, "state": str(job.state), "reason": job.last_reason,
+            "by": job.last_by, "submitted_at": job.submitted_at, "updated_at": job.updated_at,
+            "deadline": job.deadline, "progress": list(job.progress),
+        }  # fmt: skip
+
+    def close_files(self) -> None:
+        """Close the job store and the mailbox's replay memory (a host that never started)."""
+        self.store.close()
+        if self.mail is not None:
+            with contextlib.suppress(Exception):
+                self.mail.seen.close()
+
+    # -- running --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Settle what the last process left running, then run, settle and send jobs."""
+        self._wake = asyncio.Event()
+        requeue = self.settings.on_restart == "requeue"
+        await asyncio.to_thread(self.service.recover_after_restart, requeue)
+        self._tasks = [asyncio.ensure_future(self._run_jobs(n))
+                       for n in range(self.settings.concurrency)]  # fmt: skip
+        self._tasks.append(asyncio.ensure_future(self._settle()))
+        if self.mail is not None:
+            self._tasks.append(asyncio.ensure_future(self.mail.run()))
+
+    async def _nap(self, seconds: float) -> None:
+        wake = self._wake
+        assert wake is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), seconds)
+        wake.clear()
+
+    async def _run_jobs(self, number: int) -> None:
+        while not self._closed:
+            try:
+                ran = await self.service.run_next(timeout=START_SECONDS)
+            except Exception:  # noqa: BLE001 - one job's failure never stops the host
+                log.exception("running a job failed")
+                ran = None
+            if ran is None:
+                await self._nap(IDLE_SECONDS)
+            else:
+                self.poke()
+
+    async def _settle(self) -> None:
+        while not self._closed:
+            try:
+                await self._settle_once()
+            except Exception:  # noqa: BLE001 - retried at the next tick
+                log.exception("settling jobs failed")
+            await self._nap(SETTLE_SECONDS)
+
+    async def _settle_once(self) -> None:
+        if await asyncio.to_thread(self.service.expire_due):
+            self.poke()
+        for job in self.store.all([JobState.PENDING_OUTPUT_REVIEW], limit=MAX_LISTED):
+            await asyncio.to_thread(self.service.apply_release_rules, job.job_id)
+            state = await self.service.settle_outputs(job.job_id, 0.0)
+            if state is not JobState.PENDING_OUTPUT_REVIEW:
+                self.poke()
+        if self.mail is not None:
+            await self.mail.send_notices()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self.mail is not None:
+            await self.mail.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for job_id in list(self.service._runs):
+            run = self.service.run_of(job_id)
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    await run.close()
+        self.store.close()
