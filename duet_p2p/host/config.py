@@ -54,7 +54,8 @@ MAX_CONCURRENCY = 16
 ON_RESTART = ("fail", "requeue")
 """As JobSettings checks them (duet_p2p.host.jobs)."""
 _JOB_SETTINGS = ("enabled", "concurrency", "on_restart", "max_job_seconds", "mailbox",
-                 "poll_seconds")  # fmt: skip
+                 "poll_seconds", "mailbox_max_result_mb")  # fmt: skip
+MAX_MAILED_RESULT_MB = 1 << 20
 _JOB_POLICY = ("approve_clients", "approve_plans", "approve_ops", "max_seconds", "release")
 _ZERO_LIMITS = frozenset({"max_worker_restarts", "worker_memory_slack"})
 """OwnerLimits integers that may be 0; every other one must be at least 1."""
@@ -135,6 +136,7 @@ class JobOptions:
     max_job_seconds: float | None = None
     mailbox: bool = True
     poll_seconds: float = 20.0
+    mailbox_max_result_bytes: int = 48 << 20
 
 
 @dataclass(frozen=True)
@@ -412,6 +414,10 @@ def _jobs(t: _Table, known_tags: Collection[str]) -> JobOptions:
         poll_seconds=float(
             t.number("poll_seconds", 20.0, low=0, high=MAX_POLL_SECONDS, above=True)
         ),  # fmt: skip
+        mailbox_max_result_bytes=int(
+            t.number("mailbox_max_result_mb", 48, low=0, high=MAX_MAILED_RESULT_MB, above=True)
+            * (1 << 20)
+        ),
     )
 
 

@@ -45,6 +45,8 @@ LIVE_GRACE = 30.0
 """Seconds a release waits for its scientist, connected live, to fetch it."""
 MAX_JOB_MAIL_BYTES = 2 << 20
 MAX_BACKOFF = 60.0
+MAX_SEND_FAILURES = 3
+"""Tries to mail one result before the scientist is told to collect it live instead."""
 
 
 class JobMail:
@@ -63,21 +65,26 @@ class JobMail:
         )  # fmt: skip
         self._after: str | None = None
         self._retry_at = 0.0
+        self._failures: dict[str, int] = {}
         self._closed = False
 
     # -- in -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Fetch and handle mail until closed (a failing server is retried, backing off)."""
-        pause = 1.0
+        pause, failures = 1.0, 0
         while not self._closed:
             try:
                 await self.poll(self.jobs.settings.poll_seconds)
-                pause = 1.0
+                pause, failures = 1.0, 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the server may be down for a while
-                log.warning("the host's mailbox at %s: %s", self.url, exc)
+                if self._closed:
+                    return
+                failures += 1  # one dropped long-poll is routine; say so when it persists
+                log.log(logging.WARNING if failures > 1 else logging.INFO,
+                        "the host's mailbox at %s: %s", self.url, exc)  # fmt: skip
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_BACKOFF)
 
@@ -158,16 +165,40 @@ class JobMail:
             self._retry_at = time.monotonic() + 10.0
 
     async def _send_result(self, job: StoredJob) -> None:
-        bundle = await asyncio.to_thread(self.jobs.bundle, job)
+        jobs = self.jobs
+        bundle = await asyncio.to_thread(jobs.bundle, job)
         if bundle is None:  # its outputs were freed meanwhile
-            await asyncio.to_thread(self.jobs.store.set_noticed, job.job_id, job.state)
+            await asyncio.to_thread(jobs.store.set_noticed, job.job_id, job.state)
+            return
+        size = sum(len(part) for part in bundle.to_parts())
+        limit = jobs.settings.mailbox_max_result_bytes
+        if size > limit:
+            await self._live_only(job, f"the results ({size} bytes) are larger than this "
+                                  f"host mails ({limit} bytes)")  # fmt: skip
             return
         envelopes = job_mail.iter_mail(self.identity, job.client_id, job.job.public_key,
                                        job_mail.RESULT, bundle.to_parts())  # fmt: skip
-        await job_mail.post_mail(self.client, job.client_id, envelopes)
+        try:
+            await job_mail.post_mail(self.client, job.client_id, envelopes)
+        except Exception as exc:
+            failures = self._failures[job.job_id] = self._failures.get(job.job_id, 0) + 1
+            if failures < MAX_SEND_FAILURES:
+                raise
+            self._failures.pop(job.job_id, None)
+            await self._live_only(job, f"mailing them failed: {printable(str(exc), 300)}")
+            return
+        self._failures.pop(job.job_id, None)
         with contextlib.suppress(InvalidTransition):  # fetched live meanwhile
-            await asyncio.to_thread(self.jobs._delivered, job.job_id, "sent through the mailbox")
-        await asyncio.to_thread(self.jobs.store.set_noticed, job.job_id, JobState.DELIVERED)
+            await asyncio.to_thread(jobs._delivered, job.job_id, "sent through the mailbox")
+        await asyncio.to_thread(jobs.store.set_noticed, job.job_id, JobState.DELIVERED)
+
+    async def _live_only(self, job: StoredJob, why: str) -> None:
+        """Tell the scientist a release waits for them live (it stays RELEASED)."""
+        note = (f"released; {why}: connect to the host to collect them "
+                "(sy.join_duet(host_id, identity=...).jobs[job_id].result())")  # fmt: skip
+        update = JobUpdate(job.job_id, str(JobState.RELEASED), note, time.time())
+        await self._tell(job.client_id, job.job.public_key, update)
+        await asyncio.to_thread(self.jobs.store.set_noticed, job.job_id, job.state)
 
     async def _tell(self, client_id: str, key: bytes, update: JobUpdate) -> None:
         envelopes = job_mail.seal_mail(self.identity, client_id, key, job_mail.UPDATE,

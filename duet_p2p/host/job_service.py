@@ -214,10 +214,16 @@ class JobService:
         its ID, or None when none is queued. ``timeout``: seconds its session may take
         to start."""
         self._loop = asyncio.get_running_loop()
+        hosted = set(self.dataset_tags())
         for stored in self.store.all([_S.QUEUED], limit=16):
             job_id = stored.job_id
             try:
-                self.store.start_attempt(job_id, by=HOST)
+                if not set(stored.job.spec.inputs.values()) <= hosted:
+                    continue  # its datasets are not hosted (yet, after a restart): it waits
+            except InvalidJob:
+                pass  # start_attempt refuses it below
+            try:
+                attempt = self.store.start_attempt(job_id, by=HOST)
             except InvalidTransition as exc:  # taken meanwhile, or past its deadline
                 if stored.deadline <= time.time():
                     with contextlib.suppress(InvalidTransition, KeyError):
@@ -227,7 +233,7 @@ class JobService:
             except InvalidJob as exc:
                 self._move(job_id, _S.FAILED, by=HOST, reason=f"stored job is damaged: {exc}")
                 continue
-            self._audit(job_id, _S.RUNNING, HOST, "run started (attempt 1)")
+            self._audit(job_id, _S.RUNNING, HOST, f"run started (attempt {attempt})")
             await self._run(stored.job, timeout)
             return job_id
         return None

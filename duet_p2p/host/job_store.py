@@ -275,35 +275,49 @@ class JobStore(SqliteFile):
             _move(db, job_id, old, new, by=by, reason=reason, at=now)
 
     def start_attempt(self, job_id: str, *, by: str = "host", at: float | None = None) -> int:
-        """The job's run begins now: QUEUED (or RUNNING, claimed, not yet begun) -> RUNNING
-        with ``attempts`` 1, in one transaction. Refused (InvalidTransition) once a run has
-        begun, ever, and past the job's deadline; InvalidJob if its stored document no
-        longer verifies. Returns the attempt number (1)."""
+        """The job's run begins now: QUEUED (or RUNNING, claimed, not yet begun) -> RUNNING,
+        ``attempts`` counted, in one transaction. Refused (InvalidTransition) past the job's
+        deadline, and once it has run ``MAX_ATTEMPTS`` times, or once unless a restart
+        re-queued it; InvalidJob if its stored document no longer verifies. Returns the
+        attempt number."""
         by = _text(by, "by", MAX_BY_CHARS, least=1)
         now = _time(time.time() if at is None else at, "at")
         with self._write() as db:
             old, attempts = self._state_of(db, job_id)
-            if attempts != 0:
+            requeued = attempts > 0 and old is JobState.QUEUED and self._requeued(db, job_id)
+            if attempts >= lifecycle.MAX_ATTEMPTS or (attempts != 0 and not requeued):
                 raise InvalidTransition(f"job {job_id} already ran once; it never runs again")
             if old is not JobState.RUNNING:
                 lifecycle.check_transition(old, JobState.RUNNING)
             if self._job(db, job_id).spec.deadline <= now:  # and the stored job is intact
                 raise InvalidTransition(f"job {job_id} is past its deadline")
+            attempt = attempts + 1
             db.execute(
-                "UPDATE jobs SET state = ?, attempts = 1, started_at = ?, progress_done = 0, "
+                "UPDATE jobs SET state = ?, attempts = ?, started_at = ?, progress_done = 0, "
                 "progress_total = 0, updated_at = ?, last_by = ?, last_reason = ? "
                 "WHERE job_id = ?",
-                (str(JobState.RUNNING), now, now, by, "run started", job_id),
+                (str(JobState.RUNNING), attempt, now, now, by, "run started", job_id),
             )
-            _event(db, job_id, now, old, JobState.RUNNING, by, "run started (attempt 1)")
-        return 1
+            _event(db, job_id, now, old, JobState.RUNNING, by, f"run started (attempt {attempt})")
+        return attempt
+
+    @staticmethod
+    def _requeued(db: sqlite3.Connection, job_id: str) -> bool:
+        """Whether the job's last move was a restart's re-queue."""
+        row = db.execute(
+            "SELECT old, new, reason FROM job_events WHERE job_id = ? ORDER BY seq DESC LIMIT 1",
+            (job_id,),
+        ).fetchone()  # fmt: skip
+        return row is not None and tuple(row[:2]) == (str(JobState.RUNNING), str(
+            JobState.QUEUED)) and str(row[2]).startswith(HOST_RESTARTED)  # fmt: skip
 
     def recover_after_restart(
         self, requeue: bool = False, *, at: float | None = None
     ) -> list[tuple[str, JobState]]:
         """Settle the jobs a previous process left RUNNING: FAILED ("host restarted"), or
-        with ``requeue``, QUEUED when their run never began. Call it once at start-up,
-        before any run begins. Returns (job_id, new state) pairs."""
+        with ``requeue`` (the owner's policy), QUEUED for one more run while it has had
+        fewer than ``MAX_ATTEMPTS``; FINISHED ones go on to their output review. Call it
+        once at start-up, before any run begins. Returns (job_id, new state) pairs."""
         now = _time(time.time() if at is None else at, "at")
         settled: list[tuple[str, JobState]] = []
         with self._write() as db:
@@ -312,13 +326,22 @@ class JobStore(SqliteFile):
                 (str(JobState.RUNNING),),
             ).fetchall()
             for job_id, attempts in rows:
-                if requeue and attempts == 0:
+                if requeue and 0 <= attempts < lifecycle.MAX_ATTEMPTS:
                     lifecycle.check_requeue(JobState.RUNNING, attempts)
-                    new, why = JobState.QUEUED, f"{HOST_RESTARTED} before the run began; re-queued"
+                    new = JobState.QUEUED
+                    why = (f"{HOST_RESTARTED} during attempt {attempts}; re-queued by the "
+                           "owner's policy" if attempts else
+                           f"{HOST_RESTARTED} before the run began; re-queued")  # fmt: skip
                 else:
                     new, why = JobState.FAILED, HOST_RESTARTED
                 _move(db, job_id, JobState.RUNNING, new, by="host", reason=why, at=now)
                 settled.append((job_id, new))
+            finished = db.execute("SELECT job_id FROM jobs WHERE state = ? ORDER BY seq",
+                                  (str(JobState.FINISHED),)).fetchall()  # fmt: skip
+            for (job_id,) in finished:
+                _move(db, job_id, JobState.FINISHED, JobState.PENDING_OUTPUT_REVIEW, by="host",
+                      reason=f"{HOST_RESTARTED}; the outputs await a decision", at=now)  # fmt: skip
+                settled.append((job_id, JobState.PENDING_OUTPUT_REVIEW))
         return settled
 
     def expire_due(self, now: float | None = None) -> list[str]:
@@ -536,7 +559,7 @@ class JobStore(SqliteFile):
         if row is None:
             raise KeyError(job_id)
         state, attempts = row
-        if type(attempts) is not int or attempts not in (0, 1):
+        if type(attempts) is not int or not 0 <= attempts <= lifecycle.MAX_ATTEMPTS:
             raise ConfigurationError(f"{self.path}: job {job_id} has a corrupted attempt count")
         try:
             return JobState(state), attempts
@@ -670,7 +693,7 @@ def _parse_job(row: tuple[Any, ...]) -> StoredJob:
      receipt) = row  # fmt: skip
     if type(wire) is not bytes or (receipt is not None and type(receipt) is not bytes):
         raise TypeError("a blob column holds no bytes")
-    if type(attempts) is not int or attempts not in (0, 1):
+    if type(attempts) is not int or not 0 <= attempts <= lifecycle.MAX_ATTEMPTS:
         raise ValueError("a corrupted attempt count")
     return StoredJob(
         job_id=_read_str(job_id), job_hash=_read_str(job_hash), client_id=_read_str(client_id),

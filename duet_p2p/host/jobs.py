@@ -58,6 +58,9 @@ class JobSettings:
     """Take jobs from the signaling server's mailbox, and send results back through it."""
     poll_seconds: float = 20.0
     """Seconds one mailbox long-poll waits."""
+    mailbox_max_result_bytes: int = 48 << 20
+    """Largest result sent through the mailbox (a larger one waits to be fetched live; a
+    signaling server holds 64 MiB per recipient by default)."""
 
     def __post_init__(self) -> None:
         if type(self.enabled) is not bool or type(self.mailbox) is not bool:
@@ -73,6 +76,9 @@ class JobSettings:
             isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < 1e9
         ):
             raise ConfigurationError("max_job_seconds must be a number of seconds above 0")
+        size = self.mailbox_max_result_bytes
+        if type(size) is not int or not 0 < size <= 1 << 40:
+            raise ConfigurationError("mailbox_max_result_bytes must be a positive integer")
         poll = self.poll_seconds
         if isinstance(poll, bool) or not isinstance(poll, int | float) or not 0 < poll <= 300:
             raise ConfigurationError("poll_seconds must be a number from 0 to 300")

@@ -102,10 +102,15 @@ def check_transition(old: JobState | str, new: JobState | str) -> None:
         raise InvalidTransition(f"a job cannot go from {old} to {new}")
 
 
+MAX_ATTEMPTS = 2
+"""Runs a job may have: a second only when the owner's policy re-queues a job its host's
+restart interrupted."""
+
+
 def check_requeue(state: JobState | str, attempts: int) -> None:
     """Raise InvalidTransition unless a RUNNING job may go back to QUEUED after a restart:
-    only when its run never began (``attempts == 0``)."""
+    only while it has had fewer than ``MAX_ATTEMPTS`` runs (the re-run is recorded)."""
     if parse_state(state) is not _S.RUNNING:
         raise InvalidTransition("only a job found running can be re-queued")
-    if type(attempts) is not int or attempts != 0:
-        raise InvalidTransition("the job's run had begun; it is never run a second time")
+    if type(attempts) is not int or not 0 <= attempts < MAX_ATTEMPTS:
+        raise InvalidTransition(f"the job has had {attempts} run(s); it is never run again")

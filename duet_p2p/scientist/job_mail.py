@@ -9,6 +9,7 @@ still on its way is left for the next look.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from duet_p2p.identity import Identity
@@ -29,12 +30,18 @@ log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 1 << 30
 """Largest result bundle taken from the mailbox."""
 MAX_PAGES = 10_000
+STALE_STREAM_SECONDS = 3600.0
+"""A stream missing parts this long after its last one arrived is deleted."""
 
 
-def complete(delivered: Iterable[Delivered]) -> list[Delivered]:
-    """The messages that are ready to open: single envelopes, and every part of a stream
-    whose parts are all here (in order of arrival). Unreadable headers pass through (the
-    opener refuses them)."""
+def complete(
+    delivered: Iterable[Delivered], now: float | None = None
+) -> tuple[list[Delivered], list[str]]:
+    """(the messages ready to open, the IDs of stale ones to delete). Ready: single
+    envelopes, and every part of a stream whose parts are all here (in order of arrival);
+    unreadable headers pass through (the opener refuses them). Stale: the parts of a
+    stream that stopped arriving ``STALE_STREAM_SECONDS`` ago (its sender gave up)."""
+    now = time.time() if now is None else now
     ready: list[Delivered] = []
     streams: dict[tuple[str, bytes], list[Delivered]] = {}
     counts: dict[tuple[str, bytes], int] = {}
@@ -51,10 +58,13 @@ def complete(delivered: Iterable[Delivered]) -> list[Delivered]:
         key = (item.sender_id, stream.stream_id)
         streams.setdefault(key, []).append(item)
         counts[key] = stream.count
+    stale: list[str] = []
     for key, parts in streams.items():
         if len(parts) >= counts[key] + 1:
             ready.extend(parts)
-    return ready
+        elif now - max(part.posted_at for part in parts) > STALE_STREAM_SECONDS:
+            stale.extend(part.message_id for part in parts)
+    return ready, stale
 
 
 async def check_mail(identity: Identity, url: str, book: JobBook, wait: float = 0.0) -> int:
@@ -81,9 +91,10 @@ async def check_mail(identity: Identity, url: str, book: JobBook, wait: float = 
                     break
                 fetched.extend(batch)
                 after = batch[-1].message_id
-            for mail in opener.add(complete(fetched)):
+            ready, stale = complete(fetched)
+            for mail in opener.add(ready):
                 recorded += _record(book, mail)
-            done = opener.deletable_ids()
+            done = [*opener.deletable_ids(), *stale]
             if done:
                 await client.delete(done)
     finally:

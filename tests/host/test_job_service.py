@@ -128,7 +128,9 @@ def test_an_accepted_output_is_released_with_a_receipt_that_verifies(env: Env):
     assert stored is not None and stored.receipt is not None
     receipt = Receipt.from_wire(stored.receipt)
     released = env.service.released(job_id)
-    assert released is not None and float(decode_output(released["total"], max_bytes=1 << 20)) == 90.0
+    assert (
+        released is not None and float(decode_output(released["total"], max_bytes=1 << 20)) == 90.0
+    )
     receipt.verify(env.identity.id, job, released)
     ages = next(r.value for r in env.owner.store.listing() if r.tags[0] == "ages")
     assert list(receipt.inputs.values()) == [content_hash(ages)]

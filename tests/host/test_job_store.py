@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.offline.test_spec import HOST, SCIENTIST, make_program, make_spec
 
 from duet_p2p.errors import ConfigurationError
 from duet_p2p.host.job_store import (
@@ -26,6 +25,7 @@ from duet_p2p.identity import Identity
 from duet_p2p.offline.lifecycle import InvalidTransition, JobState
 from duet_p2p.offline.receipt import InvalidReceipt, Receipt, content_hash
 from duet_p2p.offline.spec import InvalidJob, SignedJob
+from tests.offline.test_spec import HOST, SCIENTIST, make_program, make_spec
 
 S = JobState
 TO_QUEUED = (S.PENDING_REVIEW, S.APPROVED, S.QUEUED)
@@ -299,36 +299,50 @@ def test_a_run_never_begins_past_the_deadline(store: JobStore) -> None:
     assert store.get(job.job_id).state is S.QUEUED  # type: ignore[union-attr]
 
 
-def test_restart_fails_a_run_that_began_even_when_requeue_is_allowed(host_dir: Path) -> None:
+def test_restart_requeues_a_run_that_began_once_by_policy_and_never_more(
+    host_dir: Path,
+) -> None:
     store = JobStore.open(host_dir, host_id=HOST.id)
     job_id = running(store)
     store.close()  # the host dies mid-run
     with JobStore.open(host_dir, host_id=HOST.id) as store:
+        assert store.recover_after_restart(requeue=True) == [(job_id, S.QUEUED)]
+        stored = store.get(job_id)
+        assert stored is not None and stored.state is S.QUEUED
+        assert "during attempt 1" in stored.last_reason and stored.attempts == 1
+        assert store.start_attempt(job_id) == 2
+        with pytest.raises(InvalidTransition):
+            store.start_attempt(job_id)
+    with JobStore.open(host_dir, host_id=HOST.id) as store:  # and it dies again, mid-run
         assert store.recover_after_restart(requeue=True) == [(job_id, S.FAILED)]
         stored = store.get(job_id)
         assert stored is not None and stored.state is S.FAILED
-        assert (stored.last_by, stored.last_reason, stored.attempts) == ("host", HOST_RESTARTED, 1)
+        assert (stored.last_by, stored.last_reason, stored.attempts) == ("host", HOST_RESTARTED, 2)
+        begun = [e for e in store.events(job_id) if e.reason.startswith("run started")]
+        assert [e.reason for e in begun] == ["run started (attempt 1)", "run started (attempt 2)"]
         with pytest.raises(InvalidTransition):
             store.start_attempt(job_id)
         assert store.recover_after_restart(requeue=True) == []
 
 
-def test_restart_requeues_a_claimed_job_only_by_policy(host_dir: Path) -> None:
+def test_restart_without_the_policy_fails_a_run_that_began(host_dir: Path) -> None:
     store = JobStore.open(host_dir, host_id=HOST.id)
-    kept, failed = new_job(), new_job()
-    for job in (kept, failed):
-        store.submit(job)
-        advance(store, job.job_id, *TO_QUEUED, S.RUNNING, by="runner")  # claimed, not begun
+    job_id = running(store)
     store.close()
     with JobStore.open(host_dir, host_id=HOST.id) as store:
-        store.transition(failed.job_id, S.FAILED, by="runner", reason="worker crashed")
-        assert store.recover_after_restart(requeue=True) == [(kept.job_id, S.QUEUED)]
-        assert store.start_attempt(kept.job_id) == 1
-    with JobStore.open(host_dir, host_id=HOST.id) as store:  # and it dies again, mid-run
-        assert store.recover_after_restart(requeue=True) == [(kept.job_id, S.FAILED)]
-        begun = [e for e in store.events(kept.job_id) if e.reason.startswith("run started")]
-        assert len(begun) == 1
-        assert store.get(kept.job_id).attempts == 1  # type: ignore[union-attr]
+        assert store.recover_after_restart() == [(job_id, S.FAILED)]
+        with pytest.raises(InvalidTransition):
+            store.start_attempt(job_id)
+
+
+def test_a_queued_job_that_ran_is_not_started_again_without_a_restart(host_dir: Path) -> None:
+    with JobStore.open(host_dir, host_id=HOST.id) as store:
+        job_id = running(store)
+        # the only way back to QUEUED is recover_after_restart
+        with pytest.raises(InvalidTransition):
+            store.transition(job_id, S.QUEUED, by="x", reason="y")
+        with pytest.raises(InvalidTransition):
+            store.start_attempt(job_id)
 
 
 def test_restart_without_the_policy_fails_even_a_claimed_job(host_dir: Path) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.offline.test_spec import HOST
 
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST
 from duet_p2p.errors import DuetError
@@ -28,6 +27,7 @@ from duet_p2p.offline.review import CodeReview, review_code
 from duet_p2p.offline.spec import SignedJob
 from duet_p2p.permissions import Request
 from tests.host.test_job_store import new_job, two_output_job
+from tests.offline.test_spec import HOST
 
 S = JobState
 HOSTED = ("train_images",)

@@ -10,17 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from tests.offline.test_review import (
-    LINEAGE,
-    MODEL,
-    NOW,
-    SCIENTIST,
-    R,
-    accuracy_steps,
-    make_signed,
-    program,
-    review,
-)
 
 from duet_p2p.errors import ConfigurationError
 from duet_p2p.offline.policy import (
@@ -36,6 +25,17 @@ from duet_p2p.offline.policy import (
 from duet_p2p.offline.review import CodeReview
 from duet_p2p.rpc.messages import Action
 from duet_p2p.rpc.ops import INDEX_OP
+from tests.offline.test_review import (
+    LINEAGE,
+    MODEL,
+    NOW,
+    SCIENTIST,
+    R,
+    accuracy_steps,
+    make_signed,
+    program,
+    review,
+)
 
 OTHER = "0" * 32
 OPS = frozenset({

@@ -95,10 +95,11 @@ def test_every_state_is_reachable_and_every_open_state_can_end() -> None:
         assert S.EXPIRED in TRANSITIONS[state]
 
 
-def test_requeue_only_a_run_that_never_began() -> None:
+def test_requeue_only_while_attempts_are_left() -> None:
     check_requeue(S.RUNNING, 0)
-    for attempts in (1, 2, -1, True, None):
-        with pytest.raises(InvalidTransition, match="never run a second time"):
+    check_requeue(S.RUNNING, 1)
+    for attempts in (2, 3, -1, True, None):
+        with pytest.raises(InvalidTransition, match="never run again"):
             check_requeue(S.RUNNING, attempts)  # type: ignore[arg-type]
     for state in set(S) - {S.RUNNING}:
         with pytest.raises(InvalidTransition):

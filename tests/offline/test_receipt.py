@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tests.offline.test_spec import HOST, NOW, SCIENTIST, encode_sorted, make_signed, make_spec
 
 from duet_p2p.identity import Identity
 from duet_p2p.offline import receipt as receipt_module
 from duet_p2p.offline.receipt import InvalidReceipt, Receipt, content_hash
 from duet_p2p.offline.spec import pack_envelope, signed_message
 from duet_p2p.rpc import codec
+from tests.offline.test_spec import HOST, NOW, SCIENTIST, encode_sorted, make_signed, make_spec
 
 OUTPUT = b"released bytes of the summary"
 DATA = torch.arange(12, dtype=torch.float32).reshape(3, 4)

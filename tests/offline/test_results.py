@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tests.offline.test_spec import NOW, SCIENTIST, make_program, make_spec
 from torch import nn
 
 from duet_p2p.identity import Identity
@@ -32,6 +31,7 @@ from duet_p2p.offline.results import (
 from duet_p2p.offline.spec import SignedJob
 from duet_p2p.rpc import codec
 from duet_p2p.rpc.codec import ObjectRef
+from tests.offline.test_spec import NOW, SCIENTIST, make_program, make_spec
 
 MB = 1 << 20
 DATA = torch.arange(12, dtype=torch.float32).reshape(3, 4)
