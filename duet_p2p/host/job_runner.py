@@ -90,6 +90,12 @@ class JobRun:
         self._scientist = scientist
         self._pointers = pointers  # held so the session frees nothing while the run is open
         self._closed = False
+        self.steps = 0
+        """Steps of the job's plan."""
+
+    def plan_steps(self) -> tuple[int, int]:
+        """(steps done, steps in all) of the plan its worker runs now (untrusted)."""
+        return self._owner_core.worker.plan_steps()
 
     @property
     def request_ids(self) -> dict[str, str | None]:
@@ -230,6 +236,7 @@ class JobRunner:
                 raise JobRunError(f"job {spec.job_id} could not start: {exc}") from None
             raise
         run = JobRun(spec.job_id, spec.client_id, outputs, core, scientist, pointers)
+        run.steps = len(spec.program["steps"])
         self.owner.audit.event("job_run", job_id=spec.job_id, client_id=spec.client_id,
                                requests=[o.request_id for o in outputs.values()])  # fmt: skip
         return run

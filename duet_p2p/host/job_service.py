@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 SLACK_SECONDS = 30.0
 """Time past a job's ``max_seconds`` its outputs may take to be computed."""
 POLL_SECONDS = 0.05
+PROGRESS_SECONDS = 0.25
+"""Seconds between looks at a running job's steps (each one written to the job store)."""
 MAX_VIA_CHARS = 64
 MAX_REASON_CHARS = 2000
 OWNER = "owner"
@@ -302,7 +304,13 @@ class JobService:
         the job left RUNNING (cancelled), "late" after ``bound`` s."""
         loop = asyncio.get_running_loop()
         end = loop.time() + bound
+        shown, written = (-1, -1), 0.0
         while True:
+            steps = self._steps(run, job_id)
+            if steps != shown and steps[1] and loop.time() - written >= PROGRESS_SECONDS:
+                shown, written = steps, loop.time()
+                with contextlib.suppress(Exception):  # bookkeeping only
+                    await asyncio.to_thread(self.store.set_progress, job_id, *steps)
             if self._computed(run):
                 return "done"
             if self._state(job_id) is not _S.RUNNING:
@@ -310,6 +318,16 @@ class JobService:
             if loop.time() >= end:
                 return "late"
             await asyncio.sleep(POLL_SECONDS)
+
+    @staticmethod
+    def _steps(run: JobRun, job_id: str) -> tuple[int, int]:
+        """The run's (steps done, steps in all) as its worker reports them, clamped to the
+        job's own plan."""
+        done, total = run.plan_steps()
+        steps = run.steps
+        if total != steps:
+            return 0, steps
+        return min(max(done, 0), steps), steps
 
     def _computed(self, run: JobRun) -> bool:
         failed = run.failures

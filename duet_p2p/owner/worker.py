@@ -36,6 +36,10 @@ from duet_p2p.owner.ipc import AsyncChannel
 
 log = logging.getLogger(__name__)
 PROGRESS = struct.Struct("<QQ")
+STEPS = struct.Struct("<QQ")
+PROGRESS_BYTES = PROGRESS.size + STEPS.size
+"""The shared progress page (duet_p2p.owner.worker_main): the item running and since when,
+then the steps done and in all of the plan running."""
 WATCH_INTERVAL = 0.05
 """Seconds between the watchdog's looks at the worker."""
 START_TIMEOUT = 120.0
@@ -90,8 +94,8 @@ class WorkerProcess:
         popen = None
         pidfd = -1
         try:
-            os.ftruncate(progress_fd, PROGRESS.size)
-            progress = mmap.mmap(progress_fd, PROGRESS.size)
+            os.ftruncate(progress_fd, PROGRESS_BYTES)
+            progress = mmap.mmap(progress_fd, PROGRESS_BYTES)
             passed = [theirs.fileno(), fd_theirs.fileno(), progress_fd]
             env = _worker_env(limits.worker_threads)
             if zygote.supported():
@@ -340,6 +344,18 @@ class WorkerSupervisor:
         except WorkerLost as lost:
             future.set_exception(lost)
         return future
+
+    def plan_steps(self) -> tuple[int, int]:
+        """(steps done, steps in all) of the plan the worker runs now, as the worker wrote
+        them (untrusted: callers clamp); (0, 0) when it runs none."""
+        worker = self.current
+        if worker is None:
+            return 0, 0
+        try:
+            done, total = STEPS.unpack_from(worker.progress, PROGRESS.size)
+        except (ValueError, struct.error):
+            return 0, 0
+        return int(done), int(total)
 
     def set_hosted_bytes(self, total: int) -> None:
         self.hosted_bytes = total

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 PROGRESS = struct.Struct("<QQ")
+"""At offset 0 of the shared progress page: the item running, and since when (ns)."""
+STEPS = struct.Struct("<QQ")
+"""At offset ``PROGRESS.size``: steps done and in all of the plan running."""
+PROGRESS_BYTES = PROGRESS.size + STEPS.size
 
 
 @dataclass(slots=True)
@@ -59,7 +63,7 @@ def serve_on(sock_fd: int, fd_sock_fd: int, progress_fd: int) -> None:
     """Serve the monitor on these descriptors until it closes the channel."""
     sock = socket.socket(fileno=sock_fd)
     fd_sock = socket.socket(fileno=fd_sock_fd)
-    progress = mmap.mmap(progress_fd, PROGRESS.size)
+    progress = mmap.mmap(progress_fd, PROGRESS_BYTES)
     os.close(progress_fd)
     from duet_p2p.owner.ipc import BlockingChannel
 
@@ -103,6 +107,7 @@ class Worker:
         allowlist = Allowlist(AllowedOp(**entry) for entry in extra) if extra else DEFAULT_ALLOWLIST
         self.store = OwnerStore()
         self.executor = Executor(self.store, allowlist, limits, render_lineage=False)
+        self.executor.on_step = self._step
         self.item = int(config.get("first_item", 0))
         self._maps: dict[str, mmap.mmap] = {}
         sandbox.limit_resources()
@@ -134,7 +139,12 @@ class Worker:
 
     def _begin(self) -> None:
         self.item += 1
+        STEPS.pack_into(self.progress, PROGRESS.size, 0, 0)
         PROGRESS.pack_into(self.progress, 0, self.item, time.monotonic_ns())
+
+    def _step(self, done: int, total: int) -> None:
+        """A plan's step finished (the monitor shows a job's progress from this)."""
+        STEPS.pack_into(self.progress, PROGRESS.size, done, total)
 
     def _end(self) -> None:
         PROGRESS.pack_into(self.progress, 0, self.item, 0)

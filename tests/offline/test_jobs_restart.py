@@ -168,3 +168,20 @@ def test_a_job_past_its_deadline_expires(site: Site) -> None:
         assert "deadline" in job.reason
     finally:
         duet.close()
+
+
+def test_a_connected_scientist_sees_the_steps_done(site: Site) -> None:
+    site.start()
+    duet = site.join()
+    try:
+        job = duet.submit(slow, inputs={"x": "matrix"}, outputs=["m"], reason="slow")
+        seen: set[tuple[int, int]] = set()
+        deadline = time.monotonic() + WAIT
+        while job.refresh().state != "pending_output_review" and time.monotonic() < deadline:
+            seen.add(job.progress)
+            time.sleep(0.1)
+        steps = len(job.signed.spec.program["steps"])
+        assert any(0 < done < steps and total == steps for done, total in seen), seen
+        assert job.progress == (steps, steps)
+    finally:
+        duet.close()

@@ -8,6 +8,7 @@ of everything it was made from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 from typing import Any
 
@@ -33,6 +34,8 @@ class PlanRunner:
     store: OwnerStore
     limits: OwnerLimits
     budget: str
+    on_step: Callable[[int, int], None] | None = None
+    """Called with (steps done, steps in all) after each step of a plan run once."""
 
     def _plan(self, action: Action) -> StoredObject:
         """Define a plan, or run one (once, or once per item of a sequence)."""
@@ -110,6 +113,8 @@ class PlanRunner:
                 info["where"] = f"plan {spec.name}, step {number}"
                 info["message"] = f"{info['where']}: {info.get('message', '')}"
                 raise ActionFailed(info) from None
+            if self.on_step is not None:
+                self.on_step(number + 1, len(spec.steps))
             held += record.nbytes
             if self.store.bytes_of(self.budget) + held > self.limits.max_peer_bytes:
                 raise ActionFailed(
