@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.offline.test_spec import NOW, SCIENTIST, make_spec
 
 from duet_p2p.identity import Identity
 from duet_p2p.mailbox import envelope as env
@@ -43,6 +42,7 @@ from duet_p2p.offline.mail import (
 )
 from duet_p2p.offline.results import JobUpdate
 from duet_p2p.offline.spec import InvalidJob, SignedJob
+from tests.offline.test_spec import NOW, SCIENTIST, make_spec
 
 MB = 1 << 20
 BIG = 3 * MB + 12345

@@ -8,8 +8,8 @@ of everything it was made from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
