@@ -21,7 +21,7 @@ from duet_p2p.permissions import Request
 log = logging.getLogger(__name__)
 
 _DECIDED = {"approve": "approved", "reject": "rejected", "release": "released",
-            "withhold": "withheld"}  # fmt: skip
+            "withhold": "withheld", "cancel": "cancelled"}  # fmt: skip
 MAX_AUDIT_BYTES = 64 << 20
 """The most of the audit log's tail a single ``duet-host audit`` reads."""
 
@@ -123,6 +123,9 @@ class HostAdmin:
 
     def control_withhold(self, job_id: str, reason: str) -> dict[str, Any]:
         return self._decide(job_id, "withhold", reason)
+
+    def control_cancel(self, job_id: str) -> dict[str, Any]:
+        return self._decide(job_id, "cancel")
 
     def _decide(self, job_id: str, decision: str, *reason: str) -> dict[str, Any]:
         """Make one of the owner's decisions on a job; the decision, and the job's state

@@ -256,6 +256,8 @@ def _job_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
          f"duet-host release {_JOB}", False),
         ("withhold", _decision, "Withhold a finished job's outputs; the scientist sees your "
          "reason.", f'duet-host withhold {_JOB} --reason "the model memorises rows"', True),
+        ("cancel", _decision, "Cancel a job before or while it runs (a running job's worker "
+         "session is closed).", f"duet-host cancel {_JOB}", False),
     ]  # fmt: skip
     for name, run, summary, example, reason in decisions:
         p = command(name, run, summary, example)
@@ -481,7 +483,7 @@ def _decision(args: argparse.Namespace) -> int:
 
 
 _DECIDED = {"approve": "approved", "reject": "rejected", "release": "released",
-            "withhold": "withheld"}  # fmt: skip
+            "withhold": "withheld", "cancel": "cancelled"}  # fmt: skip
 
 
 def _job(args: argparse.Namespace) -> int:

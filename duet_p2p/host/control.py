@@ -84,6 +84,8 @@ class HostControl(Protocol):
 
     def control_approve(self, job_id: str) -> dict[str, Any]: ...
 
+    def control_cancel(self, job_id: str) -> dict[str, Any]: ...
+
     def control_reject(self, job_id: str, reason: str) -> dict[str, Any]: ...
 
     def control_release(self, job_id: str) -> dict[str, Any]: ...
@@ -218,6 +220,7 @@ _COMMANDS: dict[str, tuple[str, tuple[_Param, ...]]] = {
     "reject": ("control_reject", (_JOB_ID, _WHY)),
     "release": ("control_release", (_JOB_ID,)),
     "withhold": ("control_withhold", (_JOB_ID, _WHY)),
+    "cancel": ("control_cancel", (_JOB_ID,)),
 }
 COMMANDS = frozenset(_COMMANDS)
 """The commands a control socket answers."""

@@ -30,6 +30,7 @@ from duet_p2p.runtime import get_runtime
 from duet_p2p.scientist.job_book import JobBook, JobRecord
 from duet_p2p.scientist.job_mail import MAX_RESULT_BYTES, check_mail
 from duet_p2p.scientist.job_recording import build_job
+from duet_p2p.scientist.session import _interactive_stderr
 from duet_p2p.table import Table, TableView, format_clock
 from duet_p2p.text import printable
 
@@ -178,16 +179,24 @@ class Job:
     async def wait_async(self, timeout: float | None = None) -> str:
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
-        while True:
-            left = None if end is None else end - loop.time()
-            await self.refresh_async(0.0 if left is not None and left <= 0 else
-                                     min(MAIL_WAIT_SECONDS, left or MAIL_WAIT_SECONDS))  # fmt: skip
-            state = self.record.job_state
-            if state in ENDED:
-                return str(state)
-            if end is not None and loop.time() >= end:
-                raise RequestTimeout(f"job {self.job_id} is {state} after {timeout:g} s; "
-                                     "it goes on: wait again later")  # fmt: skip
+        bar = _StepsBar(self.job_id) if _interactive_stderr() else None
+        try:
+            while True:
+                left = None if end is None else end - loop.time()
+                await self.refresh_async(0.0 if left is not None and left <= 0 else
+                                         min(MAIL_WAIT_SECONDS, left or MAIL_WAIT_SECONDS))  # fmt: skip
+                record = self.record
+                if bar is not None:
+                    bar.show(record)
+                state = record.job_state
+                if state in ENDED:
+                    return str(state)
+                if end is not None and loop.time() >= end:
+                    raise RequestTimeout(f"job {self.job_id} is {state} after {timeout:g} s; "
+                                         "it goes on: wait again later")  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """The released outputs by name (tensors, numbers, ``nn.Module``...), checked
@@ -233,6 +242,27 @@ class Job:
     def __repr__(self) -> str:
         record = self.record
         return f"<Job {self.job_id} on {record.host_id}: {record.state}>"
+
+
+class _StepsBar:
+    """A tqdm bar of a job's steps, its state as the description (interactive only)."""
+
+    def __init__(self, job_id: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, desc=f"job {job_id[:8]}", unit="step", leave=False)
+
+    def show(self, record: JobRecord) -> None:
+        done, total = record.progress
+        bar = self._bar
+        if total and bar.total != total:
+            bar.total = total
+        if done > bar.n:
+            bar.update(done - bar.n)
+        bar.set_postfix_str(record.state, refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 # -- the list --------------------------------------------------------------------------

@@ -108,6 +108,10 @@ class FakeHost:
         self._call("withhold", job_id, reason)
         return {"job_id": job_id, "state": "withheld"}
 
+    def control_cancel(self, job_id: str) -> dict[str, Any]:
+        self._call("cancel", job_id)
+        return {"job_id": job_id, "state": "cancelled"}
+
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
@@ -191,11 +195,15 @@ async def test_job_commands_round_trip(served: tuple[ControlServer, FakeHost]) -
     await ask(path, "reject", {"job_id": JOB, "reason": "raw labels"})
     await ask(path, "release", {"job_id": JOB})
     await ask(path, "withhold", {"job_id": JOB, "reason": "too fine"})
+    await ask(path, "cancel", {"job_id": JOB})
     assert host.calls == [
         ("jobs", (False,)), ("jobs", (True,)), ("job", (JOB,)), ("approve", (JOB,)),
         ("reject", (JOB, "raw labels")), ("release", (JOB,)), ("withhold", (JOB, "too fine")),
+        ("cancel", (JOB,)),
     ]  # fmt: skip
-    assert {"jobs", "job", "approve", "reject", "release", "withhold"} <= control.COMMANDS
+    assert {"jobs", "job", "approve", "reject", "release", "withhold", "cancel"} <= (
+        control.COMMANDS
+    )
 
 
 async def test_socket_is_private(served: tuple[ControlServer, FakeHost]) -> None:
@@ -286,7 +294,7 @@ BAD_LINES = {
     "withhold long reason": line("withhold", job_id=JOB, reason="x" * 1001),
     "approve with reason": line("approve", job_id=JOB, reason="x"),
     "jobs all not bool": line("jobs", all="true"),
-    "cancel is not a command": line("cancel", job_id=JOB),
+    "Cancel is not a command": line("Cancel", job_id=JOB),
     "deep nesting": b'{"command": "status", "args": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
 }
 
