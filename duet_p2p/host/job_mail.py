@@ -118,7 +118,13 @@ class JobMail:
             signed = SignedJob.from_wire(mail.payload)
             job_id = signed.job_id
             row = await self.jobs.submit_for(mail.sender_id, mail.payload, via="mailbox")
-        except (InvalidJob, JobRefused, DuplicateJob, JobQuotaExceeded, DuetError) as exc:
+        except DuplicateJob:  # sent twice: say where the job stands, to its scientist only
+            stored = self.jobs.store.get(job_id)
+            if stored is not None and stored.client_id == mail.sender_id:
+                await self._tell(mail.sender_id, mail.sender_key,
+                                 _update_of(self.jobs.row(stored)))  # fmt: skip
+            return
+        except (InvalidJob, JobRefused, JobQuotaExceeded, DuetError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             audit.event("job_refused", job_id=job_id, client_id=mail.sender_id, via="mailbox",
                         reason=printable(reason, 500))  # fmt: skip

@@ -158,18 +158,47 @@ class JobService:
         job_id = signed.job_id
         self._audit(job_id, _S.SUBMITTED, client_id, "submitted", via=via)
         self._move(job_id, _S.PENDING_REVIEW, by=HOST, reason="awaiting review")
-        review = self._review(signed)
+        self._decide_review(job_id, self._review(signed))
+        return job_id
+
+    def _decide_review(self, job_id: str, review: CodeReview) -> None:
+        """Reject a job that cannot run, approve one the policy covers, else leave it to
+        the owner. A job whose only problem is a dataset not hosted (yet: a host starting
+        up, an owner about to host it) waits for review instead of being rejected."""
+        unhosted = sum(1 for item in review.inputs.values() if not item.hosted)
+        if review.problems and len(review.problems) == unhosted:
+            why = f"waits: {review.problems[0]}"
+            self.owner.audit.event("job_review", job_id=job_id, by=POLICY, reason=why)
+            return
         rejected = auto_reject_reason(review)
         if rejected is not None:
             self._move(job_id, _S.REJECTED, by=POLICY, reason=rejected)
-            return job_id
+            return
         approved, why = decide_code(review, self.policy)
         if approved:
             self._move(job_id, _S.AUTO_APPROVED, by=POLICY, reason=why)
             self._move(job_id, _S.QUEUED, by=POLICY, reason="queued to run")
         else:
             self.owner.audit.event("job_review", job_id=job_id, by=POLICY, reason=why)
-        return job_id
+
+    def review_waiting(self) -> int:
+        """Review again the jobs waiting for a dataset that is now hosted (the policy may
+        approve them); how many were decided."""
+        hosted = set(self.dataset_tags())
+        decided = 0
+        for stored in self.store.all([_S.PENDING_REVIEW], limit=100):
+            try:
+                tags = set(stored.job.spec.inputs.values())
+            except InvalidJob:
+                continue
+            if not tags <= hosted:
+                continue
+            with contextlib.suppress(InvalidTransition, KeyError):
+                review = self._review(stored.job)
+                before = self._state(stored.job_id)
+                self._decide_review(stored.job_id, review)
+                decided += self._state(stored.job_id) is not before
+        return decided
 
     def review(self, job_id: str) -> CodeReview:
         """The job's code review as of now (for the owner)."""
@@ -207,6 +236,7 @@ class JobService:
             raise InvalidTransition(f"job {job_id} is {stored.state}; it can no longer be "
                                     "cancelled")  # fmt: skip
         self._move(job_id, _S.CANCELLED, by=by, reason=f"cancelled by {by}")
+        self._deny_outputs(job_id, f"job {job_id} was cancelled")
         self._close_later(job_id)
 
     # -- running ------------------------------------------------------------------------
@@ -282,6 +312,7 @@ class JobService:
             count = len(run.outputs)
             self._move(job_id, _S.PENDING_OUTPUT_REVIEW, by=HOST,
                        reason=f"{count} output request(s) await a decision")  # fmt: skip
+            await self._drop(job_id)  # the outputs wait in the owner's journal; the worker goes
 
     def _input_hashes(self, signed: SignedJob) -> dict[str, str]:
         """Program input -> content hash of the hosted tensor bound to it (by first tag,
@@ -349,7 +380,22 @@ class JobService:
     async def _finish(self, job_id: str, state: JobState, reason: str) -> None:
         with contextlib.suppress(InvalidTransition):  # e.g. cancelled at the last moment
             self._move(job_id, state, by=HOST, reason=reason)
+        self._deny_outputs(job_id, f"job {job_id} ended {state}")
         await self._drop(job_id)
+
+    def _deny_outputs(self, job_id: str, reason: str) -> None:
+        """Deny whatever output of an ended job is still undecided: it never leaves (not
+        through a handler, nor the owner's queue, once the job is over)."""
+        for request_id in self.store.requests(job_id).values():
+            request = self._request(request_id)
+            if request is not None and request.pending:
+                with contextlib.suppress(DuetError):
+                    self.owner.requests.decide_as(request_id, False, HOST, reason)
+
+    def is_job_request(self, request_id: str) -> bool:
+        """Whether a request of the owner's queue is a job's output (collected with its
+        job and receipt, never on its own)."""
+        return self.store.is_job_request(request_id)
 
     async def _drop(self, job_id: str) -> None:
         with self._lock:
@@ -565,6 +611,7 @@ class JobService:
 
     async def _finish_as(self, job_id: str, state: JobState, by: str, reason: str) -> None:
         self._move(job_id, state, by=by, reason=reason)
+        self._deny_outputs(job_id, f"job {job_id} ended {state}")
         await self._drop(job_id)
 
     def _deciders(self, request_ids: Iterable[str | None]) -> str:
@@ -583,6 +630,7 @@ class JobService:
         expired = self.store.expire_due(now)
         for job_id in expired:
             self._audit(job_id, _S.EXPIRED, HOST, "deadline passed")
+            self._deny_outputs(job_id, f"job {job_id} expired: its deadline passed")
             self._close_later(job_id)
         return expired
 

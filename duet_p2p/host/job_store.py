@@ -34,7 +34,7 @@ from duet_p2p.host.sqlite_file import SqliteFile, init_schema
 from duet_p2p.offline import lifecycle
 from duet_p2p.offline.lifecycle import OPEN, TERMINAL, InvalidTransition, JobState
 from duet_p2p.offline.receipt import InvalidReceipt, Receipt, content_hash
-from duet_p2p.offline.spec import InvalidJob, SignedJob
+from duet_p2p.offline.spec import MAX_LIFETIME_SECONDS, InvalidJob, SignedJob
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ MAX_RECEIPT_BYTES = 1 << 17
 MAX_PROGRESS = 1 << 62
 MAX_LIMIT = 100_000
 HOST_RESTARTED = "host restarted"
+MAX_CLOCK_SKEW = 300.0
+"""Seconds a job may seem to come from the future (clocks differ)."""
 
 _SCHEMA = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT",
@@ -77,6 +79,7 @@ _SCHEMA = (
     """CREATE TABLE job_requests (
         job_id TEXT NOT NULL, name TEXT NOT NULL, request_id TEXT NOT NULL,
         PRIMARY KEY (job_id, name)) STRICT""",
+    "CREATE INDEX job_requests_by_request ON job_requests (request_id)",
     """CREATE TABLE job_notices (
         job_id TEXT PRIMARY KEY, state TEXT NOT NULL, at REAL NOT NULL) STRICT""",
 )
@@ -215,6 +218,11 @@ class JobStore(SqliteFile):
         now = _time(time.time() if at is None else at, "at")
         if spec.deadline <= now:
             raise InvalidJob(f"job {spec.job_id} is past its deadline")
+        if spec.created_at > now + MAX_CLOCK_SKEW:
+            raise InvalidJob(f"job {spec.job_id} was made in the future (check the clocks)")
+        if spec.deadline > now + MAX_LIFETIME_SECONDS:
+            raise InvalidJob(f"job {spec.job_id}'s deadline is more than "
+                             f"{MAX_LIFETIME_SECONDS / 86400:g} days away")  # fmt: skip
         wire, job_hash = signed_job.to_wire(), signed_job.hash()
         with self._write() as db:
             row = db.execute(
@@ -434,6 +442,15 @@ class JobStore(SqliteFile):
                               (_key(job_id),)).fetchall()  # fmt: skip
         return {str(name): str(rid) for name, rid in rows}
 
+    def is_job_request(self, request_id: str) -> bool:
+        """Whether ``request_id`` is the request behind a job's output."""
+        if type(request_id) is not str or len(request_id) > 64:
+            return False
+        with self._connection() as db:
+            row = db.execute("SELECT 1 FROM job_requests WHERE request_id = ? LIMIT 1",
+                             (request_id,)).fetchone()  # fmt: skip
+        return row is not None
+
     def noticed(self, job_id: str) -> str | None:
         """The last state its scientist was sent a notice of (None: none yet)."""
         with self._connection() as db:
@@ -482,6 +499,17 @@ class JobStore(SqliteFile):
         job_id = _key(job_id)
         with self._write() as db:
             return _free(db, job_id)
+
+    def free_finished(self, delivered_before: float) -> int:
+        """Free the output payloads of jobs delivered before ``delivered_before`` (kept
+        until then in case a delivery was lost); returns how many were freed."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE job_outputs SET payload = NULL WHERE payload IS NOT NULL AND job_id IN "
+                "(SELECT job_id FROM jobs WHERE state = ? AND updated_at < ?)",
+                (str(JobState.DELIVERED), _time(delivered_before, "delivered_before")),
+            )  # fmt: skip
+            return cursor.rowcount
 
     def set_receipt(self, job_id: str, wire: bytes) -> None:
         """Keep the host's receipt of a released job (checked: it parses, it is for this
@@ -596,7 +624,8 @@ def _move(
     db: sqlite3.Connection, job_id: str, old: JobState, new: JobState, *, by: str, reason: str,
     at: float,
 ) -> None:  # fmt: skip
-    """Record a checked transition and its event; free outputs on a terminal state."""
+    """Record a checked transition and its event; free outputs on a terminal state (a
+    delivered job's are kept a while: ``free_finished``)."""
     times = ""
     if old is JobState.RUNNING and (new is JobState.FINISHED or new in TERMINAL):
         times = ", finished_at = :at"
@@ -608,7 +637,7 @@ def _move(
         {"new": str(new), "at": at, "by": by, "reason": reason, "job_id": job_id},
     )
     _event(db, job_id, at, old, new, by, reason)
-    if new in TERMINAL:
+    if new in TERMINAL and new is not JobState.DELIVERED:
         _free(db, job_id)
 
 

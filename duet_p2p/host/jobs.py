@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ START_SECONDS = 60.0
 """Seconds a job's session may take to start."""
 IDLE_SECONDS = 1.0
 SETTLE_SECONDS = 0.25
+FREE_EVERY = 240
+"""Settle ticks between sweeps that free delivered jobs' outputs (about once a minute)."""
 
 ON_RESTART = ("fail", "requeue")
 MAX_CONCURRENCY = 16
@@ -105,6 +108,7 @@ class HostJobs:
             self.mail = JobMail(self, host.options.signaling_url)
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
+        self._tags_reviewed: frozenset[str] = frozenset()
         self._closed = False
 
     def _dataset_tags(self) -> list[str]:
@@ -264,16 +268,26 @@ class HostJobs:
                 self.poke()
 
     async def _settle(self) -> None:
+        ticks = 0
         while not self._closed:
             try:
                 await self._settle_once()
+                if ticks % FREE_EVERY == 0:
+                    before = time.time() - self.host.owner.keep_released
+                    await asyncio.to_thread(self.store.free_finished, before)
             except Exception:  # noqa: BLE001 - retried at the next tick
                 log.exception("settling jobs failed")
+            ticks += 1
             await self._nap(SETTLE_SECONDS)
 
     async def _settle_once(self) -> None:
         if await asyncio.to_thread(self.service.expire_due):
             self.poke()
+        tags = frozenset(self._dataset_tags())
+        if tags != self._tags_reviewed:  # a dataset came: jobs waiting for it may go on
+            self._tags_reviewed = tags
+            if await asyncio.to_thread(self.service.review_waiting):
+                self.poke()
         for job in self.store.all([JobState.PENDING_OUTPUT_REVIEW], limit=MAX_LISTED):
             await asyncio.to_thread(self.service.apply_release_rules, job.job_id)
             state = await self.service.settle_outputs(job.job_id, 0.0)

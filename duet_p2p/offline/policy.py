@@ -299,6 +299,11 @@ def _as_request(facts: OutputFacts) -> _RequestView:
     )  # fmt: skip
 
 
+RULE_MIN_AGGREGATION = 2.0
+"""The least records each released value summarises under a release rule that sets no
+``min_aggregation`` of its own (when the host's minimum is lower)."""
+
+
 def decide_output(
     facts: OutputFacts, rules: Iterable[ReleaseRule], *, min_aggregation: float = 1.0
 ) -> tuple[bool, str]:
@@ -324,7 +329,10 @@ def decide_output(
     for rule in rules:
         if rule.outputs is not None and facts.output not in rule.outputs:
             continue
-        if rule.handler().matches(request, request.requested_at, min_aggregation=floor):
+        # A rule that names no minimum never releases a value of a single record: raw rows
+        # copied out a few at a time, job after job. Saying min_aggregation=1 opts in.
+        least = floor if rule.min_aggregation is not None else max(floor, RULE_MIN_AGGREGATION)
+        if rule.handler().matches(request, request.requested_at, min_aggregation=least):
             return True, f"release rule {printable(rule.summary(), 200)} matched"
     return False, "no release rule matches: the owner decides"
 

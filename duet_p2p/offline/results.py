@@ -247,6 +247,10 @@ def open_result(
         raise InvalidResult(
             f"the result's outputs are not the job's (missing: {missing}, extra: {extra})"
         )
+    total = sum(len(data) for data in bundle.outputs.values())
+    if total > spec.max_result_bytes:
+        raise InvalidResult(f"the results are {total} bytes; the job allowed "
+                            f"{spec.max_result_bytes}")  # fmt: skip
     receipt = Receipt.from_wire(bundle.receipt)
     receipt.verify(host_id, signed_job, bundle.outputs)
     for name, data in bundle.outputs.items():

@@ -986,6 +986,14 @@ class OwnerCore:
     async def _on_fetch_release(self, message: FetchRelease) -> None:
         """Send again a value accepted while its scientist was away (a standing host keeps
         it for ``keep_released`` seconds, then frees it)."""
+        jobs = self.owner.jobs
+        if jobs is not None and await asyncio.to_thread(
+            jobs.service.is_job_request, message.request_id
+        ):
+            await self._send_error(message.call_id, {"code": "not_found", "type": "KeyError",
+                "message": f"request {message.request_id} is an offline job's output: "
+                "collect it with its job (duet.jobs)"})  # fmt: skip
+            return
         journal = self.owner.journal
         claimed = None if journal is None else await asyncio.wrap_future(
             self.owner.later(journal.claim, self.connection.client_id, message.request_id))  # fmt: skip

@@ -27,8 +27,10 @@ __all__ = ["MAX_RESULT_BYTES", "check_mail"]
 
 log = logging.getLogger(__name__)
 
-MAX_RESULT_BYTES = 1 << 30
+MAX_RESULT_BYTES = 512 << 20
 """Largest result bundle taken from the mailbox."""
+MAX_FETCH_BYTES = MAX_RESULT_BYTES + (MAX_RESULT_BYTES >> 1)
+"""Most envelope bytes one look at the mailbox holds at once."""
 MAX_PAGES = 10_000
 STALE_STREAM_SECONDS = 3600.0
 """A stream missing parts this long after its last one arrived is deleted."""
@@ -84,13 +86,19 @@ async def check_mail(identity: Identity, url: str, book: JobBook, wait: float = 
     try:
         async with MailboxClient(url, identity) as client:
             fetched: list[Delivered] = []
+            held = 0
             after = None
             for page in range(MAX_PAGES):
                 batch = await client.fetch(wait if page == 0 else 0.0, after=after)
                 if not batch:
                     break
-                fetched.extend(batch)
                 after = batch[-1].message_id
+                # mail from others (another machine's jobs of this identity) stays for them
+                mine = [item for item in batch if item.sender_id in hosts]
+                fetched.extend(mine)
+                held += sum(len(item.envelope) for item in mine)
+                if held > MAX_FETCH_BYTES:
+                    break  # the rest waits for the next look
             ready, stale = complete(fetched)
             for mail in opener.add(ready):
                 recorded += _record(book, mail)
@@ -109,6 +117,8 @@ def _record(book: JobBook, mail: job_mail.Mail) -> int:
             record = book.record(update.job_id)
             if record is None or record.host_id != mail.sender_id:
                 return 0
+            if update.job_state is JobState.DELIVERED and not book.has_result(update.job_id):
+                return 0  # only results, verified, make a job delivered here
             book.update(update.job_id, state=update.state, reason=update.reason,
                         at=update.at, progress=update.progress)  # fmt: skip
             return 1

@@ -11,7 +11,6 @@ checked against the host's signed receipt), ``cancel()``, ``receipt``.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -129,7 +128,8 @@ class Job:
             for row in rows if isinstance(rows, list) else []:
                 if isinstance(row, dict) and row.get("job_id") == self.job_id:
                     self._apply(row)
-            if self.record.state == _S.RELEASED and not self._book.has_result(self.job_id):
+            state = self.record.state
+            if state in (_S.RELEASED, _S.DELIVERED) and not self._book.has_result(self.job_id):
                 await self._fetch_live(core)
             elif wait:
                 await asyncio.sleep(min(wait, LIVE_POLL_SECONDS))
@@ -345,7 +345,7 @@ def record_job(book: JobBook, signed: SignedJob, url: str | None, via: str,
                row: Mapping[str, Any] | None = None) -> None:  # fmt: skip
     state = str(_S.SUBMITTED)
     reason = "left in the host's mailbox" if via == "mailbox" else "submitted"
-    at = time.time()
+    at = 0.0  # only the host's clock orders what is heard of a job
     if row is not None and isinstance(row.get("state"), str):
         state, reason = row["state"], str(row.get("reason", ""))
         at = float(row.get("updated_at", at))

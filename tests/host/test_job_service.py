@@ -88,10 +88,8 @@ class Env:
         return [e["state"] for e in events if e["event"] == "job" and e["job_id"] == job_id]
 
     def request(self, job_id: str, name: str) -> Any:
-        run = self.service.run_of(job_id)
-        assert run is not None
-        rid = run.request_ids[name]
-        assert rid is not None
+        assert wait_for(lambda: self.service.output_requests(job_id)[name] is not None, WAIT)
+        rid = self.service.output_requests(job_id)[name].request_id
         assert wait_for(lambda: self.owner.requests[rid].ready, WAIT)
         return self.owner.requests[rid]
 
@@ -206,7 +204,13 @@ def test_the_owner_reviews_approves_rejects_and_jobs_are_cancelled(env: Env):
     assert env.state(first) is S.CANCELLED
     assert env.run_next(service) is None
     third = service.submit(env.job(lambda x: x.sum(), ["gone"], ["t"]), via="mailbox")
-    assert env.state(third) is S.REJECTED  # a dataset it needs is not hosted
+    assert env.state(third) is S.PENDING_REVIEW  # a dataset it needs is not hosted: it waits
+    assert service.review_waiting() == 0
+    env.owner.host(torch.ones(3), tags=("gone",))  # hosted now: reviewed again
+    assert not service.review(third).problems
+    auto = env.make(JobPolicy(approve_clients=frozenset({env.alice.id})))
+    assert auto.review_waiting() == 1  # the policy approves it now
+    assert env.state(third) is S.QUEUED
 
 
 def test_approve_refuses_when_the_review_finds_problems_now(env: Env):

@@ -150,6 +150,9 @@ def test_full_lifecycle_round_trip(store: JobStore, host_dir: Path) -> None:
         assert final is not None and final.state is S.DELIVERED and final.terminal
         assert (final.last_by, final.last_reason) == ("host", "sent over the mailbox")
         Receipt.from_wire(final.receipt).verify(HOST.id, job, {"summary": PAYLOAD})
+        [kept] = again.outputs(job.job_id)  # kept a while: a delivery may have been lost
+        assert kept.payload == PAYLOAD
+        assert again.free_finished(time.time() + 1) == 1
         [freed] = again.outputs(job.job_id)
         assert freed.payload is None and freed.sha256 == content_hash(PAYLOAD)
         events = again.events(job.job_id)

@@ -160,7 +160,7 @@ def test_a_policy_is_frozen() -> None:
 
 
 def facts(good: CodeReview, **changes: Any) -> OutputFacts:
-    values: dict[str, Any] = dict(elements=1, size_bytes=8, aggregation=1.0, finished_at=NOW)
+    values: dict[str, Any] = dict(elements=1, size_bytes=8, aggregation=2.0, finished_at=NOW)
     values.update(changes)
     return output_facts(good, "accuracy", **values)
 
@@ -196,7 +196,7 @@ def test_rules_that_do_not_match(good: CodeReview) -> None:
         ReleaseRule(tags=frozenset({"x", "secret"})),
         ReleaseRule(max_elements=0),
         ReleaseRule(op="sum"),
-        ReleaseRule(min_aggregation=2),
+        ReleaseRule(min_aggregation=3),
     ):
         assert decide_output(facts(good), [rule]) == (False, unmatched), rule
     assert decide_output(facts(good), [ReleaseRule(op="mean")])[0]
@@ -349,3 +349,12 @@ def test_reading_the_policy_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)  # fmt: skip
     assert result.stdout.strip() == "False"
+
+
+def test_a_rule_without_a_minimum_never_releases_single_records(good: CodeReview) -> None:
+    raw = facts(good, aggregation=1.0)
+    assert decide_output(raw, [ReleaseRule(max_elements=3)]) == (
+        False,
+        "no release rule matches: the owner decides",
+    )
+    assert decide_output(raw, [ReleaseRule(max_elements=3, min_aggregation=1)])[0]

@@ -53,7 +53,8 @@ def test_submitted_while_the_host_is_down_then_collected_from_the_mailbox(
     assert job.record.state == "submitted"
     assert job.status == "submitted"  # nobody has read the host's mailbox yet
     policy = JobPolicy(approve_clients=frozenset({alice.id}),
-                       release=(ReleaseRule(outputs=frozenset({"means"}), max_elements=3),))  # fmt: skip
+                       release=(ReleaseRule(outputs=frozenset({"means"}), op="mean",
+                                            max_elements=3, min_aggregation=1),))  # fmt: skip
     host = start_host(signaling_url, home, host_identity, policy, [alice.id])
     try:
         assert job.wait(WAIT) == "delivered"

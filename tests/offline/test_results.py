@@ -334,7 +334,7 @@ def test_missing_or_extra_outputs_are_refused(host: Identity, no_decoding: list)
 
 
 def test_an_oversize_output_is_refused_before_any_decoding(host: Identity, no_decoding) -> None:
-    job = two_output_job(host)
+    job = two_output_job(host, max_result_bytes=1 << 20)
     bundle = release(host, job, {"accuracy": 0.5, "model": torch.ones(10_000)})
     with pytest.raises(InvalidResult, match="over"):
         open_result(bundle, job, host_id=host.id, max_bytes=1000)
@@ -397,7 +397,7 @@ def test_a_100_mb_tensor_output_stays_within_three_times_its_size(
     """The host writes a 100 MB tensor's bundle without copying the output again; the
     scientist's process, holding the bundle's bytes, verifies and decodes it with at most
     about twice their size more resident memory at its peak (the outputs, then the tensor)."""
-    job = make_spec(host_id=host.id).sign(SCIENTIST)
+    job = make_spec(host_id=host.id, max_result_bytes=1 << 30).sign(SCIENTIST)
     out = encode_output(torch.arange(25_000_000, dtype=torch.float32))
     bundle = release_bytes(host, job, {"summary": out})
     parts = bundle.to_parts()
@@ -491,3 +491,11 @@ def test_hostile_update_bytes_are_refused() -> None:
     for _ in range(500):
         with pytest.raises(InvalidResult):
             JobUpdate.from_bytes(rng.randbytes(rng.randrange(1, 80)))
+
+
+def test_results_over_the_jobs_own_cap_are_refused(host: Identity, no_decoding) -> None:
+    job = two_output_job(host, max_result_bytes=10_000)
+    bundle = release(host, job, {"accuracy": 0.5, "model": torch.ones(10_000)})
+    with pytest.raises(InvalidResult, match="the job allowed 10000"):
+        open_result(bundle, job, host_id=host.id, max_bytes=1 << 20)
+    assert no_decoding == []
