@@ -308,7 +308,11 @@ class JobService:
             steps = len(spec.program["steps"])
             with contextlib.suppress(Exception):
                 self.store.set_progress(job_id, steps, steps)
-            self._move(job_id, _S.FINISHED, by=HOST, reason="run finished")
+            try:
+                self._move(job_id, _S.FINISHED, by=HOST, reason="run finished")
+            except InvalidTransition:  # cancelled at the last moment
+                await self._drop(job_id)
+                return
             count = len(run.outputs)
             self._move(job_id, _S.PENDING_OUTPUT_REVIEW, by=HOST,
                        reason=f"{count} output request(s) await a decision")  # fmt: skip
@@ -342,10 +346,10 @@ class JobService:
                 shown, written = steps, loop.time()
                 with contextlib.suppress(Exception):  # bookkeeping only
                     await asyncio.to_thread(self.store.set_progress, job_id, *steps)
-            if self._computed(run):
-                return "done"
             if self._state(job_id) is not _S.RUNNING:
                 return "moved"
+            if self._computed(run):
+                return "done"
             if loop.time() >= end:
                 return "late"
             await asyncio.sleep(POLL_SECONDS)

@@ -135,8 +135,8 @@ def output_request(job_id: str, name: str = "summary", **changes: Any) -> Reques
 
 def test_open_jobs_newest_first_and_filtered_views(jobs: FakeJobs) -> None:
     now = time.time()
-    old = submit(jobs, None, S.PENDING_REVIEW, at=now - 300)
-    done = submit(jobs, None, S.PENDING_REVIEW, S.REJECTED, reason="no thanks", at=now - 200)
+    old = submit(jobs, None, S.PENDING_REVIEW, at=now - 120)
+    done = submit(jobs, None, S.PENDING_REVIEW, S.REJECTED, reason="no thanks", at=now - 60)
     out = finished(jobs)
     view = JobsView(jobs)
     assert len(view) == 2  # the rejected job is finished: not open
