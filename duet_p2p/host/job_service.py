@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 SLACK_SECONDS = 30.0
 """Time past a job's ``max_seconds`` its outputs may take to be computed."""
 POLL_SECONDS = 0.05
+JOURNAL_WAIT = 30.0
 PROGRESS_SECONDS = 0.25
 """Seconds between looks at a running job's steps (each one written to the job store)."""
 MAX_VIA_CHARS = 64
@@ -63,6 +65,13 @@ POLICY = "policy"
 HOST = "host"
 
 _S = JobState
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """An output already encoded (kept in the job store)."""
+
+    data: bytes
 
 
 class JobRefused(DuetError):
@@ -111,6 +120,8 @@ class JobService:
         self._runs: dict[str, JobRun] = {}
         self._inputs: dict[str, dict[str, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_moved: Callable[[str, JobState], None] | None = None
+        """Called (from any thread) after each of a job's moves."""
 
     # -- recording -------------------------------------------------------------------
 
@@ -119,6 +130,14 @@ class JobService:
         reason = printable(reason, MAX_REASON_CHARS)
         self.store.transition(job_id, state, by=by, reason=reason, at=at)
         self._audit(job_id, state, by, reason)
+        self._moved(job_id, state)
+
+    def _moved(self, job_id: str, state: JobState) -> None:
+        if self.on_moved is not None:
+            try:
+                self.on_moved(job_id, state)
+            except Exception:  # noqa: BLE001 - a listener never breaks a transition
+                log.exception("a job listener failed")
 
     def _audit(self, job_id: str, state: JobState, by: str, reason: str, **more: Any) -> None:
         self.owner.audit.event("job", job_id=job_id, state=str(state), by=by, reason=reason,
@@ -266,6 +285,7 @@ class JobService:
                 self._move(job_id, _S.FAILED, by=HOST, reason=f"stored job is damaged: {exc}")
                 continue
             self._audit(job_id, _S.RUNNING, HOST, f"run started (attempt {attempt})")
+            self._moved(job_id, _S.RUNNING)
             await self._run(stored.job, timeout)
             return job_id
         return None
@@ -314,9 +334,23 @@ class JobService:
                 await self._drop(job_id)
                 return
             count = len(run.outputs)
+            await self._keep_taken(job_id, run)
             self._move(job_id, _S.PENDING_OUTPUT_REVIEW, by=HOST,
                        reason=f"{count} output request(s) await a decision")  # fmt: skip
             await self._drop(job_id)  # the outputs wait in the owner's journal; the worker goes
+
+    async def _keep_taken(self, job_id: str, run: JobRun) -> None:
+        """Outputs a handler accepted while the run was open reached its loopback session,
+        not the journal: keep them in the job store before the session closes."""
+        values = await run.wait_outputs(0)
+        taken = {n: v for n, v in values.items() if not isinstance(v, BaseException)}
+        if not taken:
+            return
+        try:
+            encoded = {name: encode_output(value) for name, value in taken.items()}
+            await asyncio.to_thread(self._store_outputs, job_id, encoded)
+        except (TypeError, ValueError, DuetError) as exc:  # settled as withheld later
+            log.warning("job %s: an accepted output cannot be kept: %s", job_id, exc)
 
     def _input_hashes(self, signed: SignedJob) -> dict[str, str]:
         """Program input -> content hash of the hosted tensor bound to it (by first tag,
@@ -472,7 +506,8 @@ class JobService:
         if stored is None:
             raise KeyError(f"no job {printable(job_id, 64)!r}")
         try:
-            encoded = {name: encode_output(value) for name, value in values.items()}
+            encoded = {name: value.data if isinstance(value, _Encoded) else encode_output(value)
+                       for name, value in values.items()}  # fmt: skip
         except (TypeError, ValueError, DuetError) as exc:
             await self._finish_as(job_id, _S.WITHHELD, HOST, f"an output cannot be encoded: {exc}")
             return _S.WITHHELD
@@ -529,14 +564,21 @@ class JobService:
         """A job's output values as the journal kept them (its run ended with the host's
         last process); None while any is undecided."""
         journal = self.owner.journal
+        if journal is not None:  # decisions queued for the journal are written first
+            self.owner.later(lambda: None).result(timeout=JOURNAL_WAIT)
         requests = self.store.requests(job_id)
         stored = self.store.get(job_id)
         if stored is None:
             raise KeyError(job_id)
         values: dict[str, Any] = {}
         deciders: list[str] = []
+        kept_outputs = {out.name: out.payload for out in self.store.outputs(job_id)
+                        if out.payload is not None}  # fmt: skip
         for name in stored.job.spec.outputs:
             rid = requests.get(name)
+            if name in kept_outputs:  # accepted while its run was open
+                values[name] = _Encoded(kept_outputs[name])
+                continue
             live = self._request(rid)
             if live is not None and live.pending:
                 return None
@@ -634,6 +676,7 @@ class JobService:
         expired = self.store.expire_due(now)
         for job_id in expired:
             self._audit(job_id, _S.EXPIRED, HOST, "deadline passed")
+            self._moved(job_id, _S.EXPIRED)
             self._deny_outputs(job_id, f"job {job_id} expired: its deadline passed")
             self._close_later(job_id)
         return expired

@@ -21,6 +21,7 @@ from duet_p2p.offline.policy import JobPolicy
 from duet_p2p.offline.results import ResultBundle
 from duet_p2p.offline.review import CodeReview
 from duet_p2p.offline.spec import SignedJob
+from duet_p2p.rpc.messages import JobChanged
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
@@ -103,12 +104,15 @@ class HostJobs:
             allowlist=owner.allowlist, admission=host.admission, policy=settings.policy,
             dataset_tags=self._dataset_tags, max_seconds_cap=settings.max_job_seconds,
         )  # fmt: skip
+        self.service.on_moved = self._moved
+        owner.decided_listeners.append(self._decided)
         self.mail: JobMail | None = None
         if settings.mailbox and host.options.signaling_url is not None:
             self.mail = JobMail(self, host.options.signaling_url)
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
         self._tags_reviewed: frozenset[str] = frozenset()
+        self._sends: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     def _dataset_tags(self) -> list[str]:
@@ -156,6 +160,28 @@ class HostJobs:
 
     def events(self, job_id: str) -> list[JobEvent]:
         return self.store.events(job_id)
+
+    def _decided(self, request: Any) -> None:
+        """A request was decided: a job's output may be, so settle now."""
+        self.poke()
+
+    def _moved(self, job_id: str, state: JobState) -> None:
+        """Tell the job's scientist, if connected, that it moved (from any thread)."""
+        loop = self.host.loop
+        if loop is None or loop.is_closed() or self._closed:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._tell_live, job_id, state)
+
+    def _tell_live(self, job_id: str, state: JobState) -> None:
+        stored = self.store.get(job_id)
+        core = None if stored is None else self.host._sessions.get(stored.client_id)
+        if core is None:
+            return
+        task = asyncio.ensure_future(core._send_quietly(JobChanged(job_id=job_id,
+                                                                   state=str(state))))  # fmt: skip
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     def poke(self) -> None:
         """Look at the jobs now rather than at the next tick (from any thread)."""

@@ -140,6 +140,8 @@ class Owner:
         self.journal = journal
         self.jobs: Any = None
         """A standing host's offline jobs (``HostJobs``): what a session's job messages reach."""
+        self.decided_listeners: list[Any] = []
+        """Called (from any thread) with each request once its decision is routed."""
         self.keep_released = keep_released
         self._writer = JournalWriter(journal.transaction) if journal is not None else None
         self._kept_per_scientist = max(1, min(limits.max_requests, MAX_KEPT_PER_SCIENTIST))
@@ -188,11 +190,20 @@ class Owner:
         with self._lock:
             session = self._routes.pop(request.request_id, None)
         if session is not None and session._on_decision(request):
+            self._tell_listeners(request)
             return  # the session journals it before delivering it
         if self.journal is not None:
             written = self.later(self.journal_decision, request)
             if not _on_event_loop():  # the owner's own thread: durable before it returns
                 written.result(timeout=JOURNAL_WAIT)
+        self._tell_listeners(request)
+
+    def _tell_listeners(self, request: Request) -> None:
+        for listener in list(self.decided_listeners):
+            try:
+                listener(request)
+            except Exception:  # noqa: BLE001 - a listener never breaks a decision
+                log.exception("a decision listener failed")
 
     # -- requests as the journal keeps them -----------------------------------------------
     #

@@ -192,6 +192,15 @@ class JobResult(Message):
     value: Any = None
 
 
+class JobChanged(Message):
+    """Standing host -> scientist: one of the scientist's jobs changed state (ask
+    ``list_jobs`` for the rest)."""
+
+    kind: Literal["job_changed"] = "job_changed"
+    job_id: ObjectId
+    state: Annotated[str, Field(max_length=32)]
+
+
 class Reply(Message):
     """The answer to a message that had a ``call_id``."""
 
@@ -248,6 +257,7 @@ AnyMessage = Annotated[
     | CancelJob
     | FetchJobResult
     | JobResult
+    | JobChanged
     | Reply
     | Decision
     | StoreChanged

@@ -39,7 +39,8 @@ _S = JobState
 ENDED = frozenset({_S.DELIVERED, _S.REJECTED, _S.WITHHELD, _S.FAILED, _S.TIMED_OUT,
                    _S.CANCELLED, _S.EXPIRED})  # fmt: skip
 """States after which nothing more happens to a job, as its scientist sees it."""
-LIVE_POLL_SECONDS = 0.2
+LIVE_POLL_SECONDS = 2.0
+"""Seconds between asking a host connected live (it also says when a job changes)."""
 MAIL_WAIT_SECONDS = 20.0
 
 
@@ -124,6 +125,7 @@ class Job:
     async def refresh_async(self, wait: float = 0.0) -> JobRecord:
         core = self._live()
         if core is not None:
+            seen = core.job_changes
             rows = await core.list_jobs()
             for row in rows if isinstance(rows, list) else []:
                 if isinstance(row, dict) and row.get("job_id") == self.job_id:
@@ -131,8 +133,8 @@ class Job:
             state = self.record.state
             if state in (_S.RELEASED, _S.DELIVERED) and not self._book.has_result(self.job_id):
                 await self._fetch_live(core)
-            elif wait:
-                await asyncio.sleep(min(wait, LIVE_POLL_SECONDS))
+            elif wait and self.record.job_state not in ENDED:
+                await core.wait_job_change(seen, min(wait, LIVE_POLL_SECONDS))
         elif self.record.signaling_url is not None:
             await check_mail(self.identity, self.record.signaling_url, self._book, wait)
         return self.record

@@ -127,6 +127,8 @@ class ScientistCore:
         """Show a progress bar on stderr while a large value arrives."""
         self._progress_bar: Any = None
         self._job_results: dict[str, tuple[asyncio.Future[bytes], int]] = {}
+        self.job_changes = 0
+        """How many job changes the host has announced (``wait_job_change``)."""
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -137,6 +139,8 @@ class ScientistCore:
         self.endpoint.on("decision", self._on_decision)
         self.endpoint.on("store_changed", self._on_store_changed)
         self.endpoint.on("job_result", self._on_job_result)
+        self.endpoint.on("job_changed", self._on_job_changed)
+        self._job_changed = asyncio.Event()
         hello = Hello(
             version=PROTOCOL_VERSION, role="scientist", library="duet_p2p",
             max_message_bytes=self._incoming_cap,
@@ -373,6 +377,22 @@ class ScientistCore:
         finally:
             self._job_results.pop(job_id, None)
             future.cancel()
+
+    def _on_job_changed(self, _message: Any) -> None:
+        self.job_changes += 1
+        self._job_changed.set()
+
+    async def wait_job_change(self, seen: int, timeout: float) -> None:
+        """Until the host announces a job change after the ``seen``-th, or ``timeout`` s."""
+        assert self.loop is not None
+        end = self.loop.time() + timeout
+        while self.job_changes == seen and not self.endpoint.closed_event.is_set():
+            self._job_changed.clear()
+            left = end - self.loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._job_changed.wait(), left)
 
     def _on_job_result(self, message: JobResult) -> None:
         waiting = self._job_results.get(message.job_id)
