@@ -131,15 +131,16 @@ class Duet:
         max_seconds: float = 600.0,
         deadline: float | None = None,
         max_result_bytes: int | None = None,
+        max_result_elements: int | None = None,
     ) -> Any:
         """Submit an offline job to this standing host (see ``sy.submit_job``): the host
         reviews and runs it later; collect it with ``job.result()`` now or after a
         reconnect (``duet.jobs``), or from the mailbox when offline (``sy.jobs()``)."""
         core = self._scientist_core("submit jobs")
         from duet_p2p.scientist.job_recording import build_job
-        from duet_p2p.scientist.jobs import Job, JobBook, record_job
+        from duet_p2p.scientist.jobs import Job, JobBook, _caps, record_job
 
-        extra = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
+        extra = _caps(max_result_bytes, max_result_elements)
         allowlist = dict(core._allowlist)
         signed = build_job(self._identity, self.duet_id, fn, inputs=inputs, outputs=outputs,
                            reason=reason, max_seconds=max_seconds, deadline=deadline,

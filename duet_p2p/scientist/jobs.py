@@ -369,6 +369,7 @@ async def submit_job_async(
     max_seconds: float = 600.0,
     deadline: float | None = None,
     max_result_bytes: int | None = None,
+    max_result_elements: int | None = None,
 ) -> Job:
     """``submit_job`` on the caller's loop."""
     url = configured_url(signaling_url)
@@ -376,7 +377,7 @@ async def submit_job_async(
         raise DuetError("give signaling_url= (or set DUET_SIGNALING_URL): the mailbox is there")
     who = identity if isinstance(identity, Identity) else Identity.load(identity or "default")
     key = pinned_host_key(host_id, host_key)
-    extra = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
+    extra = _caps(max_result_bytes, max_result_elements)
     signed = build_job(who, check_id(host_id, "Host ID"), fn, inputs=inputs, outputs=outputs,
                        reason=reason, max_seconds=max_seconds, deadline=deadline, **extra)  # fmt: skip
     envelopes = job_mail.seal_mail(who, signed.spec.host_id, key, job_mail.JOB, signed.to_wire())
@@ -387,6 +388,12 @@ async def submit_job_async(
     return Job(who, signed.job_id, book=book)
 
 
+def _caps(max_result_bytes: int | None, max_result_elements: int | None) -> dict[str, int]:
+    """The result caps given (the others keep their defaults)."""
+    caps = {"max_result_bytes": max_result_bytes, "max_result_elements": max_result_elements}
+    return {name: value for name, value in caps.items() if value is not None}
+
+
 def submit_job(host_id: str, fn: Callable[..., Any], **options: Any) -> Job:
     """Submit a job to a standing host that may be offline: it waits, end-to-end
     encrypted, in the host's mailbox on the signaling server until the host reads it.
@@ -394,7 +401,8 @@ def submit_job(host_id: str, fn: Callable[..., Any], **options: Any) -> Job:
     ``fn`` is recorded here as a plan (its parameters named in ``inputs`` stand for the
     host's datasets with those tags; a parameter named ``torch`` is the remote torch).
     ``outputs`` names each value ``fn`` returns; ``reason`` is shown to the owner;
-    ``max_seconds`` bounds the run; ``deadline`` (a ``time.time()``) ends the job if it
+    ``max_seconds`` bounds the run; ``max_result_bytes`` and ``max_result_elements`` bound
+    what it may return; ``deadline`` (a ``time.time()``) ends the job if it
     is not done by then. The host's key must be known: pinned by an earlier live
     connection, or given as ``host_key``. Returns the :class:`Job`."""
     return get_runtime().run(submit_job_async(host_id, fn, **options))
