@@ -54,6 +54,32 @@ class JobFailed(DuetError):
         self.reason = reason
 
 
+class JobReceipt:
+    """A job's receipt with what it is checked against: ``verify()`` holds it to the job's
+    host, the job this scientist signed and the bytes received. Its fields (``job_hash``,
+    ``inputs``, ``outputs``, ``submitted_at`` ... ``released_at``) read through."""
+
+    def __init__(self, receipt: Receipt, host_id: str, signed: SignedJob,
+                 outputs: Mapping[str, bytes]) -> None:  # fmt: skip
+        self.receipt = receipt
+        self._host_id = host_id
+        self._signed = signed
+        self._outputs = dict(outputs)
+
+    def verify(self, host_id: str | None = None) -> None:
+        """InvalidReceipt unless the receipt is the host's (``host_id``, default the job's),
+        for this job, and attests exactly the results received."""
+        self.receipt.verify(host_id or self._host_id, self._signed, self._outputs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.receipt, name)
+
+    def __repr__(self) -> str:
+        return f"<JobReceipt of job {self.receipt.job_id} by host {self.receipt.host_id}>"
+
+
 class Job:
     """One of the scientist's jobs (live through ``core`` when connected, else through the
     mailbox at the job's signaling server)."""
@@ -100,11 +126,14 @@ class Job:
         return self._book.signed(self.job_id)
 
     @property
-    def receipt(self) -> Receipt | None:
-        """The host's signed receipt, once the results arrived (verified on arrival and
-        here again: ``job.receipt.verify(host_id)``)."""
+    def receipt(self) -> JobReceipt | None:
+        """The host's signed receipt, once the results arrived (verified on arrival; again
+        with ``job.receipt.verify()``)."""
         bundle = self._bundle()
-        return None if bundle is None else Receipt.from_wire(bundle.receipt)
+        if bundle is None:
+            return None
+        return JobReceipt(Receipt.from_wire(bundle.receipt), self.host_id, self.signed,
+                          bundle.outputs)  # fmt: skip
 
     def _bundle(self) -> ResultBundle | None:
         data = self._book.result(self.job_id)

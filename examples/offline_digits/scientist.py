@@ -66,7 +66,7 @@ def collect(host_id: str, job_id: str, timeout: float) -> int:
     result = job.result(timeout=timeout)
     receipt = job.receipt
     assert receipt is not None
-    receipt.verify(host_id)
+    receipt.verify()  # the host's key, this job, these bytes
     model = result["model"]
     parameters = sum(p.numel() for p in model.parameters())
     with torch.no_grad():

@@ -61,7 +61,11 @@ def test_a_job_is_reviewed_run_released_and_collected(host: sy.Host, signaling_u
         assert float(result["total"]) == float(DATA.sum())
         receipt = job.receipt
         assert receipt is not None
+        receipt.verify()
         receipt.verify(host.id)
+        assert receipt.job_hash == job.signed.hash() and set(receipt.outputs) == {"means", "total"}
+        with pytest.raises(sy.DuetError, match="not"):
+            receipt.verify("0" * 32)
         assert [j.job_id for j in duet.jobs] == [job.job_id]
     finally:
         duet.close()
