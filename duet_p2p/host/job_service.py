@@ -122,6 +122,9 @@ class JobService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_moved: Callable[[str, JobState], None] | None = None
         """Called (from any thread) after each of a job's moves."""
+        self.output_request_ids: set[str] = set()
+        """The owner's requests behind the outputs of jobs run by this process or awaiting
+        their review (a decision on one of them settles its job)."""
 
     # -- recording -------------------------------------------------------------------
 
@@ -307,6 +310,7 @@ class JobService:
         with self._lock:
             self._runs[job_id] = run
         requests = {name: rid for name, rid in run.request_ids.items() if rid is not None}
+        self.output_request_ids.update(requests.values())
         with contextlib.suppress(Exception):  # bookkeeping only: the run goes on
             self.store.set_requests(job_id, requests)
             self.store.set_progress(job_id, 0, len(signed.spec.program["steps"]))
@@ -424,11 +428,13 @@ class JobService:
     def _deny_outputs(self, job_id: str, reason: str) -> None:
         """Deny whatever output of an ended job is still undecided: it never leaves (not
         through a handler, nor the owner's queue, once the job is over)."""
-        for request_id in self.store.requests(job_id).values():
+        request_ids = self.store.requests(job_id).values()
+        for request_id in request_ids:
             request = self._request(request_id)
             if request is not None and request.pending:
                 with contextlib.suppress(DuetError):
                     self.owner.requests.decide_as(request_id, False, HOST, reason)
+        self.output_request_ids.difference_update(request_ids)
 
     def is_job_request(self, request_id: str) -> bool:
         """Whether a request of the owner's queue is a job's output (collected with its
@@ -536,6 +542,7 @@ class JobService:
         )  # fmt: skip
         self._move(job_id, _S.RELEASED, by=by, reason="every output accepted", at=now)
         self.store.set_receipt(job_id, receipt.to_wire())
+        self.output_request_ids.difference_update(self.store.requests(job_id).values())
         await self._drop(job_id)
         return _S.RELEASED
 
@@ -686,4 +693,6 @@ class JobService:
         settled = self.store.recover_after_restart(requeue)
         for job_id, state in settled:
             self._audit(job_id, state, HOST, "host restarted")
+        for stored in self.store.all([_S.PENDING_OUTPUT_REVIEW], limit=100_000):
+            self.output_request_ids.update(self.store.requests(stored.job_id).values())
         return settled

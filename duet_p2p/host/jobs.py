@@ -162,8 +162,9 @@ class HostJobs:
         return self.store.events(job_id)
 
     def _decided(self, request: Any) -> None:
-        """A request was decided: a job's output may be, so settle now."""
-        self.poke()
+        """A request was decided: if it is a job's output, settle now."""
+        if request.request_id in self.service.output_request_ids:
+            self.poke()
 
     def _moved(self, job_id: str, state: JobState) -> None:
         """Tell the job's scientist, if connected, that it moved (from any thread)."""
