@@ -124,7 +124,10 @@ class JobMail:
                 await self._tell(mail.sender_id, mail.sender_key,
                                  _update_of(self.jobs.row(stored)))  # fmt: skip
             return
-        except (InvalidJob, JobRefused, JobQuotaExceeded, DuetError) as exc:
+        except Exception as exc:  # refused, or the host could not take it: the sender hears
+            if not isinstance(exc, InvalidJob | JobRefused | JobQuotaExceeded | DuetError):
+                log.exception("a mailed job could not be taken")
+                exc = DuetError("the host could not take it; submit it again")
             reason = getattr(exc, "reason", None) or str(exc)
             audit.event("job_refused", job_id=job_id, client_id=mail.sender_id, via="mailbox",
                         reason=printable(reason, 500))  # fmt: skip
@@ -155,8 +158,11 @@ class JobMail:
         if time.monotonic() < self._retry_at:
             return
         jobs = self.jobs
-        try:
-            for job in await asyncio.to_thread(jobs.store.unnoticed, NOTICED):
+        failed = False
+        for job in await asyncio.to_thread(jobs.store.unnoticed, NOTICED):
+            if self._closed:
+                return
+            try:  # one scientist's full mailbox never holds up the others'
                 if job.state is JobState.RELEASED:
                     if job.client_id in jobs.host.connected() and (
                         time.time() - (job.released_at or 0) < LIVE_GRACE
@@ -166,9 +172,20 @@ class JobMail:
                 else:
                     await self._tell(job.client_id, job.job.public_key, _update_of(jobs.row(job)))
                     await asyncio.to_thread(jobs.store.set_noticed, job.job_id, job.state)
-        except Exception as exc:  # noqa: BLE001 - retried a little later
-            log.warning("sending job notices through %s failed: %s", self.url, exc)
+            except Exception as exc:  # noqa: BLE001 - retried a little later, a few times
+                failed = True
+                log.warning("a notice of job %s through %s failed: %s", job.job_id, self.url, exc)
+                await self._count_failure(job)
+        if failed:
             self._retry_at = time.monotonic() + 10.0
+
+    async def _count_failure(self, job: StoredJob) -> None:
+        """After ``MAX_SEND_FAILURES`` tries, a notice is given up (a release stays to be
+        collected live)."""
+        failures = self._failures[job.job_id] = self._failures.get(job.job_id, 0) + 1
+        if failures >= MAX_SEND_FAILURES:
+            self._failures.pop(job.job_id, None)
+            await asyncio.to_thread(self.jobs.store.set_noticed, job.job_id, job.state)
 
     async def _send_result(self, job: StoredJob) -> None:
         jobs = self.jobs
@@ -187,8 +204,7 @@ class JobMail:
         try:
             await job_mail.post_mail(self.client, job.client_id, envelopes)
         except Exception as exc:
-            failures = self._failures[job.job_id] = self._failures.get(job.job_id, 0) + 1
-            if failures < MAX_SEND_FAILURES:
+            if self._failures.get(job.job_id, 0) + 1 < MAX_SEND_FAILURES:
                 raise
             self._failures.pop(job.job_id, None)
             await self._live_only(job, f"mailing them failed: {printable(str(exc), 300)}")

@@ -118,7 +118,6 @@ class JobService:
         self.slack_seconds = float(slack_seconds)
         self._lock = threading.Lock()
         self._runs: dict[str, JobRun] = {}
-        self._inputs: dict[str, dict[str, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_moved: Callable[[str, JobState], None] | None = None
         """Called (from any thread) after each of a job's moves."""
@@ -284,40 +283,53 @@ class JobService:
                         self._move(job_id, _S.EXPIRED, by=HOST, reason="deadline passed")
                 log.info("job %s not started: %s", job_id, exc)
                 continue
-            except InvalidJob as exc:
-                self._move(job_id, _S.FAILED, by=HOST, reason=f"stored job is damaged: {exc}")
+            except InvalidJob as exc:  # it never ran: it ends without running
+                with contextlib.suppress(InvalidTransition, KeyError):
+                    self._move(job_id, _S.CANCELLED, by=HOST,
+                               reason=f"its stored document is damaged: {exc}")  # fmt: skip
                 continue
             self._audit(job_id, _S.RUNNING, HOST, f"run started (attempt {attempt})")
             self._moved(job_id, _S.RUNNING)
-            await self._run(stored.job, timeout)
+            try:
+                await self._run(stored.job, timeout)
+            except Exception as exc:  # fail closed: a run the host lost track of has failed
+                log.exception("job %s failed inside the host", job_id)
+                await self._finish(job_id, _S.FAILED, f"the host failed to run it: {exc}")
             return job_id
         return None
 
     async def _run(self, signed: SignedJob, timeout: float) -> None:
         job_id = signed.job_id
         try:
-            self._inputs[job_id] = self._input_hashes(signed)
+            hashes = await asyncio.to_thread(self._input_hashes, signed)
+            await asyncio.to_thread(self.store.set_input_hashes, job_id, hashes)
             run = await self.runner.run(signed, timeout=timeout)
         except (JobRunError, JobRefused) as exc:
-            self._move(job_id, _S.FAILED, by=HOST, reason=exc.reason)
-            self._inputs.pop(job_id, None)
+            await self._finish(job_id, _S.FAILED, exc.reason)
             return
         except Exception as exc:  # fail closed: a run that cannot start has failed
             log.exception("job %s could not start", job_id)
-            self._move(job_id, _S.FAILED, by=HOST, reason=f"could not start: {exc}")
-            self._inputs.pop(job_id, None)
+            await self._finish(job_id, _S.FAILED, f"could not start: {exc}")
             return
         with self._lock:
             self._runs[job_id] = run
         requests = {name: rid for name, rid in run.request_ids.items() if rid is not None}
         self.output_request_ids.update(requests.values())
-        with contextlib.suppress(Exception):  # bookkeeping only: the run goes on
-            self.store.set_requests(job_id, requests)
+        try:  # known as a job's outputs before anything can decide them
+            await asyncio.to_thread(self.store.set_requests, job_id, requests)
+        except Exception as exc:
+            for request_id in requests.values():
+                with contextlib.suppress(DuetError, KeyError):
+                    self.owner.requests.decide_as(request_id, False, HOST, "job failed")
+            await self._finish(job_id, _S.FAILED, f"its outputs could not be recorded: {exc}")
+            return
+        with contextlib.suppress(Exception):  # bookkeeping only
             self.store.set_progress(job_id, 0, len(signed.spec.program["steps"]))
         spec = signed.spec
         bound = min(spec.max_seconds + self.slack_seconds, spec.deadline - time.time())
         outcome = await self._await_outputs(run, job_id, max(bound, 0.0))
         if outcome == "moved":  # cancelled meanwhile
+            self._deny_outputs(job_id, f"job {job_id} was cancelled")
             await self._drop(job_id)
             return
         if run.timed_out:
@@ -428,12 +440,15 @@ class JobService:
     def _deny_outputs(self, job_id: str, reason: str) -> None:
         """Deny whatever output of an ended job is still undecided: it never leaves (not
         through a handler, nor the owner's queue, once the job is over)."""
-        request_ids = self.store.requests(job_id).values()
+        request_ids = list(self.store.requests(job_id, every_run=True))
         for request_id in request_ids:
             request = self._request(request_id)
             if request is not None and request.pending:
                 with contextlib.suppress(DuetError):
                     self.owner.requests.decide_as(request_id, False, HOST, reason)
+            elif self.owner.journal is not None:  # an accepted value kept for nobody: freed
+                with contextlib.suppress(Exception):
+                    self.owner.later(self.owner.delivered, request_id)
         self.output_request_ids.difference_update(request_ids)
 
     def is_job_request(self, request_id: str) -> bool:
@@ -444,7 +459,6 @@ class JobService:
     async def _drop(self, job_id: str) -> None:
         with self._lock:
             run = self._runs.pop(job_id, None)
-        self._inputs.pop(job_id, None)
         if run is not None:
             await run.close()
 
@@ -452,7 +466,6 @@ class JobService:
         """Close a job's run from any thread (on the loop that runs it)."""
         with self._lock:
             run = self._runs.pop(job_id, None)
-        self._inputs.pop(job_id, None)
         loop = self._loop
         if run is None or loop is None or loop.is_closed():
             return
@@ -520,13 +533,11 @@ class JobService:
         if sum(len(b) for b in encoded.values()) > stored.job.spec.max_result_bytes:
             await self._finish_as(job_id, _S.WITHHELD, HOST, "results exceed max_result_bytes")
             return _S.WITHHELD
-        inputs = self._inputs.get(job_id)
-        if inputs is None:  # the host restarted since the run: the datasets as loaded now
-            try:
-                inputs = self._input_hashes(stored.job)
-            except JobRefused as exc:
-                await self._finish_as(job_id, _S.WITHHELD, HOST, exc.reason)
-                return _S.WITHHELD
+        inputs = await asyncio.to_thread(self.store.input_hashes, job_id)
+        if inputs is None:  # never recorded: no receipt could say what it ran on
+            await self._finish_as(job_id, _S.WITHHELD, HOST,
+                                  "the inputs it ran on were not recorded")  # fmt: skip
+            return _S.WITHHELD
         try:
             await asyncio.to_thread(self._store_outputs, job_id, encoded)
         except DuetError as exc:  # over a quota of the store
@@ -540,8 +551,12 @@ class JobService:
             started_at=stored.started_at or stored.submitted_at,
             finished_at=stored.finished_at or now, released_at=now,
         )  # fmt: skip
-        self._move(job_id, _S.RELEASED, by=by, reason="every output accepted", at=now)
-        self.store.set_receipt(job_id, receipt.to_wire())
+        with self.store._write():  # the release and its receipt, in one transaction
+            self.store.transition(job_id, _S.RELEASED, by=by, reason="every output accepted",
+                                  at=now)  # fmt: skip
+            self.store.set_receipt(job_id, receipt.to_wire())
+        self._audit(job_id, _S.RELEASED, by, "every output accepted")
+        self._moved(job_id, _S.RELEASED)
         self.output_request_ids.difference_update(self.store.requests(job_id).values())
         await self._drop(job_id)
         return _S.RELEASED
@@ -693,6 +708,15 @@ class JobService:
         settled = self.store.recover_after_restart(requeue)
         for job_id, state in settled:
             self._audit(job_id, state, HOST, "host restarted")
+            if state is not _S.PENDING_OUTPUT_REVIEW:  # the interrupted run's outputs
+                self._deny_outputs(job_id, f"job {job_id}'s run was cut by a restart")
+        for stored in self.store.all([_S.SUBMITTED], limit=100_000):  # stopped mid-intake
+            with contextlib.suppress(InvalidTransition, InvalidJob, KeyError):
+                self._move(stored.job_id, _S.PENDING_REVIEW, by=HOST, reason="awaiting review")
+                self._decide_review(stored.job_id, self._review(stored.job))
+        for stored in self.store.all([_S.APPROVED, _S.AUTO_APPROVED], limit=100_000):
+            with contextlib.suppress(InvalidTransition, KeyError):
+                self._move(stored.job_id, _S.QUEUED, by=HOST, reason="queued to run")
         for stored in self.store.all([_S.PENDING_OUTPUT_REVIEW], limit=100_000):
             self.output_request_ids.update(self.store.requests(stored.job_id).values())
         return settled

@@ -9,12 +9,14 @@ submitted (signature, host, deadline, duplicates, quotas) and parsed again when 
 Every state change goes through :func:`duet_p2p.offline.lifecycle.check_transition` and is
 appended to ``job_events`` (job, time, old state, new state, who, why) in the same
 transaction: the job's audit trail. Outputs of a job are kept until it reaches a terminal
-state (delivered, withheld, expired, ...), then deleted in that transaction.
+state (withheld, expired, ...), then deleted in that transaction; a delivered job's a while
+longer (``free_finished``).
 
-Never run twice: a run begins only through :meth:`JobStore.start_attempt`, which sets
-``attempts`` to 1 with the job RUNNING, once in a job's life. After a restart,
+Never silently run twice: a run begins only through :meth:`JobStore.start_attempt`, which
+counts ``attempts`` with the job RUNNING. After a restart,
 :meth:`JobStore.recover_after_restart` fails every RUNNING job ("host restarted"), or, by
-policy, re-queues one whose run never began (claimed by ``transition(RUNNING)``, attempts 0).
+the owner's policy, re-queues one that has had fewer than ``MAX_ATTEMPTS`` runs (the trail
+says so); ``start_attempt`` then takes it once more, and never again.
 """
 
 from __future__ import annotations
@@ -77,9 +79,12 @@ _SCHEMA = (
         aggregation REAL NOT NULL, stored_at REAL NOT NULL,
         PRIMARY KEY (job_id, name)) STRICT""",
     """CREATE TABLE job_requests (
-        job_id TEXT NOT NULL, name TEXT NOT NULL, request_id TEXT NOT NULL,
-        PRIMARY KEY (job_id, name)) STRICT""",
-    "CREATE INDEX job_requests_by_request ON job_requests (request_id)",
+        seq INTEGER PRIMARY KEY, job_id TEXT NOT NULL, name TEXT NOT NULL,
+        request_id TEXT NOT NULL UNIQUE) STRICT""",
+    "CREATE INDEX job_requests_by_job ON job_requests (job_id, seq)",
+    """CREATE TABLE job_inputs (
+        job_id TEXT NOT NULL, input_id TEXT NOT NULL, sha256 TEXT NOT NULL,
+        PRIMARY KEY (job_id, input_id)) STRICT""",
     """CREATE TABLE job_notices (
         job_id TEXT PRIMARY KEY, state TEXT NOT NULL, at REAL NOT NULL) STRICT""",
 )
@@ -428,21 +433,43 @@ class JobStore(SqliteFile):
             )  # fmt: skip
 
     def set_requests(self, job_id: str, request_ids: dict[str, str]) -> None:
-        """Remember the owner's request behind each declared output of a run."""
+        """Remember the owner's request behind each declared output of a run (every run's
+        are kept: a request of an earlier run stays a job's output)."""
         with self._write() as db:
             spec = self._job(db, job_id).spec
             for name, request_id in request_ids.items():
                 if name not in spec.outputs or type(request_id) is not str:
                     raise ValueError(f"{str(name)[:64]!r} is not an output job {job_id} declared")
-                db.execute("INSERT OR REPLACE INTO job_requests VALUES (?, ?, ?)",
+                db.execute("INSERT OR IGNORE INTO job_requests (job_id, name, request_id) "
+                           "VALUES (?, ?, ?)",
                            (job_id, name, _text(request_id, "request_id", 64, least=1)))  # fmt: skip
 
-    def requests(self, job_id: str) -> dict[str, str]:
-        """The owner's request behind each output of the job's run, by output name."""
+    def requests(self, job_id: str, *, every_run: bool = False) -> dict[str, str]:
+        """The owner's request behind each output of the job's last run, by output name
+        (``every_run``: request ID -> output name, of all its runs)."""
         with self._connection() as db:
-            rows = db.execute("SELECT name, request_id FROM job_requests WHERE job_id = ?",
-                              (_key(job_id),)).fetchall()  # fmt: skip
+            rows = db.execute("SELECT name, request_id FROM job_requests WHERE job_id = ? "
+                              "ORDER BY seq", (_key(job_id),)).fetchall()  # fmt: skip
+        if every_run:
+            return {str(rid): str(name) for name, rid in rows}
         return {str(name): str(rid) for name, rid in rows}
+
+    def set_input_hashes(self, job_id: str, hashes: dict[str, str]) -> None:
+        """The content hash of the dataset bound to each input, as the run began."""
+        with self._write() as db:
+            self._job(db, job_id)
+            db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+            for input_id, digest in hashes.items():
+                db.execute("INSERT INTO job_inputs VALUES (?, ?, ?)",
+                           (job_id, _text(input_id, "input_id", 64, least=1),
+                            _text(digest, "sha256", 64, least=64)))  # fmt: skip
+
+    def input_hashes(self, job_id: str) -> dict[str, str] | None:
+        """What ``set_input_hashes`` kept (None: nothing was)."""
+        with self._connection() as db:
+            rows = db.execute("SELECT input_id, sha256 FROM job_inputs WHERE job_id = ?",
+                              (_key(job_id),)).fetchall()  # fmt: skip
+        return {str(i): str(h) for i, h in rows} or None
 
     def is_job_request(self, request_id: str) -> bool:
         """Whether ``request_id`` is the request behind a job's output."""
@@ -663,7 +690,7 @@ def _free(db: sqlite3.Connection, job_id: str) -> int:
 
 def _forget(db: sqlite3.Connection, job_id: str) -> None:
     """Delete a job, its outputs and its events (the host's audit log keeps them)."""
-    for table in ("job_outputs", "job_events", "job_requests", "job_notices", "jobs"):
+    for table in ("job_outputs", "job_events", "job_inputs", "job_notices", "jobs"):
         db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
 
@@ -712,7 +739,7 @@ def _limit(value: object) -> int:
 def _init_schema(db: sqlite3.Connection, path: Path) -> None:
     init_schema(db, path, statements=_SCHEMA, version=SCHEMA_VERSION,
                 tables=frozenset({"jobs", "job_events", "job_outputs", "job_requests",
-                                      "job_notices"}), what="job")  # fmt: skip
+                                      "job_inputs", "job_notices"}), what="job")  # fmt: skip
 
 
 # -- reading: trust nothing the file holds -------------------------------------------------

@@ -54,8 +54,8 @@ class JobSettings:
     concurrency: int = 1
     """Jobs run at once."""
     on_restart: str = "fail"
-    """What a job RUNNING when the host stopped becomes: "fail", or "requeue" when its run
-    had not begun."""
+    """What a job RUNNING when the host stopped becomes: "fail", or "requeue": it runs once
+    more (attempt 2, recorded; never a third time)."""
     max_job_seconds: float | None = None
     """The host's cap on a job's ``max_seconds`` (review refuses a job asking more)."""
     mailbox: bool = True
@@ -223,7 +223,7 @@ class HostJobs:
         return self.row(self.get(job_id))
 
     async def result_for(self, client_id: str, job_id: str) -> tuple[dict[str, Any], bytes | None]:
-        """The job's row, and its result bundle if released (then it is DELIVERED)."""
+        """The job's row, and its result bundle if released (``delivered_live`` once sent)."""
         job = self.mine(client_id, job_id)
         if job.state not in (JobState.RELEASED, JobState.DELIVERED):
             return self.row(job), None
@@ -231,10 +231,12 @@ class HostJobs:
         if found is None:
             return self.row(job), None
         bundle = await asyncio.to_thread(found.to_bytes)
-        if job.state is JobState.RELEASED:
-            with contextlib.suppress(InvalidTransition):
-                await asyncio.to_thread(self._delivered, job_id, "fetched live")
-        return self.row(self.get(job_id)), bundle
+        return self.row(job), bundle
+
+    async def delivered_live(self, job_id: str) -> None:
+        """The result bundle was sent to its scientist over the live channel."""
+        with contextlib.suppress(InvalidTransition, KeyError):
+            await asyncio.to_thread(self._delivered, job_id, "fetched live")
 
     def bundle(self, job: StoredJob) -> ResultBundle | None:
         """The released job's result bundle (None once its outputs are freed)."""
@@ -316,22 +318,29 @@ class HostJobs:
             if await asyncio.to_thread(self.service.review_waiting):
                 self.poke()
         for job in self.store.all([JobState.PENDING_OUTPUT_REVIEW], limit=MAX_LISTED):
-            await asyncio.to_thread(self.service.apply_release_rules, job.job_id)
-            state = await self.service.settle_outputs(job.job_id, 0.0)
+            try:  # one job's trouble never holds up the others
+                await asyncio.to_thread(self.service.apply_release_rules, job.job_id)
+                state = await self.service.settle_outputs(job.job_id, 0.0)
+            except Exception:  # noqa: BLE001 - tried again at the next tick
+                log.exception("settling job %s failed", job.job_id)
+                continue
             if state is not JobState.PENDING_OUTPUT_REVIEW:
                 self.poke()
-        if self.mail is not None:
+        if self.mail is not None and not self._closed:
             await self.mail.send_notices()
 
     async def aclose(self) -> None:
         self._closed = True
-        if self.mail is not None:
-            await self.mail.close()
-        for task in self._tasks:
+        with contextlib.suppress(ValueError):
+            self.host.owner.decided_listeners.remove(self._decided)
+        tasks = [*self._tasks, *self._sends]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        if self.mail is not None:
+            await self.mail.close()
         for job_id in list(self.service._runs):
             run = self.service.run_of(job_id)
             if run is not None:

@@ -11,12 +11,11 @@ APPROVED, AUTO_APPROVED, QUEUED), and EXPIRED from every open (non-terminal) sta
 the deadline passes. A RUNNING job is expired by whoever runs it (it must stop the run
 first); the store's sweep leaves RUNNING jobs alone.
 
-Never run twice: a job carries an ``attempts`` counter, set to 1 when its run begins
+Never silently run twice: a job carries an ``attempts`` counter, counted when a run begins
 (``start_attempt``) and never reset. A job found RUNNING after a restart becomes FAILED
-("host restarted"); only when its run never began (``attempts == 0``: claimed, worker not
-yet started) and the host's policy asks for it may it go back to QUEUED (:func:`check_requeue`).
-A run can begin only when ``attempts == 0``, so no job runs a second time, whatever the
-policy. Terminal states never change again.
+("host restarted"), unless the host's policy re-queues it (:func:`check_requeue`): then it
+runs once more, recorded in its trail as attempt 2, never more than ``MAX_ATTEMPTS``. A
+FINISHED job never runs again. Terminal states never change again.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ Duet) says so.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +98,9 @@ class JobDesk:
         await self.core._reply(message.call_id, row)
         if bundle is not None:
             attachment = codec.encode(bundle)
-            with contextlib.suppress(PeerClosed, ProtocolError):
+            try:
                 await self.core.endpoint.send(JobResult(job_id=message.job_id),
                                               attachment=attachment)  # fmt: skip
+            except (PeerClosed, ProtocolError):
+                return  # not delivered: it stays released, to fetch again or mail
+            await jobs.delivered_live(message.job_id)

@@ -8,6 +8,7 @@ written whole (a temporary file renamed over the old one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from duet_p2p.errors import DuetError
 from duet_p2p.mailbox.known_keys import private_directory
 from duet_p2p.offline.lifecycle import JobState, parse_state
 from duet_p2p.offline.spec import SignedJob
@@ -78,6 +80,8 @@ class JobBook:
         record = self.record(job_id)
         if record is None:
             return None
+        if not isinstance(at, int | float) or not math.isfinite(at):
+            return record
         if at < record.updated_at or record.state == JobState.DELIVERED and self.has_result(job_id):
             return record
         new = replace(record, state=str(parse_state(state)), reason=str(reason)[:MAX_REASON_CHARS],
@@ -94,7 +98,7 @@ class JobBook:
             if record.job_id != job_id or not math.isfinite(record.updated_at):
                 return None
             return record
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, DuetError):
             return None
 
     def signed(self, job_id: str) -> SignedJob:
@@ -114,6 +118,14 @@ class JobBook:
             return (folder / "job").stat().st_mtime
         except OSError:
             return time.time()
+
+    def forget(self, job_id: str) -> None:
+        """Remove a job's record (one never sent)."""
+        folder = self._dir(job_id)
+        for name in ("job", "state.json", "result"):
+            (folder / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
     def put_result(self, job_id: str, bundle: bytes) -> None:
         _write(self._dir(job_id) / "result", bundle)

@@ -22,7 +22,7 @@ from duet_p2p.mailbox.known_keys import KeyNotPinned, KnownKeys, check_id, check
 from duet_p2p.offline import mail as job_mail
 from duet_p2p.offline.lifecycle import JobState, parse_state
 from duet_p2p.offline.receipt import Receipt
-from duet_p2p.offline.results import ResultBundle, open_result
+from duet_p2p.offline.results import JobUpdate, ResultBundle, open_result
 from duet_p2p.offline.spec import SignedJob
 from duet_p2p.rpc import codec
 from duet_p2p.runtime import get_runtime
@@ -159,9 +159,17 @@ class Job:
             for row in rows if isinstance(rows, list) else []:
                 if isinstance(row, dict) and row.get("job_id") == self.job_id:
                     self._apply(row)
-            state = self.record.state
-            if state in (_S.RELEASED, _S.DELIVERED) and not self._book.has_result(self.job_id):
+            released = any(isinstance(row, dict) and row.get("job_id") == self.job_id
+                           and row.get("state") in (_S.RELEASED, _S.DELIVERED)
+                           for row in (rows if isinstance(rows, list) else []))  # fmt: skip
+            if released and not self._book.has_result(self.job_id):
                 await self._fetch_live(core)
+                if not self._book.has_result(self.job_id) and self.record.signaling_url:
+                    await check_mail(self.identity, self.record.signaling_url, self._book)
+                    if not self._book.has_result(self.job_id):
+                        self._book.update(self.job_id, state=str(_S.DELIVERED), reason=(
+                            "the host delivered the results elsewhere, or no longer keeps "
+                            "them"), at=self.record.updated_at)  # fmt: skip
             elif wait and self.record.job_state not in ENDED:
                 await core.wait_job_change(seen, min(wait, LIVE_POLL_SECONDS))
         elif self.record.signaling_url is not None:
@@ -169,21 +177,21 @@ class Job:
         return self.record
 
     def _apply(self, row: dict[str, Any]) -> None:
-        state, reason, at = row.get("state"), row.get("reason"), row.get("updated_at")
+        """Record a row the host sent, if it is well formed (it is the host's word)."""
         progress = row.get("progress")
-        if not isinstance(state, str) or not isinstance(reason, str):
-            return
-        if isinstance(at, bool) or not isinstance(at, int | float):
-            return
-        shown = None
+        shown = (0, 0)
         if (isinstance(progress, list) and len(progress) == 2
-                and all(type(p) is int and p >= 0 for p in progress)):  # fmt: skip
+                and all(type(p) is int for p in progress)):  # fmt: skip
             shown = (progress[0], progress[1])
         try:
-            parse_state(state)
-        except ValueError:
+            update = JobUpdate(self.job_id, row.get("state"), row.get("reason"),  # type: ignore[arg-type]
+                               row.get("updated_at"), progress=shown)  # type: ignore[arg-type]  # fmt: skip
+        except (DuetError, ValueError, TypeError):
             return
-        self._book.update(self.job_id, state=state, reason=reason, at=float(at), progress=shown)
+        if update.job_state is _S.DELIVERED and not self._book.has_result(self.job_id):
+            return  # only results in hand make a job delivered here
+        self._book.update(self.job_id, state=str(update.state), reason=update.reason,
+                          at=update.at, progress=update.progress or None)  # fmt: skip
 
     async def _fetch_live(self, core: Any) -> None:
         row, bundle = await core.fetch_job_result(self.job_id, MAX_RESULT_BYTES, timeout=600)
@@ -412,8 +420,12 @@ async def submit_job_async(
     envelopes = job_mail.seal_mail(who, signed.spec.host_id, key, job_mail.JOB, signed.to_wire())
     book = JobBook(who.id)
     record_job(book, signed, url, "mailbox")
-    async with MailboxClient(url, who) as client:
-        await job_mail.post_mail(client, signed.spec.host_id, envelopes)
+    try:
+        async with MailboxClient(url, who) as client:
+            await job_mail.post_mail(client, signed.spec.host_id, envelopes)
+    except BaseException:
+        book.forget(signed.job_id)  # never (wholly) sent: no record of a job that is not
+        raise
     return Job(who, signed.job_id, book=book)
 
 

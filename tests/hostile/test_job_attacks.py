@@ -329,7 +329,8 @@ def test_an_aggregate_under_the_rule_is_released_and_delivered(
                                   host_id=host.id, max_bytes=1 << 20)  # fmt: skip
     assert torch.equal(values["mean_only"], TABLE.mean(dim=0))
     assert receipt.inputs[x] == content_hash(TABLE)
-    assert row["state"] == "delivered"
+    assert row["state"] == "released"  # the reply comes first; delivered once it is sent
+    assert wait_for(lambda: state(host, job.job_id) == "delivered", WAIT)
 
 
 # -- time and queue abuse --------------------------------------------------------------------

@@ -98,3 +98,14 @@ def test_a_host_key_that_is_not_the_hosts_is_refused(signaling_url: str, tmp_pat
         sy.submit_job(host_identity.id, column_means, inputs={"x": "table"}, outputs=["m"],
                       reason="r", signaling_url=signaling_url, identity=other,
                       host_key=other.public_key)  # fmt: skip
+
+
+def test_a_job_that_cannot_be_mailed_leaves_no_record(tmp_path: Path) -> None:
+    ids = identities(tmp_path)
+    host_identity = Identity.load("gone-host", directory=ids)
+    alice = Identity.load("alice2", directory=ids)
+    with pytest.raises(sy.DuetError):
+        sy.submit_job(host_identity.id, column_means, inputs={"x": "table"}, outputs=["m"],
+                      reason="r", signaling_url="http://127.0.0.1:9", identity=alice,
+                      host_key=host_identity.public_key)  # fmt: skip
+    assert len(sy.jobs(identity=alice)) == 0
