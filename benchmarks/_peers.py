@@ -150,11 +150,12 @@ def peers(*specs: tuple[str, str]) -> Iterator[list[Peer]]:
 
 
 @contextlib.contextmanager
-def signaling_server() -> Iterator[str]:
-    """A signaling server process on 127.0.0.1 with a free port; yields its URL."""
+def signaling_server(*extra: str) -> Iterator[str]:
+    """A signaling server process on 127.0.0.1 with a free port (and ``extra`` flags);
+    yields its URL."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "signaling_server", "--port", "0", "--rate", "1000",
-         "--burst", "5000"],
+         "--burst", "5000", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
         env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip

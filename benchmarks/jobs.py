@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -35,7 +34,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks._peers import ROOT, DuetPeer, Handlers, Peer, PeerFailed, median
+from benchmarks import host as host_bench
+from benchmarks._peers import (
+    DuetPeer,
+    Handlers,
+    Peer,
+    PeerFailed,
+    median,
+    signaling_server,
+)
 
 ROUNDS = 7
 WARMUP = 2
@@ -101,11 +108,11 @@ def warm() -> None:
     get_runtime()
 
 
-class HostPeer:
+class HostPeer(host_bench.HostPeer):
     """The standing host, jobs on."""
 
     def __init__(self) -> None:
-        self.host: Any = None
+        super().__init__()
         self.handler: Any = None
 
     def handlers(self) -> Handlers:
@@ -165,19 +172,6 @@ class HostPeer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not {state}: {trail}")
             time.sleep(0.01)
-
-    def wait_connected(self, count: int, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while len(self.host.connected()) != count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self.host.connected())} connected, expected {count}")
-            time.sleep(0.02)
-        return count
-
-    def close(self) -> None:
-        if self.host is not None:
-            self.host.close()
-        self.host = None
 
 
 class ScientistPeer(DuetPeer):
@@ -398,37 +392,6 @@ class TreeSampler:
 # -- coordinator -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def mailbox_server() -> Iterator[str]:
-    """_peers.signaling_server with the mailbox caps raised for a 100 MB result."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "signaling_server", "--port", "0", "--rate", "1000",
-         "--burst", "5000", *MAILBOX_ARGS],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        url = None
-        deadline = time.monotonic() + 20
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            url = next((w for w in line.split() if w.startswith("http://")), None)
-        if url is None:
-            raise PeerFailed("the signaling server did not start")
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 class Processes:
     """The host, the scientist, and a fresh collector per mailbox round (the scientist's
     DUET_HOME: its identity and job book); all stopped on exit."""
@@ -622,7 +585,7 @@ def run_benchmark() -> dict[str, Any]:
     load_start = os.getloadavg()
     with (
         tempfile.TemporaryDirectory(prefix="duet-bench-jobs-") as home,
-        mailbox_server() as url,
+        signaling_server(*MAILBOX_ARGS) as url,
         _processes(Path(home)) as procs,
     ):
         host, scientist = procs.host, procs.scientist
