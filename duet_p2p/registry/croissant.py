@@ -1,0 +1,405 @@
+"""A listing described in Croissant 1.1, the MLCommons metadata format for ML datasets.
+
+:func:`croissant_jsonld` turns a listing (a mapping of its fields) into a JSON-LD document
+a dataset search engine or ``mlcroissant`` can read: the schema.org dataset facts (name,
+description, license as an SPDX URL, creators, keywords, version, dates) and one
+``cr:RecordSet`` whose ``cr:Field`` s are the table's columns or the tensors (with their
+shape as ``arrayShape``).
+
+The data is not open: it stays with its host and is reached through a Duet (live) or
+offline jobs. So the document has no ``FileObject`` and no download URL: ``distribution``
+is empty (``mlcroissant`` accepts that; a ``FileObject`` pointing at a web page would
+validate but make loaders read a page as data), fields have no ``source``,
+``isAccessibleForFree`` is false and ``conditionsOfAccess`` says how to reach the data.
+
+Every piece of the listing's text lands only in JSON string values, made printable first;
+identifiers built from names are percent-encoded. :func:`jsonld_dumps` gives text safe to
+put inside an HTML ``<script type="application/ld+json">`` element.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from duet_p2p.text import printable
+
+__all__ = [
+    "CONFORMS_TO", "CONTEXT", "MEDIA_TYPE", "croissant_jsonld", "data_type", "dtype_kind",
+    "jsonld_dumps", "shape_of",
+]  # fmt: skip
+
+CONFORMS_TO = "http://mlcommons.org/croissant/1.1"
+MEDIA_TYPE = f'application/ld+json; profile="{CONFORMS_TO}"'
+CONTEXT: dict[str, Any] = {
+    "@language": "en",
+    "@vocab": "https://schema.org/",
+    "sc": "https://schema.org/",
+    "cr": "http://mlcommons.org/croissant/",
+    "rai": "http://mlcommons.org/croissant/RAI/",
+    "dct": "http://purl.org/dc/terms/",
+    "annotation": "cr:annotation",
+    "arrayShape": "cr:arrayShape",
+    "citeAs": "cr:citeAs",
+    "column": "cr:column",
+    "conformsTo": "dct:conformsTo",
+    "containedIn": "cr:containedIn",
+    "data": {"@id": "cr:data", "@type": "@json"},
+    "dataType": {"@id": "cr:dataType", "@type": "@vocab"},
+    "description": {"@container": "@language"},
+    "equivalentProperty": "cr:equivalentProperty",
+    "examples": {"@id": "cr:examples", "@type": "@json"},
+    "excludes": "cr:excludes",
+    "extract": "cr:extract",
+    "field": "cr:field",
+    "fileProperty": "cr:fileProperty",
+    "fileObject": "cr:fileObject",
+    "fileSet": "cr:fileSet",
+    "format": "cr:format",
+    "includes": "cr:includes",
+    "isArray": "cr:isArray",
+    "isLiveDataset": "cr:isLiveDataset",
+    "jsonPath": "cr:jsonPath",
+    "key": "cr:key",
+    "md5": "cr:md5",
+    "name": {"@container": "@language"},
+    "parentField": "cr:parentField",
+    "path": "cr:path",
+    "readLines": "cr:readLines",
+    "recordSet": "cr:recordSet",
+    "references": "cr:references",
+    "regex": "cr:regex",
+    "repeated": "cr:repeated",
+    "replace": "cr:replace",
+    "samplingRate": "cr:samplingRate",
+    "sdVersion": "cr:sdVersion",
+    "separator": "cr:separator",
+    "source": "cr:source",
+    "subField": "cr:subField",
+    "transform": "cr:transform",
+    "unArchive": "cr:unArchive",
+    "value": "cr:value",
+}
+"""The Croissant 1.1 context: the spec's Appendix 1 merged with the one ``mlcroissant``
+writes for 1.1 (``https`` schema.org, as its validator and the published examples use;
+``name`` and ``description`` as language maps, which plain strings also satisfy)."""
+
+MAX_SHORT_CHARS = 1_000
+MAX_TEXT_CHARS = 100_000
+MAX_ITEMS = 10_000
+"""Most fields, tensors, creators or keywords one document describes."""
+MAX_DIMS = 32
+MAX_URL_CHARS = 2_000
+_SPDX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,99}")
+
+_KINDS: dict[str, str] = {
+    **dict.fromkeys(
+        ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "int"),
+        "integer",
+    ),
+    **dict.fromkeys(("float16", "bfloat16", "float32", "float64", "float"), "float"),
+    "bool": "boolean",
+    **dict.fromkeys(("str", "string", "text", "category"), "text"),
+    **dict.fromkeys(("datetime", "datetime64"), "datetime"),
+    "date": "date",
+}
+_DATA_TYPES = {
+    "integer": "sc:Integer",
+    "float": "sc:Float",
+    "boolean": "sc:Boolean",
+    "text": "sc:Text",
+    "datetime": "sc:DateTime",
+    "date": "sc:Date",
+}
+
+
+def dtype_kind(dtype: object) -> str:
+    """``"integer"``, ``"float"``, ``"boolean"``, ``"text"``, ``"datetime"`` or ``"date"``.
+
+    Accepts numpy and torch names (``"float32"``, ``"torch.int64"``); anything else is a
+    :class:`ValueError`.
+    """
+    if not isinstance(dtype, str) or len(dtype) > 64:
+        raise ValueError(f"unknown dtype {printable(dtype, 80)!r}")
+    name = dtype.strip().lower().removeprefix("torch.").removeprefix("numpy.")
+    kind = _KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown dtype {printable(dtype, 80)!r}")
+    return kind
+
+
+def data_type(dtype: object) -> str:
+    """The Croissant ``dataType`` for one of our dtypes (``"int64"`` -> ``"sc:Integer"``)."""
+    return _DATA_TYPES[dtype_kind(dtype)]
+
+
+def croissant_jsonld(listing: Mapping[str, Any], *, url: str) -> dict[str, Any]:
+    """The Croissant 1.1 JSON-LD document for ``listing``, whose web page is ``url``.
+
+    ``listing`` holds the listing's fields (``name``, ``summary``, ``description``,
+    ``license``, ``creators``, ``schema``, ...). Wrong types, unknown dtypes, bad shapes,
+    a non-http(s) ``url`` or too many items raise :class:`ValueError`.
+    """
+    page = _url(url, "url")
+    if listing.get("kind", "dataset") not in ("dataset", "model"):
+        raise ValueError("kind must be 'dataset' or 'model'")
+    name = _text(listing, "name", MAX_SHORT_CHARS, required=True)
+    summary = _text(listing, "summary", MAX_SHORT_CHARS)
+    body = _text(listing, "description", MAX_TEXT_CHARS, multiline=True)
+    description = "\n\n".join(part for part in (summary, body) if part) or name
+    doc: dict[str, Any] = {
+        "@context": CONTEXT,
+        "@type": "sc:Dataset",
+        "conformsTo": CONFORMS_TO,
+        "name": name,
+        "description": description,
+        "license": _license(listing.get("license")),
+        "url": page,
+        "distribution": [],
+        "isAccessibleForFree": False,
+        "conditionsOfAccess": _access(listing),
+        "recordSet": [_record_set(listing.get("schema"))],
+    }
+    optional = {
+        "creator": [_creator(item) for item in _items(listing, "creators")],
+        "keywords": [_string(k, "keyword", MAX_SHORT_CHARS) for k in _items(listing, "keywords")],
+        "identifier": _text(listing, "listing_id", MAX_SHORT_CHARS),
+        "citeAs": _text(listing, "citation", MAX_TEXT_CHARS, multiline=True),
+        "version": _text(listing, "version", MAX_SHORT_CHARS),
+        "datePublished": _date(listing.get("created_at"), "created_at"),
+        "dateModified": _date(listing.get("updated_at"), "updated_at"),
+    }
+    doc.update({key: value for key, value in optional.items() if value})
+    return doc
+
+
+def jsonld_dumps(doc: Mapping[str, Any], *, indent: int | None = None) -> str:
+    """``doc`` as JSON that is also safe inside an HTML ``<script>`` element.
+
+    ``<``, ``>`` and ``&`` (and the JavaScript line breaks U+2028/U+2029) are written as
+    ``\\uXXXX`` escapes, so no value can close the element or open a comment; the text is
+    still the same JSON.
+    """
+    text = json.dumps(doc, ensure_ascii=False, indent=indent, allow_nan=False)
+    for ch in "<>&\u2028\u2029":
+        text = text.replace(ch, f"\\u{ord(ch):04x}")
+    return text
+
+
+def _access(listing: Mapping[str, Any]) -> str:
+    """How the data is reached: through its host, never downloaded."""
+    modes = [_string(m, "access mode", 40) for m in _items(listing, "access_modes")]
+    ways = {"live": "a live Duet session", "offline_jobs": "offline jobs the host reviews"}
+    unknown = [m for m in modes if m not in ways]
+    if unknown:
+        raise ValueError(f"unknown access mode {unknown[0]!r}")
+    how = " or ".join(ways[m] for m in modes) or "its host"
+    text = (
+        "The data is not downloadable: it stays with its host and is used through "
+        f"{how}, with the host's approval."
+    )
+    host = _text(listing, "host_id", MAX_SHORT_CHARS)
+    if host:
+        text += f" Host ID: {host}."
+    conditions = _text(listing, "usage_conditions", MAX_TEXT_CHARS, multiline=True)
+    if conditions:
+        text += f"\n\nUsage conditions: {conditions}"
+    return text
+
+
+def _record_set(schema: object) -> dict[str, Any]:
+    """One record set: the table's columns, or one array field per tensor."""
+    if not isinstance(schema, Mapping):
+        raise ValueError("schema must be a mapping")
+    keys = set(schema)
+    if keys == {"fields"}:
+        set_id, fields = "records", [_column(item) for item in _list(schema["fields"], "fields")]
+        about = "The records of the table, one field per column."
+    elif keys == {"tensors"}:
+        set_id, fields = "tensors", [_tensor(item) for item in _list(schema["tensors"], "tensors")]
+        about = "The tensors, one array field each."
+    else:
+        raise ValueError("schema must have exactly one of 'fields' or 'tensors'")
+    names = [field["name"] for field in fields]
+    if len(set(names)) != len(names):
+        raise ValueError("field and tensor names must be unique")
+    return {
+        "@type": "cr:RecordSet",
+        "@id": set_id,
+        "name": set_id,
+        "description": about,
+        "field": [
+            {"@type": "cr:Field", "@id": f"{set_id}/{_segment(f['name'])}", **f} for f in fields
+        ],
+    }
+
+
+def _segment(name: str) -> str:
+    """``name`` as one IRI path segment: percent-encoded, dots too (no ``.``/``..``)."""
+    return quote(name, safe="").replace(".", "%2E")
+
+
+def _column(item: object) -> dict[str, Any]:
+    spec = _mapping(item, "field", required={"name", "dtype"}, allowed={"description"})
+    field: dict[str, Any] = {
+        "name": _name(spec["name"], "field name"),
+        "dataType": data_type(spec["dtype"]),
+    }
+    if spec.get("description") is not None:
+        field["description"] = _string(spec["description"], "field description", 4_000)
+    return field
+
+
+def _tensor(item: object) -> dict[str, Any]:
+    spec = _mapping(item, "tensor", required={"name", "dtype", "shape"})
+    dtype = spec["dtype"]
+    kind = dtype_kind(dtype)
+    if kind not in ("integer", "float", "boolean"):
+        raise ValueError(f"a tensor cannot have dtype {printable(dtype, 80)!r}")
+    shape = shape_of(spec["shape"])
+    field: dict[str, Any] = {
+        "name": _name(spec["name"], "tensor name"),
+        "description": f"dtype {_dtype_name(dtype)}, shape [{', '.join(map(str, shape))}]",
+        "dataType": _DATA_TYPES[kind],
+    }
+    if shape:
+        field["isArray"] = True
+        field["arrayShape"] = ",".join(map(str, shape))
+    return field
+
+
+def _dtype_name(dtype: str) -> str:
+    """The plain name of a known dtype (``"torch.float32"`` -> ``"float32"``)."""
+    dtype_kind(dtype)
+    return dtype.strip().lower().removeprefix("torch.").removeprefix("numpy.")
+
+
+def shape_of(shape: object) -> tuple[int, ...]:
+    """A validated shape: at most :data:`MAX_DIMS` sizes, each ``-1`` (unknown) or >= 0."""
+    if not isinstance(shape, Sequence) or isinstance(shape, (str, bytes)):
+        raise ValueError("a shape must be a list of integers")
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"a shape has at most {MAX_DIMS} dimensions")
+    for size in shape:
+        if isinstance(size, bool) or not isinstance(size, int) or size < -1:
+            raise ValueError("shape sizes must be integers >= 0, or -1 for unknown")
+        if size > (1 << 62):
+            raise ValueError("shape size too large")
+    return tuple(shape)
+
+
+def _creator(item: object) -> dict[str, Any]:
+    spec = _mapping(item, "creator", required={"name"}, allowed={"url", "affiliation", "type"})
+    kind = spec.get("type", "person")
+    if kind not in ("person", "organization"):
+        raise ValueError("a creator's type must be 'person' or 'organization'")
+    creator: dict[str, Any] = {
+        "@type": "sc:Organization" if kind == "organization" else "sc:Person",
+        "name": _string(spec["name"], "creator name", MAX_SHORT_CHARS),
+    }
+    if spec.get("url"):
+        creator["url"] = _url(spec["url"], "creator url")
+    if spec.get("affiliation"):
+        creator["affiliation"] = {
+            "@type": "sc:Organization",
+            "name": _string(spec["affiliation"], "affiliation", MAX_SHORT_CHARS),
+        }
+    return creator
+
+
+def _license(value: object) -> str:
+    if not isinstance(value, str) or not _SPDX_ID.fullmatch(value):
+        raise ValueError("license must be an SPDX license identifier")
+    return f"https://spdx.org/licenses/{quote(value, safe='.+-')}.html"
+
+
+def _date(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number of seconds")
+    if not math.isfinite(value) or not 0 <= value < 253402300800:  # before year 10000
+        raise ValueError(f"{what} is out of range")
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _url(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_URL_CHARS:
+        raise ValueError(f"{what} must be an http(s) URL")
+    if not value.isprintable() or any(ch.isspace() for ch in value):
+        raise ValueError(f"{what} must be an http(s) URL")
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ValueError(f"{what} must be an http(s) URL") from exc
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{what} must be an http(s) URL")
+    return value
+
+
+def _text(
+    listing: Mapping[str, Any],
+    key: str,
+    limit: int,
+    *,
+    required: bool = False,
+    multiline: bool = False,
+) -> str:
+    value = listing.get(key)
+    if value is None or value == "":
+        if required:
+            raise ValueError(f"{key} is required")
+        return ""
+    return _string(value, key, limit, multiline=multiline)
+
+
+def _name(value: object, what: str) -> str:
+    name = _string(value, what, MAX_SHORT_CHARS)
+    if not name:
+        raise ValueError(f"{what} must not be empty")
+    return name
+
+
+def _string(value: object, what: str, limit: int, *, multiline: bool = False) -> str:
+    """``value`` if a string within ``limit``, made printable."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string")
+    if len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    return printable(value, limit, multiline=multiline)
+
+
+def _items(listing: Mapping[str, Any], key: str) -> list[Any]:
+    value = listing.get(key)
+    return [] if value is None else _list(value, key)
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise ValueError(f"{what} must be a list")
+    if len(value) > MAX_ITEMS:
+        raise ValueError(f"{what} has more than {MAX_ITEMS} items")
+    return list(value)
+
+
+def _mapping(
+    value: object,
+    what: str,
+    *,
+    required: set[str],
+    allowed: frozenset[str] | set[str] = frozenset(),
+) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"each {what} must be a mapping")
+    unknown = set(value) - required - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(map(str, unknown))}")
+    missing = required - set(value)
+    if missing:
+        raise ValueError(f"{what} is missing {sorted(missing)}")
+    return value
