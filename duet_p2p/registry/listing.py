@@ -8,10 +8,19 @@ owned by one host identity: ``host_key`` (Ed25519) must hash to ``host_id``, and
 signs ``[b"duet_p2p listing v1", sha256(listing)]`` (each part length-prefixed), so a
 registry can store and serve a listing but cannot forge or alter one.
 
-Encoding, hashing and the wire envelope are those of jobs (``duet_p2p.offline.spec``):
-canonical CBOR, ``{"v", "body", "key", "sig"}``. Reading trusts nothing: sizes are capped
-before decoding, unknown and missing fields are refused, every field is checked, a body not
-in canonical form is refused, and every failure is an :class:`InvalidListing`.
+A listing's bytes are the canonical JSON (RFC 8785, :mod:`duet_p2p.registry.canonical_json`)
+of its map, binary fields (``host_key``, a heartbeat's ``nonce``, a metric's ``receipt``) as
+unpadded base64url text, so a web client can check a listing as well as a registry. On the
+wire a signed document is the canonical JSON ``{"body": <the body as a JSON object>, "key":
+<base64url>, "sig": <base64url>, "v": 1}``; the signed bytes are the body object encoded
+again canonically. Reading trusts nothing: sizes are capped before parsing, duplicate keys
+and non-canonical JSON are refused, unknown and missing fields are refused, every field is
+checked, and every failure is an :class:`InvalidListing`.
+
+This module and its imports never load torch or numpy (a registry or signaling server reads
+listings without them). A metric's ``receipt`` is carried as opaque bytes (size-capped, not
+parsed): whoever shows it as evidence checks it with ``duet_p2p.offline.receipt.Receipt``
+(``from_wire``) where torch is available.
 
 Text is stored raw, as signed. One-line fields (names, summary, tags) must be printable
 (``str.isprintable``: no controls, no bidi or zero-width characters); long-form fields
@@ -40,11 +49,18 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from duet_p2p.errors import DuetError
 from duet_p2p.identity import KEY_BYTES, SIGNATURE_BYTES, Identity, id_of
-from duet_p2p.offline import spec as job_spec
-from duet_p2p.offline.receipt import InvalidReceipt, Receipt
-from duet_p2p.rpc import codec
+from duet_p2p.registry.canonical_json import (
+    MAX_SAFE_INTEGER,
+    b64url_decode,
+    b64url_encode,
+    canonical_json,
+    parse_canonical,
+)
 
 __all__ = [
     "ACCESS_MODES", "CONTEXT", "DAYS", "DELETION_CONTEXT", "DTYPES", "HEARTBEAT_CONTEXT",
@@ -92,7 +108,14 @@ MAX_BODY_BYTES = 1 << 20
 """Largest canonical listing (receipts of metrics included)."""
 MAX_SMALL_BODY_BYTES = 1 << 16
 """Largest deletion or heartbeat."""
-MAX_COUNT = (1 << 63) - 1
+MAX_RECEIPT_BYTES = (1 << 16) + 256
+"""Largest receipt in a metric (a receipt's wire form; see ``duet_p2p.offline.receipt``)."""
+MAX_WIRE_EXTRA = 256
+"""Room for the envelope around a body."""
+MAX_DEPTH = MAX_ARCHITECTURE_DEPTH + 8
+MAX_COUNT = MAX_SAFE_INTEGER
+"""Largest count (versions, sizes, dimensions): exact in every JSON reader."""
+MAX_TIME = float(1 << 40)
 NONCE_BYTES = 16
 HEARTBEAT_SKEW_SECONDS = 300.0
 
@@ -100,6 +123,8 @@ _SPDX = re.compile(r"LicenseRef-[A-Za-z0-9.-]{1,53}|[A-Za-z0-9][A-Za-z0-9.-]{0,6
 _TIME = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])|24:00")
 _ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}")
 _URL = re.compile(r"[!-~]+")  # printable ASCII, no space
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_ENVELOPE_KEYS = frozenset({"v", "body", "key", "sig"})
 _FIELDS = (
     "kind", "listing_id", "host_id", "host_key", "name", "summary", "description", "license",
     "citation", "creators", "keywords", "modality", "schema", "approx_size",
@@ -142,11 +167,15 @@ def _text(value: object, what: str, limit: int) -> str:
 
 
 def _hex32(value: object, what: str) -> str:
-    return job_spec.hex32(value, what, InvalidListing)
+    if type(value) is not str or not _HEX32.fullmatch(value):
+        raise InvalidListing(f"{what} must be 32 lower-case hex digits")
+    return value
 
 
 def _time(value: object, what: str) -> float:
-    return job_spec.timestamp(value, what, InvalidListing)
+    if type(value) not in (int, float) or not 0 < value <= MAX_TIME:  # type: ignore[operator]
+        raise InvalidListing(f"{what} must be a positive unix time")
+    return float(value)  # type: ignore[arg-type]
 
 
 def _count(value: object, what: str, least: int = 0) -> int:
@@ -312,7 +341,11 @@ def _plain(value: object, depth: int, budget: list[int]) -> None:
     if depth > MAX_ARCHITECTURE_DEPTH:
         raise InvalidListing(f"an architecture nests deeper than {MAX_ARCHITECTURE_DEPTH}")
     kind = type(value)
-    if value is None or kind in (bool, int, str):
+    if value is None or kind in (bool, str):
+        return
+    if kind is int:
+        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:  # type: ignore[operator]
+            raise InvalidListing(f"an architecture's integers are within ±{MAX_SAFE_INTEGER}")
         return
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
@@ -337,9 +370,14 @@ def _architecture(value: object, kind: str) -> dict[str, Any] | None:
     if kind != "model" or type(value) is not dict:
         raise InvalidListing("only a model listing has an architecture (a module spec map)")
     _plain(value, 0, [MAX_ARCHITECTURE_ITEMS])
-    copied: dict[str, Any] = job_spec.canonical(value, error=InvalidListing)
-    if len(codec.encode(copied)) > MAX_ARCHITECTURE_BYTES:
+    encoded = canonical_json(value, max_depth=MAX_ARCHITECTURE_DEPTH + 1, error=InvalidListing)
+    if len(encoded) > MAX_ARCHITECTURE_BYTES:
         raise InvalidListing(f"an architecture is at most {MAX_ARCHITECTURE_BYTES} bytes encoded")
+    # a copy as a reader sees it (a float with an integral value reads as an int)
+    copied: dict[str, Any] = parse_canonical(
+        encoded, max_bytes=MAX_ARCHITECTURE_BYTES, max_depth=MAX_ARCHITECTURE_DEPTH + 1,
+        error=InvalidListing,
+    )  # fmt: skip
     return copied
 
 
@@ -361,13 +399,11 @@ def _metrics(value: object, kind: str) -> list[dict[str, Any]]:
             checked["dataset"] = _hex32(metric["dataset"], "a metric's dataset listing_id")
         if "receipt" in metric:
             receipt = metric["receipt"]
-            if type(receipt) is not bytes:
-                raise InvalidListing("a metric's receipt is a job receipt's wire bytes")
-            try:
-                Receipt.from_wire(receipt)
-            except InvalidReceipt as exc:
-                raise InvalidListing(f"a metric's receipt is invalid: {exc}") from None
-            checked["receipt"] = receipt
+            if type(receipt) is not bytes or not 0 < len(receipt) <= MAX_RECEIPT_BYTES:
+                raise InvalidListing(
+                    f"a metric's receipt is a job receipt's wire bytes (1 to {MAX_RECEIPT_BYTES})"
+                )
+            checked["receipt"] = receipt  # opaque here: see the module docstring
         out.append(checked)
     return out
 
@@ -479,11 +515,18 @@ class ListingSpec:
             raise InvalidListing(str(exc)) from None
 
     def to_map(self) -> dict[str, Any]:
-        """The listing as the map its canonical bytes encode."""
-        return {"v": VERSION, **{name: getattr(self, name) for name in _FIELDS}}
+        """The listing as the JSON object its canonical bytes encode (bytes as base64url)."""
+        data = {"v": VERSION, **{name: getattr(self, name) for name in _FIELDS}}
+        data["host_key"] = b64url_encode(self.host_key)
+        data["metrics"] = [
+            {**m, "receipt": b64url_encode(m["receipt"])} if "receipt" in m else dict(m)
+            for m in self.metrics
+        ]
+        return data
 
     def canonical_bytes(self) -> bytes:
-        return job_spec.canonical_bytes(self.to_map(), error=InvalidListing)
+        """The canonical JSON of :meth:`to_map`: the bytes hashed and signed."""
+        return canonical_json(self.to_map(), max_depth=MAX_DEPTH, error=InvalidListing)
 
     def digest(self) -> bytes:
         return hashlib.sha256(self.canonical_bytes()).digest()
@@ -496,22 +539,31 @@ class ListingSpec:
         """This listing signed by its host (``identity``'s key must be ``host_key``)."""
         if not hmac.compare_digest(identity.public_key, self.host_key):
             raise InvalidListing(f"identity {identity.id} cannot sign a listing of {self.host_id}")
-        signature = identity.sign_bytes(job_spec.signed_message(CONTEXT, self.digest()))
+        signature = identity.sign_bytes(signed_message(CONTEXT, self.digest()))
         return SignedListing(self, identity.public_key, signature)
 
     @classmethod
     def from_bytes(cls, body: bytes) -> ListingSpec:
         """Parse canonical listing bytes (strict; InvalidListing for anything else)."""
-        data = _decode(body, MAX_BODY_BYTES, "listing", _FIELDS)
+        spec = cls.from_map(_parse(body, MAX_BODY_BYTES))
+        if spec.canonical_bytes() != body:
+            raise InvalidListing("the listing is not in canonical form")
+        return spec
+
+    @classmethod
+    def from_map(cls, data: object) -> ListingSpec:
+        """A listing from its JSON object (as :meth:`to_map` gives, e.g. parsed from a web
+        API); checked, but not for canonical form: compare :meth:`canonical_bytes` to the
+        bytes that were signed."""
+        fields = _fields_of(data, "listing", _FIELDS)
         try:
-            spec = cls(**{name: data[name] for name in _FIELDS})
+            fields["host_key"] = _b64(fields["host_key"], "host_key", KEY_BYTES)
+            fields["metrics"] = _receipts(fields["metrics"])
+            return cls(**fields)
         except InvalidListing:
             raise
         except _PARSE_ERRORS as exc:
             raise InvalidListing(f"malformed listing: {str(exc)[:200]}") from None
-        if spec.canonical_bytes() != body:
-            raise InvalidListing("the listing is not in canonical form")
-        return spec
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ListingSpec):
@@ -533,19 +585,58 @@ def _newlines(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _decode(body: object, limit: int, what: str, fields: tuple[str, ...]) -> dict[str, Any]:
-    if type(body) is not bytes or len(body) > limit:
-        raise InvalidListing(f"a {what} is at most {limit} bytes")
-    limits = codec.DecodeLimits(
-        max_depth=MAX_ARCHITECTURE_DEPTH + 8, max_items=MAX_ARCHITECTURE_ITEMS + 100_000,
-        max_bytes=limit, max_tensor_elements=1,
-    )  # fmt: skip
-    data = job_spec.decode(body, limits=limits, error=InvalidListing)
+def _b64(value: object, what: str, size: int, *, exact: bool = True) -> bytes:
+    data = b64url_decode(value, max_bytes=size, what=what, error=InvalidListing)
+    if exact and len(data) != size:
+        raise InvalidListing(f"{what} is {size} bytes")
+    return data
+
+
+def _receipts(metrics: object) -> object:
+    """``metrics`` with each receipt's base64url text as bytes (the rest checked later)."""
+    if type(metrics) is not list or len(metrics) > MAX_METRICS:
+        return metrics
+    out: list[object] = []
+    for metric in metrics:
+        if type(metric) is dict and "receipt" in metric:
+            receipt = _b64(metric["receipt"], "a metric's receipt", MAX_RECEIPT_BYTES, exact=False)
+            metric = {**metric, "receipt": receipt}
+        out.append(metric)
+    return out
+
+
+def _parse(data: object, limit: int) -> Any:
+    return parse_canonical(data, max_bytes=limit, max_depth=MAX_DEPTH, error=InvalidListing)
+
+
+def _fields_of(data: object, what: str, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of a document's JSON object, checked to be exactly ``v`` and ``fields``."""
     if type(data) is not dict or set(data) != {"v", *fields}:
         raise InvalidListing(f"a {what} has exactly the fields v, " + ", ".join(fields))
     if type(data["v"]) is not int or data["v"] != VERSION:
         raise InvalidListing(f"unknown {what} version (this one reads version {VERSION})")
-    return data
+    return {name: data[name] for name in fields}
+
+
+def signed_message(context: bytes, digest: bytes) -> bytes:
+    """The exact bytes signed: the context and the digest, each length-prefixed (as jobs
+    and receipts, ``duet_p2p.offline.spec.signed_message``)."""
+    return b"".join(len(part).to_bytes(4, "big") + part for part in (context, digest))
+
+
+def _verify_signature(public_key: bytes, signature: bytes, message: bytes) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        raise InvalidListing("the signature does not hold") from None
+
+
+def _pack(body: bytes, public_key: bytes, signature: bytes) -> bytes:
+    """The wire form: the body (canonical JSON) inlined as an object in the envelope."""
+    return b"".join((
+        b'{"body":', body, b',"key":"', b64url_encode(public_key).encode(), b'","sig":"',
+        b64url_encode(signature).encode(), b'","v":', str(VERSION).encode(), b"}",
+    ))  # fmt: skip
 
 
 def _check_key(public_key: bytes, host_id: str, expected: str | None, what: str) -> None:
@@ -565,13 +656,25 @@ def _key_and_signature(public_key: object, signature: object) -> None:
 
 
 def _read(data: object, limit: int, parse: Any) -> Any:
-    """Run ``parse`` on a signed document's (body, key, signature); every failure is an
-    InvalidListing (a check missed elsewhere must still fail closed)."""
+    """Run ``parse`` on a signed document's (body object, body bytes, key, signature);
+    every failure is an InvalidListing (a check missed elsewhere must still fail closed)."""
     try:
-        body, key, signature = job_spec.unpack_envelope(
-            data, max_body_bytes=limit, error=InvalidListing
-        )
-        return parse(body, key, signature)
+        envelope = _parse(data, limit + MAX_WIRE_EXTRA)
+        if type(envelope) is not dict or set(envelope) != _ENVELOPE_KEYS:
+            raise InvalidListing(
+                f"a signed document is an object of exactly {sorted(_ENVELOPE_KEYS)}"
+            )
+        if type(envelope["v"]) is not int or envelope["v"] != VERSION:
+            raise InvalidListing(f"unknown document version (this one reads version {VERSION})")
+        body = envelope["body"]
+        if type(body) is not dict:
+            raise InvalidListing("a signed document's body is a JSON object")
+        body_bytes = canonical_json(body, max_depth=MAX_DEPTH, error=InvalidListing)
+        if len(body_bytes) > limit:
+            raise InvalidListing(f"a document's body is at most {limit} bytes")
+        key = _b64(envelope["key"], "a signing key", KEY_BYTES)
+        signature = _b64(envelope["sig"], "a signature", SIGNATURE_BYTES)
+        return parse(body, body_bytes, key, signature)
     except InvalidListing:
         raise
     except _PARSE_ERRORS as exc:
@@ -613,18 +716,22 @@ class SignedListing:
         _check_key(self.public_key, spec.host_id, expected_host_id, "listing")
         if not hmac.compare_digest(self.public_key, spec.host_key):
             raise InvalidListing("the listing is signed by a key other than its host_key")
-        message = job_spec.signed_message(CONTEXT, spec.digest())
-        job_spec.verify_signature(self.public_key, self.signature, message, error=InvalidListing)
+        message = signed_message(CONTEXT, spec.digest())
+        _verify_signature(self.public_key, self.signature, message)
 
     def to_wire(self) -> bytes:
-        return job_spec.pack_envelope(self.spec.canonical_bytes(), self.public_key, self.signature)
+        """Canonical JSON ``{"body": <listing object>, "key", "sig", "v": 1}``."""
+        return _pack(self.spec.canonical_bytes(), self.public_key, self.signature)
 
     @classmethod
     def from_wire(cls, data: object) -> SignedListing:
         """Parse and verify a signed listing (signed by the host it names)."""
 
-        def parse(body: bytes, key: bytes, signature: bytes) -> SignedListing:
-            signed = cls(ListingSpec.from_bytes(body), key, signature)
+        def parse(body: object, body_bytes: bytes, key: bytes, signature: bytes) -> SignedListing:
+            spec = ListingSpec.from_map(body)
+            if spec.canonical_bytes() != body_bytes:
+                raise InvalidListing("the listing is not in canonical form")
+            signed = cls(spec, key, signature)
             signed.verify()
             return signed
 
@@ -699,31 +806,28 @@ class SignedDeletion:
 
     def body_bytes(self) -> bytes:
         body = {"v": VERSION, **{name: getattr(self, name) for name in _DELETION_FIELDS}}
-        return job_spec.canonical_bytes(body, error=InvalidListing)
+        return canonical_json(body, error=InvalidListing)
 
     def _message(self) -> bytes:
         digest = hashlib.sha256(self.body_bytes()).digest()
-        return job_spec.signed_message(DELETION_CONTEXT, digest)
+        return signed_message(DELETION_CONTEXT, digest)
 
     def verify(self, expected_host_id: str | None = None) -> None:
         """Check the key hashes to ``host_id`` (and ``expected_host_id``), the signature holds."""
         _check_key(self.public_key, self.host_id, expected_host_id, "deletion")
-        job_spec.verify_signature(
-            self.public_key, self.signature, self._message(), error=InvalidListing
-        )
+        _verify_signature(self.public_key, self.signature, self._message())
 
     def to_wire(self) -> bytes:
-        return job_spec.pack_envelope(self.body_bytes(), self.public_key, self.signature)
+        return _pack(self.body_bytes(), self.public_key, self.signature)
 
     @classmethod
     def from_wire(cls, data: object) -> SignedDeletion:
         """Parse and verify a deletion (signed by the host it names)."""
 
-        def parse(body: bytes, key: bytes, signature: bytes) -> SignedDeletion:
-            fields = _decode(body, MAX_SMALL_BODY_BYTES, "deletion", _DELETION_FIELDS)
-            deletion = cls(**{n: fields[n] for n in _DELETION_FIELDS}, public_key=key,
-                           signature=signature)  # fmt: skip
-            if deletion.body_bytes() != body:
+        def parse(body: object, body_bytes: bytes, key: bytes, signature: bytes) -> SignedDeletion:
+            fields = _fields_of(body, "deletion", _DELETION_FIELDS)
+            deletion = cls(**fields, public_key=key, signature=signature)
+            if deletion.body_bytes() != body_bytes:
                 raise InvalidListing("the deletion is not in canonical form")
             deletion.verify()
             return deletion
@@ -793,11 +897,12 @@ class SignedHeartbeat:
 
     def body_bytes(self) -> bytes:
         body = {"v": VERSION, **{name: getattr(self, name) for name in _HEARTBEAT_FIELDS}}
-        return job_spec.canonical_bytes(body, error=InvalidListing)
+        body["nonce"] = b64url_encode(self.nonce)
+        return canonical_json(body, error=InvalidListing)
 
     def _message(self) -> bytes:
         digest = hashlib.sha256(self.body_bytes()).digest()
-        return job_spec.signed_message(HEARTBEAT_CONTEXT, digest)
+        return signed_message(HEARTBEAT_CONTEXT, digest)
 
     def verify(
         self,
@@ -809,14 +914,12 @@ class SignedHeartbeat:
         """Check the key and signature, and that ``at`` is within ``max_skew`` seconds of
         ``now`` (neither stale nor from the future)."""
         _check_key(self.public_key, self.host_id, expected_host_id, "heartbeat")
-        job_spec.verify_signature(
-            self.public_key, self.signature, self._message(), error=InvalidListing
-        )
+        _verify_signature(self.public_key, self.signature, self._message())
         if type(now) not in (int, float) or not abs(now - self.at) <= max_skew:
             raise InvalidListing(f"the heartbeat is dated {self.at}, more than {max_skew}s off")
 
     def to_wire(self) -> bytes:
-        return job_spec.pack_envelope(self.body_bytes(), self.public_key, self.signature)
+        return _pack(self.body_bytes(), self.public_key, self.signature)
 
     @classmethod
     def from_wire(
@@ -824,11 +927,11 @@ class SignedHeartbeat:
     ) -> SignedHeartbeat:
         """Parse and verify a heartbeat, fresh at ``now``."""
 
-        def parse(body: bytes, key: bytes, signature: bytes) -> SignedHeartbeat:
-            fields = _decode(body, MAX_SMALL_BODY_BYTES, "heartbeat", _HEARTBEAT_FIELDS)
-            beat = cls(**{n: fields[n] for n in _HEARTBEAT_FIELDS}, public_key=key,
-                       signature=signature)  # fmt: skip
-            if beat.body_bytes() != body:
+        def parse(body: object, body_bytes: bytes, key: bytes, signature: bytes) -> SignedHeartbeat:
+            fields = _fields_of(body, "heartbeat", _HEARTBEAT_FIELDS)
+            fields["nonce"] = _b64(fields["nonce"], "a heartbeat's nonce", NONCE_BYTES)
+            beat = cls(**fields, public_key=key, signature=signature)
+            if beat.body_bytes() != body_bytes:
                 raise InvalidListing("the heartbeat is not in canonical form")
             beat.verify(now, max_skew)
             return beat

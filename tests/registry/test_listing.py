@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from duet_p2p.identity import Identity
-from duet_p2p.offline import spec as job_spec
 from duet_p2p.registry import listing as listing_module
+from duet_p2p.registry.canonical_json import b64url_encode, canonical_json
 from duet_p2p.registry.listing import (
     InvalidListing,
     ListingSpec,
@@ -19,7 +22,6 @@ from duet_p2p.registry.listing import (
     check_deletion,
     check_successor,
 )
-from duet_p2p.rpc import codec
 
 HOST = Identity.generate()
 OTHER = Identity.generate()
@@ -60,15 +62,23 @@ def make_model(**changes: Any) -> ListingSpec:
 def body_of(spec: ListingSpec, **changes: Any) -> bytes:
     """Canonical bytes of ``spec``'s map with ``changes`` (bypassing the checks)."""
     data = spec.to_map()
-    data.update(changes)
-    return job_spec.canonical_bytes(data, error=InvalidListing)
+    data.update({k: b64url_encode(v) if type(v) is bytes else v for k, v in changes.items()})
+    return canonical_json(data)
+
+
+def pack(body: bytes, key: bytes, signature: bytes) -> bytes:
+    """A wire document built independently of the module: the body inlined as an object."""
+    envelope = {"v": 1, "body": json.loads(body), "key": b64url_encode(key),
+                "sig": b64url_encode(signature)}  # fmt: skip
+    return canonical_json(envelope)
 
 
 def sign_body(
     body: bytes, identity: Identity = HOST, context: bytes = listing_module.CONTEXT
 ) -> bytes:
-    message = job_spec.signed_message(context, hashlib.sha256(body).digest())
-    return job_spec.pack_envelope(body, identity.public_key, identity.sign_bytes(message))
+    message = len(context).to_bytes(4, "big") + context + (32).to_bytes(4, "big")
+    message += hashlib.sha256(body).digest()
+    return pack(body, identity.public_key, identity.sign_bytes(message))
 
 
 # -- round trips -------------------------------------------------------------------------
@@ -135,7 +145,7 @@ def test_forged_signature_refused() -> None:
 def test_field_altered_after_signing_refused() -> None:
     signed = make().sign(HOST)
     body = body_of(signed.spec, license="MIT")
-    wire = job_spec.pack_envelope(body, signed.public_key, signed.signature)
+    wire = pack(body, signed.public_key, signed.signature)
     with pytest.raises(InvalidListing, match="signature"):
         SignedListing.from_wire(wire)
     altered = SignedListing(make(name="Something else"), signed.public_key, signed.signature)
@@ -189,7 +199,7 @@ def test_unknown_and_missing_fields_refused() -> None:
     data = spec.to_map()
     del data["citation"]
     with pytest.raises(InvalidListing, match="exactly the fields"):
-        SignedListing.from_wire(sign_body(job_spec.canonical_bytes(data)))
+        SignedListing.from_wire(sign_body(canonical_json(data)))
     with pytest.raises(InvalidListing, match="fields"):
         make(creators=[{"name": "x", "email": "x@example.org"}])
     with pytest.raises(InvalidListing):
@@ -203,18 +213,73 @@ def test_optional_entry_as_none_is_not_canonical() -> None:
         make(creators=[{"name": "x", "url": None}])
 
 
+def test_wire_format() -> None:
+    signed = make().sign(HOST)
+    wire = signed.to_wire()
+    document = json.loads(wire)
+    assert list(document) == ["body", "key", "sig", "v"] and document["v"] == 1
+    assert document["key"] == b64url_encode(HOST.public_key)
+    assert document["sig"] == b64url_encode(signed.signature)
+    assert canonical_json(document["body"]) == signed.spec.canonical_bytes()
+    assert document["body"]["host_key"] == b64url_encode(HOST.public_key)
+    assert canonical_json(document) == wire
+    # the signed message, rebuilt from the JSON alone (as a browser would)
+    digest = hashlib.sha256(canonical_json(document["body"])).digest()
+    message = b"".join(len(p).to_bytes(4, "big") + p for p in (b"duet_p2p listing v1", digest))
+    assert HOST.sign_bytes(message) == signed.signature
+    assert signed.hash() == hashlib.sha256(signed.spec.canonical_bytes()).hexdigest()
+    assert ListingSpec.from_bytes(signed.spec.canonical_bytes()) == signed.spec
+    assert ListingSpec.from_map(document["body"]) == signed.spec
+
+
 def test_non_canonical_body_refused() -> None:
     spec = make()
     data = spec.to_map()
-    unsorted = codec.encode(dict(reversed(list(data.items()))))
+    unsorted = json.dumps(dict(reversed(list(data.items())))).encode()
     with pytest.raises(InvalidListing, match="canonical"):
-        SignedListing.from_wire(sign_body(unsorted))
-    int_time = body_of(spec, created_at=int(NOW), updated_at=int(NOW))
+        ListingSpec.from_bytes(unsorted)
+    spaced = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
     with pytest.raises(InvalidListing, match="canonical"):
-        SignedListing.from_wire(sign_body(int_time))
+        ListingSpec.from_bytes(spaced)
+    wire = spec.sign(HOST).to_wire()
+    for bad in (wire + b"\n", b" " + wire, wire.replace(b'"v":1', b'"v":1.0')):
+        with pytest.raises(InvalidListing, match="canonical"):
+            SignedListing.from_wire(bad)
     unsorted_modes = body_of(spec, access_modes=["offline_jobs", "live"])
     with pytest.raises(InvalidListing, match="canonical"):
         SignedListing.from_wire(sign_body(unsorted_modes))
+    unsorted_days = body_of(spec, availability=[{**spec.availability[0], "days": ["tue", "mon"]}])
+    with pytest.raises(InvalidListing, match="canonical"):
+        SignedListing.from_wire(sign_body(unsorted_days))
+    # a float with an integral value is written as an int: same bytes, same listing
+    same = body_of(spec, created_at=int(NOW), updated_at=int(NOW))
+    assert same == spec.canonical_bytes()
+
+
+def test_duplicate_keys_and_bad_base64_refused() -> None:
+    signed = make().sign(HOST)
+    wire = signed.to_wire()
+    key = b64url_encode(HOST.public_key).encode()
+    duplicated = wire.replace(b'"key":"' + key + b'"', b'"key":"' + key + b'","key":"' + key + b'"')
+    with pytest.raises(InvalidListing, match="duplicate"):
+        SignedListing.from_wire(duplicated)
+    for bad_key in (key + b"=", key[:-1] + b"+", key[:-2], b"AAAA", key[:-1] + b"B"):
+        with pytest.raises(InvalidListing, match="key|base64url"):
+            SignedListing.from_wire(wire.replace(b'"key":"' + key, b'"key":"' + bad_key))
+    for body_key in (HOST.public_key[:31], HOST.public_key + b"\x00"):
+        with pytest.raises(InvalidListing, match="host_key"):
+            SignedListing.from_wire(sign_body(body_of(signed.spec, host_key=body_key)))
+    with pytest.raises(InvalidListing, match="body"):
+        SignedListing.from_wire(wire.replace(b'{"body":{', b'{"body":[{', 1).replace(
+            b'},"key"', b'}],"key"', 1))  # fmt: skip
+
+
+def test_counts_within_json_safe_integers() -> None:
+    assert make(approx_size={"bytes": (1 << 53) - 1}).approx_size == {"bytes": (1 << 53) - 1}
+    with pytest.raises(InvalidListing, match="bytes"):
+        make(approx_size={"bytes": 1 << 53})
+    with pytest.raises(InvalidListing, match="architecture"):
+        make_model(architecture={"n": 1 << 60})
 
 
 def test_oversize_refused_before_decoding() -> None:
@@ -412,7 +477,11 @@ def test_bad_metrics_refused() -> None:
         ({"name": "acc", "value": float("nan")}, "finite"),
         ({"name": "acc", "value": "0.9"}, "finite"),
         ({"name": "acc", "value": 0.9, "dataset": "nope"}, "listing_id"),
-        ({"name": "acc", "value": 0.9, "receipt": b"forged"}, "receipt"),
+        ({"name": "acc", "value": 0.9, "receipt": b""}, "receipt"),
+        (
+            {"name": "acc", "value": 0.9, "receipt": b"r" * (listing_module.MAX_RECEIPT_BYTES + 1)},
+            "receipt",
+        ),
         ({"name": "acc", "value": 0.9, "receipt": "text"}, "receipt"),
         ({"name": "acc", "value": 0.9, "by": "me"}, "fields"),
     ):
@@ -422,13 +491,22 @@ def test_bad_metrics_refused() -> None:
         make_model(metrics=[{"name": f"m{i}", "value": 1.0} for i in range(51)])
 
 
-def test_tampered_receipt_in_metric_refused() -> None:
+def test_receipt_is_opaque_here_and_checked_by_the_receipt_module() -> None:
+    from duet_p2p.offline.receipt import InvalidReceipt, Receipt
     from tests.offline.test_receipt import issue
 
     wire = bytearray(issue().to_wire())
     wire[-1] ^= 1  # inside the signature
+    spec = make_model(metrics=[{"name": "auc", "value": 0.5, "receipt": bytes(wire)}])
+    back = SignedListing.from_wire(spec.sign(HOST).to_wire()).spec
+    assert back.metrics[0]["receipt"] == bytes(wire)  # carried as signed, not vouched for
+    with pytest.raises(InvalidReceipt):
+        Receipt.from_wire(back.metrics[0]["receipt"])
+    receipt = b64url_encode(bytes(wire))
+    assert json.loads(spec.canonical_bytes())["metrics"][0]["receipt"] == receipt
+    body = body_of(spec, metrics=[{"name": "auc", "value": 0.5, "receipt": receipt + "="}])
     with pytest.raises(InvalidListing, match="receipt"):
-        make_model(metrics=[{"name": "auc", "value": 0.5, "receipt": bytes(wire)}])
+        SignedListing.from_wire(sign_body(body))
 
 
 # -- edits -------------------------------------------------------------------------------
@@ -530,10 +608,10 @@ def test_deletion_wrong_context_and_tampering_refused() -> None:
     body = deletion.body_bytes()
     with pytest.raises(InvalidListing, match="signature"):
         SignedDeletion.from_wire(sign_body(body))  # signed as a listing
-    moved = job_spec.canonical_bytes({"v": 1, "listing_id": deletion.listing_id,
+    moved = canonical_json({"v": 1, "listing_id": deletion.listing_id,
         "host_id": HOST.id, "version": 3, "at": NOW + 5})  # fmt: skip
     with pytest.raises(InvalidListing, match="signature"):
-        SignedDeletion.from_wire(job_spec.pack_envelope(moved, HOST.public_key, deletion.signature))
+        SignedDeletion.from_wire(pack(moved, HOST.public_key, deletion.signature))
     with pytest.raises(InvalidListing, match="fields"):
         SignedDeletion.from_wire(make().sign(HOST).to_wire())
 
@@ -583,3 +661,34 @@ def test_heartbeat_attacks_refused() -> None:
             SignedHeartbeat.issue(HOST, ids, at=NOW)
     with pytest.raises(InvalidListing, match="nonce"):
         SignedHeartbeat(HOST.id, NOW, b"short", [], HOST.public_key, bytes(64))
+
+
+def test_heartbeat_nonce_on_the_wire() -> None:
+    beat = SignedHeartbeat.issue(HOST, [], at=NOW)
+    document = json.loads(beat.to_wire())
+    assert document["body"]["nonce"] == b64url_encode(beat.nonce)
+    short = {**document["body"], "nonce": b64url_encode(b"short")}
+    wire = canonical_json({**document, "body": short})
+    with pytest.raises(InvalidListing, match="nonce"):
+        SignedHeartbeat.from_wire(wire, NOW)
+
+
+# -- no torch ----------------------------------------------------------------------------
+
+
+def test_registry_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import duet_p2p.registry.listing, duet_p2p.registry.croissant, duet_p2p.registry.mock\n"
+        "print(sorted(m for m in ('torch', 'duet_p2p.offline', 'duet_p2p.rpc') if m in sys.modules))"
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
+    listing_only = "import sys, duet_p2p.registry.listing; print('numpy' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", listing_only], capture_output=True, text=True, timeout=60,
+        check=True,
+    )  # fmt: skip
+    assert result.stdout.strip() == "False"
