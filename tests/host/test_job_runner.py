@@ -211,8 +211,11 @@ def test_each_job_asks_as_its_own_scientist(host: Host):
     assert wait_for(lambda: _ready(host.owner, 2), WAIT)
     for who, run in zip((alice, bob), runs, strict=True):
         assert host.owner.requests[run.request_ids["total"]].requester == who.id
-    stored = [host.state.get(run.request_ids["total"]) for run in runs]
-    assert [s.client_id for s in stored] == [alice.id, bob.id]
+    def stored() -> list[Any]:  # written behind, by the journal's writer thread
+        return [host.state.get(run.request_ids["total"]) for run in runs]
+
+    assert wait_for(lambda: all(stored()), WAIT)
+    assert [s.client_id for s in stored()] == [alice.id, bob.id]
 
 
 def test_outputs_outlive_a_closed_run_in_the_journal(host: Host):
