@@ -211,6 +211,7 @@ def test_each_job_asks_as_its_own_scientist(host: Host):
     assert wait_for(lambda: _ready(host.owner, 2), WAIT)
     for who, run in zip((alice, bob), runs, strict=True):
         assert host.owner.requests[run.request_ids["total"]].requester == who.id
+
     def stored() -> list[Any]:  # written behind, by the journal's writer thread
         return [host.state.get(run.request_ids["total"]) for run in runs]
 
