@@ -564,3 +564,18 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv)
+
+
+def print_standalone(result: dict[str, Any], rows: Any, markdown_section: Any) -> int:
+    """What ``python -m benchmarks.<one>`` prints: the JSON, the table, the report section."""
+    import json
+
+    print(json.dumps(result, indent=2, default=str))
+    table = rows(result)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print()
+    for row in table:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+    print()
+    print(markdown_section(result))
+    return 0

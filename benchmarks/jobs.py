@@ -41,6 +41,7 @@ from benchmarks._peers import (
     Peer,
     PeerFailed,
     median,
+    print_standalone,
     signaling_server,
 )
 
@@ -717,18 +718,7 @@ def markdown_section(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    import json
-
-    result = run_benchmark()
-    print(json.dumps(result, indent=2, default=str))
-    table = rows(result)
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    print()
-    for row in table:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
-    print()
-    print(markdown_section(result))
-    return 0
+    return print_standalone(run_benchmark(), rows, markdown_section)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from duet_p2p.errors import DuetError
 from duet_p2p.host.job_service import JobRefused
@@ -29,8 +29,24 @@ from duet_p2p.offline.spec import InvalidJob, SignedJob
 from duet_p2p.rpc import codec
 from duet_p2p.text import printable
 
-if TYPE_CHECKING:
-    from duet_p2p.host.jobs import HostJobs
+
+class MailedJobs(Protocol):
+    """What the mailbox needs of the host's jobs (a ``HostJobs``, which owns this mailbox)."""
+
+    host: Any
+    settings: Any
+    store: Any
+
+    async def submit_for(self, client_id: str, wire: bytes, via: str = ...) -> dict[str, Any]: ...
+
+    async def cancel_for(self, client_id: str, job_id: str) -> dict[str, Any]: ...
+
+    def row(self, job: StoredJob) -> dict[str, Any]: ...
+
+    def bundle(self, job: StoredJob) -> Any: ...
+
+    def _delivered(self, job_id: str, how: str) -> None: ...
+
 
 __all__ = ["JobMail", "NOTICED"]
 
@@ -52,7 +68,7 @@ MAX_SEND_FAILURES = 3
 class JobMail:
     """The host's mailbox: jobs in, notices and results out."""
 
-    def __init__(self, jobs: HostJobs, url: str) -> None:
+    def __init__(self, jobs: MailedJobs, url: str) -> None:
         self.jobs = jobs
         self.url = url
         host = jobs.host

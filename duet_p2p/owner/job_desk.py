@@ -9,7 +9,7 @@ Duet) says so.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from duet_p2p.errors import DuetError, PeerClosed, ProtocolError
 from duet_p2p.offline.lifecycle import InvalidTransition
@@ -17,8 +17,18 @@ from duet_p2p.rpc import codec
 from duet_p2p.rpc.messages import CancelJob, FetchJobResult, JobResult, ListJobs, SubmitJob
 from duet_p2p.text import printable
 
-if TYPE_CHECKING:
-    from duet_p2p.owner.session import OwnerCore
+
+class JobSession(Protocol):
+    """What a desk needs of its session (an ``OwnerCore``; this module sits below it)."""
+
+    endpoint: Any
+    connection: Any
+    owner: Any
+
+    async def _reply(self, call_id: int, value: Any) -> None: ...
+
+    async def _send_error(self, call_id: int, info: dict[str, Any]) -> None: ...
+
 
 __all__ = ["JobDesk"]
 
@@ -30,7 +40,7 @@ NO_JOBS = "this owner does not take offline jobs (a standing host does: sy.launc
 class JobDesk:
     """The job messages of one session."""
 
-    def __init__(self, core: OwnerCore) -> None:
+    def __init__(self, core: JobSession) -> None:
         self.core = core
         endpoint = core.endpoint
         endpoint.on("submit_job", self._on_submit)

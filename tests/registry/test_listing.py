@@ -32,9 +32,9 @@ def make(identity: Identity = HOST, **changes: Any) -> ListingSpec:
     fields: dict[str, Any] = dict(
         kind="dataset", name="Hospital admissions 2024", summary="Daily admissions by ward",
         description="# Admissions\n\nOne row per stay.\n\t- anonymised", license="CC-BY-4.0",
-        signaling_url="https://signal.example.org/", modality="tabular",
+        signaling_url="https://127.0.0.1:8765/", modality="tabular",
         citation="Doe J. (2024). Admissions.", creators=[{"name": "J. Doe", "url":
-        "https://doe.example.org", "affiliation": "St. Example"}, {"name": "A. Roe"}],
+        "https://127.0.0.1/doe", "affiliation": "St. Example"}, {"name": "A. Roe"}],
         keywords=["health", "admissions"],
         schema=[{"name": "ward", "dtype": "category", "description": "the ward"},
                 {"name": "age", "dtype": "int32"}],
@@ -201,7 +201,7 @@ def test_unknown_and_missing_fields_refused() -> None:
     with pytest.raises(InvalidListing, match="exactly the fields"):
         SignedListing.from_wire(sign_body(canonical_json(data)))
     with pytest.raises(InvalidListing, match="fields"):
-        make(creators=[{"name": "x", "email": "x@example.org"}])
+        make(creators=[{"name": "x", "email": "x@localhost"}])
     with pytest.raises(InvalidListing):
         make(unknown_field="x")
     with pytest.raises(InvalidListing):
@@ -310,10 +310,10 @@ def test_oversize_refused_before_decoding() -> None:
         ("access_modes", [], "access_modes"),
         ("access_modes", ["live", "ssh"], "access_modes"),
         ("modality", "video", "modality"),
-        ("signaling_url", "ftp://signal.example.org", "http"),
-        ("signaling_url", "https://user:pw@signal.example.org", "credentials"),
+        ("signaling_url", "ftp://127.0.0.1:8765", "http"),
+        ("signaling_url", "https://user:pw@127.0.0.1:8765", "credentials"),
         ("signaling_url", "javascript:alert(1)", "http"),
-        ("signaling_url", "https://signal.example.org/a b", "URL"),
+        ("signaling_url", "https://127.0.0.1:8765/a b", "URL"),
         ("signaling_url", "https://" + "a" * 500, "URL"),
         ("creators", [{"name": "x", "url": "javascript:alert(1)"}], "url"),
         ("metrics", [{"name": "acc", "value": 0.5}], "only a model"),

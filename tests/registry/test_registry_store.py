@@ -35,7 +35,7 @@ def make(identity: Identity = HOST, *, at: float = NOW, **changes: Any) -> Listi
     fields: dict[str, Any] = dict(
         kind="dataset", name="Hospital admissions 2024", summary="Daily admissions by ward",
         description="# Admissions\n\nOne row per stay.", license="CC-BY-4.0",
-        signaling_url="https://signal.example.org/", modality="tabular",
+        signaling_url="https://127.0.0.1:8765/", modality="tabular",
         keywords=["Health", "admissions"],
     )  # fmt: skip
     fields.update(changes)

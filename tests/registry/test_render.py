@@ -65,7 +65,7 @@ def assert_inert(out: str) -> _Audit:
 
 PAYLOADS = [
     "<script>alert(1)</script>",
-    "<SCRIPT SRC=//evil.example/x.js></SCRIPT>",
+    "<SCRIPT SRC=//127.0.0.2/x.js></SCRIPT>",
     "<img src=x onerror=alert(1)>",
     '<img src="javascript:alert(1)">',
     "<svg onload=alert(1)>",
@@ -93,17 +93,17 @@ PAYLOADS = [
     "<data:text/html,<script>alert(1)</script>>",
     "[r]: javascript:alert(1)\n\n[click][r]",
     "[r]: javascript:alert(1)\n\n[r]",
-    "[[x](javascript:alert(1))](https://example.org)",
-    '[x](https://example.org "a" onmouseover="alert(1)")',
-    '[x](https://example.org "\\" onmouseover=alert(1) x=\\"")',
-    "![x](https://evil.example/track.png)",
+    "[[x](javascript:alert(1))](https://127.0.0.1)",
+    '[x](https://127.0.0.1 "a" onmouseover="alert(1)")',
+    '[x](https://127.0.0.1 "\\" onmouseover=alert(1) x=\\"")',
+    "![x](https://127.0.0.2/track.png)",
     "![x](javascript:alert(1))",
-    '![x" onerror="alert(1)](https://evil.example/a.png)',
-    "[![x](https://evil.example/a.png)](https://example.org)",
+    '![x" onerror="alert(1)](https://127.0.0.2/a.png)',
+    "[![x](https://127.0.0.2/a.png)](https://127.0.0.1)",
     "```\n<script>alert(1)</script>\n```",
     "`<img src=x onerror=alert(1)>`",
     "| a | b |\n|:-|-:|\n| <script>x</script> | [y](javascript:1) |",
-    "[x](//evil.example/)",
+    "[x](//127.0.0.2/)",
     "[x](/relative)",
     "<a href=javascript:alert(1)>x</a>",
     "<math><mtext><table><mglyph><style><img src=x onerror=alert(1)>",
@@ -151,30 +151,30 @@ def test_markdown_renders() -> None:
 
 
 def test_links_get_rel_and_keep_title() -> None:
-    out = render_markdown('[site](https://example.org/a?b=1&c=2 "Home") <mailto:x@example.org>')
+    out = render_markdown('[site](https://127.0.0.1/a?b=1&c=2 "Home") <mailto:x@localhost>')
     audit = assert_inert(out)
     links = [attrs for tag, attrs in audit.tags if tag == "a"]
     assert links == [
-        {"href": "https://example.org/a?b=1&c=2", "title": "Home", "rel": REL},
-        {"href": "mailto:x@example.org", "rel": REL},
+        {"href": "https://127.0.0.1/a?b=1&c=2", "title": "Home", "rel": REL},
+        {"href": "mailto:x@localhost", "rel": REL},
     ]
 
 
 def test_bare_urls_are_not_linked() -> None:
-    out = render_markdown("see https://example.org now")
+    out = render_markdown("see https://127.0.0.1 now")
     assert "<a" not in out
 
 
 def test_relative_and_other_scheme_links_lose_href() -> None:
-    for text in ("[x](/relative)", "[x](//evil.example/)", "[x](ftp://example.org/)"):
+    for text in ("[x](/relative)", "[x](//127.0.0.2/)", "[x](ftp://127.0.0.1/)"):
         audit = assert_inert(render_markdown(text))
         assert [attrs for tag, attrs in audit.tags if tag == "a"] == [{"rel": REL}], text
 
 
 def test_image_becomes_alt_text() -> None:
-    out = render_markdown("![a <b> chart](https://evil.example/x.png)")
+    out = render_markdown("![a <b> chart](https://127.0.0.2/x.png)")
     assert_inert(out)
-    assert "evil.example" not in out
+    assert "127.0.0.2" not in out
     assert "a &lt;b&gt; chart" in out
 
 
