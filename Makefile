@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-network demo demo-train demo-dp demo-host demo-offline bench bench-large bench-network lint format signaling clean
+.PHONY: install test test-network demo demo-train demo-dp demo-host demo-offline demo-registry bench bench-large bench-network lint format signaling registry clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ demo-host: install
 demo-offline: install
 	$(PY) examples/offline_digits/run.py
 
+demo-registry: install
+	$(PY) examples/registry/run.py
+
 bench: install
 	$(PY) -m benchmarks
 
@@ -56,6 +59,9 @@ format: install
 
 signaling: install
 	$(PY) -m signaling_server --host 127.0.0.1 --port 8765
+
+registry: install
+	$(PY) -m registry_server --host 127.0.0.1 --port 8780 --database sqlite:///registry.db
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -101,12 +101,17 @@ __all__ = [
     "launch_duet_async",
     "launch_host",
     "launch_host_async",
+    "registry",
     "submit_job",
     "submit_job_async",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "registry":  # the OpenGrid registry's client: sy.registry.search(...)
+        value = importlib.import_module("duet_p2p.registry")
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'duet_p2p' has no attribute {name!r}")

@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, delete, exists, func, insert, select, update
+from sqlalchemy import Row, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -43,14 +45,16 @@ from duet_p2p.registry.listing import (
     check_successor,
 )
 from registry_server.db import (
+    RANK_CAP,
     WRITE_OPTIONS,
+    Search,
     heartbeat_nonces,
     hosts,
     index_listing,
     listing_keywords,
     listings,
+    query_facets,
     query_words,
-    search_join,
     tombstones,
     unindex_listing,
 )
@@ -64,6 +68,9 @@ MAX_NONCES_PER_HOST = 1000
 """Heartbeats one host may send within one freshness window."""
 MAX_LIMIT = 100
 MAX_OFFSET = 10_000
+MAX_TOTAL = 1000
+"""Search counts matches up to this many (a total of MAX_TOTAL means "at least"; pages
+past it are still served, up to MAX_OFFSET). Counting costs a look at every match."""
 MAX_QUERY_CHARS = 500
 MAX_QUERY_WORDS = 16
 MAX_FILTER_CHARS = 64
@@ -126,7 +133,7 @@ def _count(value: object, what: str, least: int, most: int) -> int:
 
 class RegistryStore:
     """Listings, deletions and heartbeats in a database (see :mod:`registry_server.db`;
-    the schema must exist: ``create_schema``)."""
+    the schema must be current: :func:`registry_server.migrate.upgrade`)."""
 
     def __init__(
         self,
@@ -296,9 +303,10 @@ class RegistryStore:
         offset: int = 0,
         now: float | None = None,
     ) -> tuple[list[StoredListing], int]:
-        """A page of listings matching every word of ``query`` (best first; all listings,
-        newest first, when it has no words) and the filters, and how many match in all.
-        ``limit`` is held to 1..100, ``offset`` to 0..10000."""
+        """A page of listings matching every word of ``query`` and the filters, and how
+        many match (counted to MAX_TOTAL at most: a page past it cannot be asked for).
+        Best match first when at most RANK_CAP match; newest first when more match, or the
+        query has no words. ``limit`` is held to 1..100, ``offset`` to 0..10000."""
         if type(query) is not str or len(query) > MAX_QUERY_CHARS:
             raise InvalidQuery(f"a query is text of at most {MAX_QUERY_CHARS} characters")
         words = query_words(query)
@@ -311,34 +319,38 @@ class RegistryStore:
         limit = _count(limit, "limit", 1, MAX_LIMIT)
         offset = _count(offset, "offset", 0, MAX_OFFSET)
         now = self._now(now)
-        stmt = self._base()
-        if kind is not None:
-            stmt = stmt.where(listings.c.kind == kind)
-        if modality is not None:
-            stmt = stmt.where(listings.c.modality == modality)
-        if license is not None:
-            stmt = stmt.where(listings.c.license == license)
-        if keyword is not None:
-            stmt = stmt.where(
-                exists().where(
-                    listing_keywords.c.listing_id == listings.c.listing_id,
-                    listing_keywords.c.keyword == keyword.casefold(),
-                )
-            )
+        facets = query_facets(kind=kind, modality=modality, license=license, keyword=keyword)
+        base = self._base()
         if online_within is not None:
             if type(online_within) not in (int, float) or not (
                 0 < online_within <= MAX_ONLINE_WITHIN
             ):
                 raise InvalidQuery(f"online_within is seconds, more than 0 to {MAX_ONLINE_WITHIN}")
-            stmt = stmt.where(hosts.c.last_seen >= now - online_within)
-        if words:
-            stmt = search_join(stmt, self._engine.dialect.name, words)
-        stmt = stmt.order_by(listings.c.published_at.desc(), listings.c.listing_id)
-        counted = select(func.count()).select_from(stmt.order_by(None).subquery())
+            base = base.where(hosts.c.last_seen >= now - online_within)
+        newest = (listings.c.published_at.desc(), listings.c.listing_id)
         async with self._engine.connect() as conn:
-            total = (await conn.execute(counted)).scalar_one()
+            if not (words or facets):
+                total = await self._count(conn, base)
+                stmt = base.order_by(*newest)
+            else:
+                search = Search(conn.dialect.name, words, facets)
+                if online_within is None:
+                    total = (await conn.execute(search.count(MAX_TOTAL))).scalar_one()
+                else:
+                    total = await self._count(conn, search.ranked(base).order_by(None))
+                if total <= RANK_CAP:  # few: from the index, best first (or newest)
+                    stmt = search.ranked(base).order_by(*newest)
+                else:  # many: walk the newest, keeping those that match
+                    stmt = base.where(search.contains()).order_by(*newest)
             rows = (await conn.execute(stmt.limit(limit).offset(offset))).all()
         return [self._stored(row, now) for row in rows], total
+
+    @staticmethod
+    async def _count(conn: AsyncConnection, stmt: Any) -> int:
+        """How many rows ``stmt`` has, counting to MAX_TOTAL at most."""
+        inner = stmt.with_only_columns(listings.c.listing_id).limit(MAX_TOTAL).subquery()
+        counted: int = (await conn.execute(select(func.count()).select_from(inner))).scalar_one()
+        return counted
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -377,19 +389,23 @@ class RegistryStore:
         conn: AsyncConnection, host_id: str, host_key: bytes, now: float, *, create: bool
     ) -> float | None:
         """Check ``host_key`` is the stored host's key (add the host if ``create``); its
-        ``last_seen``."""
-        row = (
-            await conn.execute(
-                select(hosts.c.host_key, hosts.c.last_seen).where(hosts.c.host_id == host_id)
-            )
-        ).first()
+        ``last_seen``. On PostgreSQL the host's row stays locked until the transaction ends,
+        so one host's writes (quota, nonce count, edits) take turns; SQLite's write lock
+        already serializes every write."""
+        mine = (
+            select(hosts.c.host_key, hosts.c.last_seen)
+            .where(hosts.c.host_id == host_id)
+            .with_for_update()
+        )
+        row = (await conn.execute(mine)).first()
         if row is None:
             if not create:
                 raise Conflict(f"host {host_id} has no listing here")
-            await conn.execute(
-                insert(hosts).values(host_id=host_id, host_key=host_key, first_seen=now)
-            )
-            return None
+            new = {"host_id": host_id, "host_key": host_key, "first_seen": now}
+            dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            # a host's first listings may arrive at once: one inserts, the others wait
+            await conn.execute(dialect_insert(hosts).values(**new).on_conflict_do_nothing())
+            row = (await conn.execute(mine)).one()
         if not hmac.compare_digest(bytes(row.host_key), host_key):
             raise Conflict(f"host {host_id} is known here by another key")
         last_seen: float | None = row.last_seen
@@ -460,5 +476,6 @@ class RegistryStore:
             )
         await index_listing(
             conn, spec.listing_id, name=spec.name, summary=spec.summary,
-            description=spec.description, keywords=spec.keywords,
+            description=spec.description, keywords=spec.keywords, kind=spec.kind,
+            modality=spec.modality, license=spec.license,
         )  # fmt: skip

@@ -9,10 +9,14 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from signaling_server.app import start_server
+from signaling_server.app import REGISTRY_PREFIX, start_server
 from signaling_server.config import LOOPBACK, ServerConfig
 from signaling_server.mailbox import MailboxStoreError
+
+if TYPE_CHECKING:
+    from registry_server.keys import RegistrySettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=int, default=60, help="requests a client may make at once")
     _add_abuse_limits(p)
     _add_mailbox(p)
+    _add_registry(p)
     p.add_argument(
         "--ice-servers",
         default=os.environ.get("DUET_ICE_SERVERS"),
@@ -189,6 +194,42 @@ def _add_mailbox(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_registry(p: argparse.ArgumentParser) -> None:
+    """Flags of the optional OpenGrid registry served by the same process."""
+    p.add_argument(
+        "--registry-database",
+        metavar="URL",
+        default=None,
+        help="also serve an OpenGrid registry (website and /api/v1) under /registry, its "
+        "listings in this database: sqlite:///registry.db or "
+        "postgresql://user@host:port/dbname (default: no registry)",
+    )
+    p.add_argument(
+        "--registry-public-url",
+        metavar="URL",
+        default=None,
+        help="the registry's address as clients reach it, e.g. behind a reverse proxy "
+        f"(default http://HOST:PORT{REGISTRY_PREFIX})",
+    )
+
+
+def registry_from_args(args: argparse.Namespace) -> RegistrySettings | None:
+    """The mounted registry's settings, None without --registry-database; ValueError on a
+    bad flag."""
+    if args.registry_database is None:
+        if args.registry_public_url is not None:
+            raise ValueError("--registry-public-url needs --registry-database")
+        return None
+    from registry_server.app import check_settings
+    from registry_server.keys import RegistrySettings
+
+    settings = RegistrySettings(
+        database_url=args.registry_database, public_url=args.registry_public_url
+    )
+    check_settings(settings)
+    return settings
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Build a ServerConfig from parsed arguments; raise ValueError naming the bad one."""
     try:
@@ -225,15 +266,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig, host: str, port: int) -> None:
+async def serve(
+    config: ServerConfig, host: str, port: int, registry: RegistrySettings | None = None
+) -> None:
     """Listen until SIGINT or SIGTERM, then close cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await start_server(config, host, port)
+    server = await start_server(config, host, port, registry=registry)
     try:
         print(f"duet signaling server listening on {server.url}", flush=True)
+        if registry is not None:
+            print(f"OpenGrid registry at {server.url}{REGISTRY_PREFIX}", flush=True)
         await stop.wait()
     finally:
         await server.close()
@@ -248,14 +293,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args)
+        registry = registry_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        asyncio.run(serve(config, args.host, args.port))
+        asyncio.run(serve(config, args.host, args.port, registry))
     except MailboxStoreError as exc:
         parser.exit(1, f"duet-signaling: cannot use the mailbox state: {exc}\n")
     except OSError as exc:
         parser.exit(1, f"duet-signaling: cannot listen on {args.host}:{args.port}: {exc}\n")
+    except Exception as exc:
+        if registry is None:
+            raise
+        parser.exit(1, f"duet-signaling: cannot start the registry: {type(exc).__name__}: {exc}\n")
     return 0
 
 

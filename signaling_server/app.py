@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import socket
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -20,12 +23,18 @@ from signaling_server.middleware import MAX_BODY, error_middleware, rate_limit_m
 from signaling_server.ratelimit import RateLimiter, parse_networks
 from signaling_server.state import InMemoryState, SignalingState
 
+if TYPE_CHECKING:  # the registry (SQLAlchemy) loads only when one is mounted
+    from registry_server.keys import RegistrySettings
+
 logger = logging.getLogger(__name__)
 
 _FD_HEADROOM = 160
 """Files besides admitted connections: a backlog of accepted-then-refused sockets, and more."""
 
-__all__ = ["RunningServer", "ServerConfig", "create_app", "start_server"]
+__all__ = ["REGISTRY_PREFIX", "RunningServer", "ServerConfig", "create_app", "start_server"]
+
+REGISTRY_PREFIX = "/registry"
+"""Where an optional OpenGrid registry is mounted (``--registry-database``)."""
 
 
 def create_app(
@@ -33,11 +42,14 @@ def create_app(
     state: SignalingState | None = None,
     hosts: HostState | None = None,
     mailbox: MailboxState | None = None,
+    *,
+    registry: RegistrySettings | None = None,
 ) -> web.Application:
     """The aiohttp application; `state` defaults to a fresh InMemoryState, `hosts` (the
     standing hosts' offers) to a fresh HostRegistry, `mailbox` to the one
     `config.mailbox_state` names (MailboxStoreError if its file cannot be used). The app
-    closes `mailbox` when it shuts down."""
+    closes `mailbox` when it shuts down. With `registry` settings, an OpenGrid registry
+    (:mod:`registry_server`) is mounted at /registry."""
     if state is None:
         state = InMemoryState(
             config.ttl,
@@ -88,6 +100,10 @@ def create_app(
 
     app.cleanup_ctx.append(sweeper)
     app.on_shutdown.append(wake_waiters)
+    if registry is not None:
+        from registry_server.app import create_app as create_registry
+
+        app.add_subapp(REGISTRY_PREFIX, create_registry(registry))
     return app
 
 
@@ -137,15 +153,24 @@ async def start_server(
     port: int = 0,
     *,
     mailbox: MailboxState | None = None,
+    registry: RegistrySettings | None = None,
 ) -> RunningServer:
     """Start the app on host:port (port 0 picks a free one) and return once it listens;
-    `mailbox` as for `create_app`.
+    `mailbox` and `registry` as for `create_app` (a registry without a public URL gets
+    ``http://host:port/registry``).
 
     Connections pass a ConnectionGuard (connection caps, head and body deadlines) before
     aiohttp serves them; a bare `create_app` under another runner has no such guard.
     """
+    if registry is not None and registry.public_url is None:
+        if port == 0:
+            port = _free_port(host)
+        shown = f"[{host}]" if ":" in host else host
+        registry = dataclasses.replace(
+            registry, public_url=f"http://{shown}:{port}{REGISTRY_PREFIX}"
+        )
     runner = web.AppRunner(
-        create_app(config, mailbox=mailbox),
+        create_app(config, mailbox=mailbox, registry=registry),
         shutdown_timeout=config.shutdown_timeout,
         keepalive_timeout=config.keepalive_timeout,
     )
@@ -167,6 +192,15 @@ async def start_server(
     if ":" in bound_host:
         bound_host = f"[{bound_host}]"
     return RunningServer(runner, f"http://{bound_host}:{bound_port}", guard)
+
+
+def _free_port(host: str) -> int:
+    """A port free on `host` now (so a mounted registry can know its URL before listening)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 def _warn_if_over_fd_limit(max_connections: int) -> None:

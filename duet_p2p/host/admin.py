@@ -15,6 +15,7 @@ from typing import Any
 from duet_p2p.errors import DuetError
 from duet_p2p.host.host import Host
 from duet_p2p.host.jobs_view import MAX_LISTED, OWNER, job_details, job_row
+from duet_p2p.host.registry_link import RegistryAdmin
 from duet_p2p.offline.lifecycle import OPEN, JobState
 from duet_p2p.permissions import Request
 
@@ -26,8 +27,8 @@ MAX_AUDIT_BYTES = 64 << 20
 """The most of the audit log's tail a single ``duet-host audit`` reads."""
 
 
-class HostAdmin:
-    """``HostControl`` for one running Host."""
+class HostAdmin(RegistryAdmin):
+    """``HostControl`` for one running Host (the registry commands from ``RegistryAdmin``)."""
 
     def __init__(self, host: Host) -> None:
         self._host = host

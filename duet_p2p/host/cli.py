@@ -45,6 +45,9 @@ example:
   duet-host deny 0123456789abcdef0123456789abcdef --reason "too fine-grained"
   duet-host jobs                       # offline jobs; then job / approve / reject /
                                        # release / withhold JOB
+  duet-host publish ages --name "Made-up patients" --license CC-BY-4.0 --tag health
+                                       # list a dataset on the OpenGrid registry
+  duet-host inbox                      # session requests scientists sent through it
 
 Every command finds the host through --config (default ./host.toml, or $DUET_HOST_CONFIG),
 or through --socket PATH. IDs may be typed as listed, quoted: '<UID:...>'.
@@ -227,6 +230,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"how many entries, 1 to {MAX_AUDIT_LAST} (default %(default)s)",
     )
     _job_commands(command)
+    _registry_commands(command)
     return parser
 
 
@@ -265,6 +269,96 @@ def _job_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         if reason:
             p.add_argument("--reason", required=True, metavar="TEXT",
                            help="why, shown to the scientist")  # fmt: skip
+
+
+_REGISTRY_HELP = ("the registry's URL (default: url under [registry] in host.toml, or "
+                  "$DUET_REGISTRY_URL)")  # fmt: skip
+
+
+def _registry_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``publish``, ``unpublish``, ``listings`` and ``inbox``: the host on a registry."""
+    p = command(
+        "publish",
+        _publish,
+        "List a hosted dataset or model on an OpenGrid registry, where scientists find it: "
+        "a description signed with the host's key, never the data. The schema (columns or "
+        "dtype and shape), size, access modes and a summary of this host's approval rules "
+        "are filled in. Publishing the same name again edits the listing (its version goes "
+        "up, its ID stays).",
+        'duet-host publish ages --name "Made-up patients" --license CC-BY-4.0 \\\n'
+        '    --summary "Age, weight and smoking of 1000 made-up patients" \\\n'
+        "    --description-file ages.md --tag health --tag synthetic\n"
+        "duet-host publish ages --name ... --license MIT --registry http://127.0.0.1:8780",
+    )
+    p.add_argument("tag", metavar="NAME", help="the hosted dataset's name (its first tag)")
+    p.add_argument("--name", required=True, metavar="TEXT", help="the listing's title")
+    p.add_argument("--license", required=True, metavar="SPDX",
+                   help="an SPDX license ID: MIT, CC-BY-4.0, LicenseRef-... ")  # fmt: skip
+    p.add_argument("--summary", default="", metavar="TEXT", help="one line (<= 500 characters)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--description", default="", metavar="MARKDOWN",
+                      help="the long description, in Markdown")  # fmt: skip
+    text.add_argument("--description-file", metavar="PATH",
+                      help="read the description from a Markdown file")  # fmt: skip
+    p.add_argument("--tag", action="append", default=[], metavar="KEYWORD", dest="keywords",
+                   help="a keyword scientists search for (repeat for more)")  # fmt: skip
+    p.add_argument("--modality", metavar="KIND",
+                   help="tabular, image, text, audio, time-series, graph or other "
+                   "(default: inferred)")  # fmt: skip
+    p.add_argument("--usage-conditions", default="", metavar="TEXT",
+                   help="what scientists agree to when they use it")  # fmt: skip
+    p.add_argument("--citation", metavar="TEXT", help="how to cite it")
+    p.add_argument("--registry", metavar="URL", help=_REGISTRY_HELP)
+    p = command(
+        "unpublish",
+        _unpublish,
+        "Delete a listing from the registry (a deletion signed with the host's key).",
+        "duet-host unpublish ages\nduet-host unpublish ages --registry http://127.0.0.1:8780",
+    )
+    p.add_argument("tag", metavar="NAME", help="the name it was published as")
+    p.add_argument("--registry", metavar="URL",
+                   help="only from this registry (default: every registry it is on)")  # fmt: skip
+    command("listings", _listings,
+            "List what this host published: name, listing ID, version, registry.",
+            "duet-host listings\nduet-host listings --json")  # fmt: skip
+    p = command(
+        "inbox",
+        _inbox,
+        "List session requests scientists sent through the registry (times in your time "
+        "zone, their message opened), or answer one: accept it (at the first proposed time, "
+        "or --at one of them), decline it, or propose other times. The scientist sees your "
+        "answer, and the agreed time in their own time zone.",
+        "duet-host inbox\n"
+        f"duet-host inbox accept {_JOB}\n"
+        f"duet-host inbox accept {_JOB} --at 2030-06-03T14:00\n"
+        f'duet-host inbox decline {_JOB} --reason "we are closed that week"\n'
+        f"duet-host inbox propose {_JOB} --at 2030-06-04T09:00 --at 2030-06-05T09:00 \\\n"
+        '    --message "mornings suit us better"',
+    )
+    p.add_argument("action", nargs="?", choices=("accept", "decline", "propose"),
+                   metavar="ACTION", help="accept, decline or propose (none: list)")  # fmt: skip
+    p.add_argument("request_id", nargs="?", metavar="ID", help="the request's ID, as listed")
+    p.add_argument("--at", action="append", default=[], type=_iso_time, metavar="TIME",
+                   help="ISO date and time (local unless it names an offset), e.g. "
+                   "2030-06-03T14:00; accept: one of the proposed times; propose: 1 to 5 "
+                   "(repeat --at)")  # fmt: skip
+    p.add_argument("--reason", default="", metavar="TEXT",
+                   help="decline: why, sealed to the scientist")  # fmt: skip
+    p.add_argument("--message", default="", metavar="TEXT",
+                   help="propose: a note, sealed to the scientist")  # fmt: skip
+
+
+def _iso_time(text: str) -> float:
+    """An ISO 8601 date and time as UTC epoch seconds (naive: this machine's time zone)."""
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{printable(text, 60)!r} is not an ISO date and time such as 2030-06-03T14:00"
+        ) from None
+    return (when if when.tzinfo is not None else when.astimezone()).timestamp()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -616,6 +710,145 @@ def _done(
     shown = _label(ident) if key == "request_id" else _text(ident, 80)
     print(f"{kind} {shown}: {_text(status, 40)}")
     return 0
+
+
+# --- the registry -------------------------------------------------------------------------
+
+MAX_DESCRIPTION_CHARS = 50_000
+
+
+def _read_description(path: str) -> str:
+    from duet_p2p.host.config import open_regular
+
+    try:
+        with open_regular(Path(path)) as handle:
+            raw = handle.read(4 * MAX_DESCRIPTION_CHARS + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{path} is not UTF-8 text") from None
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise ConfigurationError(f"{path} is longer than {MAX_DESCRIPTION_CHARS} characters")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _publish(args: argparse.Namespace) -> int:
+    description = args.description
+    if args.description_file:
+        description = _read_description(args.description_file)
+    result = _ask(
+        args, "publish", tag=args.tag, name=args.name, summary=args.summary,
+        description=description, license=args.license, keywords=list(args.keywords),
+        registry=args.registry, modality=args.modality,
+        usage_conditions=args.usage_conditions, citation=args.citation,
+    )  # fmt: skip
+    if args.json:
+        _print_json(result)
+        return 0
+    answer = result if isinstance(result, dict) else {}
+    print(f"Published {_text(answer.get('tag') or args.tag, 100)!r} as listing "
+          f"{_text(answer.get('listing_id'), 64)} (version {_text(answer.get('version'), 20)}) "
+          f"on {_text(answer.get('registry'), 500)}")  # fmt: skip
+    return 0
+
+
+def _unpublish(args: argparse.Namespace) -> int:
+    result = _ask(args, "unpublish", tag=args.tag, registry=args.registry)
+    if args.json:
+        _print_json(result)
+        return 0
+    answer = result if isinstance(result, dict) else {}
+    deleted = _list(answer.get("deleted"))
+    print(f"Deleted {len(deleted)} listing{'s' * (len(deleted) != 1)} of {args.tag!r}: "
+          + ", ".join(_text(d, 64) for d in deleted))  # fmt: skip
+    return 0
+
+
+def _listings(args: argparse.Namespace) -> int:
+    result = _ask(args, "listings")
+    if args.json:
+        _print_json(result)
+        return 0
+    rows = [
+        [_text(row.get("tag"), 100), _text(row.get("listing_id"), 64),
+         _text(row.get("version"), 20), _text(row.get("name")), _text(row.get("registry"), 500),
+         _date(row.get("updated_at"))]
+        for row in _rows(result, "listings")
+    ]  # fmt: skip
+    columns = ["Name", "Listing ID", "Version", "Title", "Registry", "Updated"]
+    print(Table(columns, rows, index=False, max_cell_chars=80,
+                empty_text=f"Nothing published yet: {PROG} publish NAME --name ... --license "
+                "..."))  # fmt: skip
+    return 0
+
+
+def _inbox(args: argparse.Namespace) -> int:
+    if args.action is None:
+        if args.request_id or args.at or args.reason or args.message:
+            raise ConfigurationError("to answer a request: inbox accept|decline|propose ID ...")
+        return _inbox_list(args)
+    if not args.request_id:
+        raise ConfigurationError(f"inbox {args.action} needs the request's ID")
+    rid = args.request_id
+    if args.action == "accept":
+        if len(args.at) > 1:
+            raise ConfigurationError("accept takes one --at (one of the proposed times)")
+        result = _ask(args, "inbox_accept", request_id=rid, at=args.at[0] if args.at else None)
+    elif args.action == "decline":
+        result = _ask(args, "inbox_decline", request_id=rid, reason=args.reason)
+    else:
+        if not args.at:
+            raise ConfigurationError("propose needs --at TIME (1 to 5 of them)")
+        result = _ask(args, "inbox_propose", request_id=rid, times=list(args.at),
+                      message=args.message)  # fmt: skip
+    if args.json:
+        _print_json(result)
+        return 0
+    answer = result if isinstance(result, dict) else {}
+    line = f"Session request {_text(answer.get('request_id') or rid, 64)}: "
+    line += _text(answer.get("status"), 40)
+    if _is_number(answer.get("start")):
+        line += f" at {_local(answer['start'])}"
+    elif answer.get("status") == "proposed":
+        line += " " + ", ".join(_local(t) for t in _list(answer.get("proposed"))[:10])
+    print(line)
+    return 0
+
+
+def _inbox_list(args: argparse.Namespace) -> int:
+    result = _ask(args, "inbox")
+    if args.json:
+        _print_json(result)
+        return 0
+    if not isinstance(result, dict):
+        raise DuetError("the host sent a malformed inbox")
+    rows = [
+        [_text(row.get("request_id"), 64), _text(row.get("listing"), 100),
+         _text(row.get("scientist_id"), 64),
+         ", ".join(_local(t) for t in _list(row.get("proposed"))[:10]),
+         _text(row.get("minutes"), 10), _text(row.get("message"), 2000),
+         _text(row.get("status"), 40), _local(row.get("start"))]
+        for row in _rows(result.get("results"), "inbox")
+    ]  # fmt: skip
+    if isinstance(result.get("note"), str):
+        print(_text(result["note"], 1000))
+    columns = ["Request ID", "Listing", "Scientist ID", "Proposed (local)", "Minutes",
+               "Message", "Status", "Start (local)"]  # fmt: skip
+    print(Table(columns, rows, index=False, max_cell_chars=80,
+                empty_text="No session requests."))  # fmt: skip
+    return 0
+
+
+def _local(value: Any) -> str:
+    """A UTC epoch time in this machine's time zone: 2030-06-03 14:00 CEST."""
+    if not _is_number(value) or not math.isfinite(value):
+        return ""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(value)).strip()
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 # --- cells: everything the host sends is made printable ---------------------------------

@@ -1,4 +1,5 @@
-"""host.toml: a standing host's settings, limits, datasets, handlers, budgets and jobs.
+"""host.toml: a standing host's settings, limits, datasets, handlers, budgets, jobs and
+registry.
 
 The file is read whole and checked before anything runs. Every error is a
 ConfigurationError naming the file and the field (``host.toml: datasets[0].path: ...``;
@@ -56,6 +57,12 @@ ON_RESTART = ("fail", "requeue")
 _JOB_SETTINGS = ("enabled", "concurrency", "on_restart", "max_job_seconds", "mailbox",
                  "poll_seconds", "mailbox_max_result_mb")  # fmt: skip
 MAX_MAILED_RESULT_MB = 1 << 20
+REGISTRY_ENV = "DUET_REGISTRY_URL"
+"""The registry a host publishes to when neither ``[registry] url`` nor ``registry_url=``
+names one (as ``duet_p2p.registry.client.DEFAULT_REGISTRY_ENV``)."""
+MAX_REGISTRY_URL_CHARS = 500
+MIN_REGISTRY_SECONDS = 1.0
+MAX_REGISTRY_SECONDS = 3600.0
 _JOB_POLICY = ("approve_clients", "approve_plans", "approve_ops", "max_seconds", "release")
 _ZERO_LIMITS = frozenset({"max_worker_restarts", "worker_memory_slack"})
 """OwnerLimits integers that may be 0; every other one must be at least 1."""
@@ -140,6 +147,61 @@ class JobOptions:
 
 
 @dataclass(frozen=True)
+class RegistryOptions:
+    """The ``[registry]`` table: where the host publishes listings, and how often it tells
+    the registry it is online (a signed heartbeat) and reads its inbox of session
+    requests. ``url`` None: ``$DUET_REGISTRY_URL`` when set (read when publishing)."""
+
+    url: str | None = None
+    heartbeat_seconds: float = 120.0
+    inbox_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            try:
+                object.__setattr__(self, "url", registry_url(self.url))
+            except ValueError as exc:
+                raise ConfigurationError(f"url {exc}") from None
+        for name in ("heartbeat_seconds", "inbox_seconds"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or not 0 < value <= MAX_REGISTRY_SECONDS
+            ):  # fmt: skip
+                raise ConfigurationError(
+                    f"{name} must be a number of seconds above 0, at most {MAX_REGISTRY_SECONDS:g}"
+                )
+            object.__setattr__(self, name, float(value))
+
+    def resolved_url(self, given: str | None = None) -> str:
+        """``given``, else ``url``, else ``$DUET_REGISTRY_URL``: checked, without a trailing
+        slash; ConfigurationError when none names a registry or the one named is no URL."""
+        for where, value in (("registry_url", given), ("[registry] url", self.url),
+                             (f"${REGISTRY_ENV}", os.environ.get(REGISTRY_ENV) or None)):  # fmt: skip
+            if value is None:
+                continue
+            try:
+                return registry_url(value)
+            except ValueError as exc:
+                raise ConfigurationError(f"{where} {exc}") from None
+        raise ConfigurationError(
+            f"no registry: pass registry_url=, set url under [registry] in host.toml, or set "
+            f"${REGISTRY_ENV}"
+        )
+
+
+def registry_url(value: object) -> str:
+    """A registry's base URL, checked (http(s), a host, no credentials, query or fragment;
+    a path is kept: a registry may be mounted under one), without a trailing slash."""
+    if isinstance(value, str) and len(value) > MAX_REGISTRY_URL_CHARS:
+        raise ValueError(f"is longer than {MAX_REGISTRY_URL_CHARS} characters")
+    url = _url(value)
+    if not url.isascii():
+        raise ValueError(f"must be plain ASCII: {_short(value)}")
+    return url
+
+
+@dataclass(frozen=True)
 class HostConfig:
     """A whole host.toml, checked."""
 
@@ -151,6 +213,8 @@ class HostConfig:
     source: Path
     job_options: JobOptions = field(default_factory=JobOptions)
     """The ``[jobs]`` table, checked; ``jobs`` makes it JobSettings."""
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    """The ``[registry]`` table: where ``duet-host publish`` lists datasets and models."""
 
     @cached_property
     def jobs(self) -> JobSettings:
@@ -213,8 +277,9 @@ def open_regular(path: Path) -> BinaryIO:
 def parse_config(data: dict[str, Any], source: Path) -> HostConfig:
     """Check parsed TOML (``source`` names the file and anchors relative paths)."""
     top = _Table(
-        str(source), "", data, ("host", "limits", "datasets", "handlers", "budgets", "jobs")
-    )
+        str(source), "", data,
+        ("host", "limits", "datasets", "handlers", "budgets", "jobs", "registry"),
+    )  # fmt: skip
     base = source.expanduser().absolute().parent
     settings = _settings(top.table("host"), base)
     limits = _limits(top.table("limits"))
@@ -227,8 +292,10 @@ def parse_config(data: dict[str, Any], source: Path) -> HostConfig:
     scopes = [f"{b.dataset} {'total' if b.total else b.client_id or 'each'}" for b in budgets]
     _unique(top, "budgets", scopes, "budget (same dataset and scope)", key="dataset")
     jobs = _jobs(top.table("jobs"), known_tags)
+    registry = _registry(top.table("registry"))
     source = source.expanduser().absolute()
-    return HostConfig(settings, limits, datasets, handlers, budgets, source, job_options=jobs)
+    return HostConfig(settings, limits, datasets, handlers, budgets, source, job_options=jobs,
+                      registry=registry)  # fmt: skip
 
 
 # -- sections ------------------------------------------------------------------------------
@@ -418,6 +485,16 @@ def _jobs(t: _Table, known_tags: Collection[str]) -> JobOptions:
             t.number("mailbox_max_result_mb", 48, low=0, high=MAX_MAILED_RESULT_MB, above=True)
             * (1 << 20)
         ),
+    )
+
+
+def _registry(t: _Table) -> RegistryOptions:
+    t.allow("url", "heartbeat_seconds", "inbox_seconds")
+    low, high = MIN_REGISTRY_SECONDS, MAX_REGISTRY_SECONDS
+    return RegistryOptions(
+        url=t.check("url", None, registry_url),
+        heartbeat_seconds=float(t.number("heartbeat_seconds", 120.0, low=low, high=high)),
+        inbox_seconds=float(t.number("inbox_seconds", 60.0, low=low, high=high)),
     )
 
 

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -30,6 +31,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from duet_p2p.errors import ConfigurationError, DuetError
+from duet_p2p.registry.listing import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_KEYWORD_CHARS,
+    MAX_KEYWORDS,
+    MAX_LICENSE_CHARS,
+    MAX_LONG_TEXT_CHARS,
+    MAX_SUMMARY_CHARS,
+    MAX_TIME,
+    MAX_URL_CHARS,
+    MODALITIES,
+)
+from duet_p2p.registry.listing import MAX_NAME_CHARS as MAX_LISTING_NAME_CHARS
+from duet_p2p.registry.session import MAX_MESSAGE_CHARS, MAX_PROPOSALS
 from duet_p2p.text import printable
 
 logger = logging.getLogger(__name__)
@@ -46,6 +60,7 @@ MAX_CONCURRENT_COMMANDS = 8
 MAX_CONNECTIONS = 64
 """Connections open at once (reading, waiting or running); more are refused at once."""
 MAX_REASON_CHARS = 1000
+MAX_TAG_CHARS = 200
 MAX_AUDIT_LAST = 10_000
 DEFAULT_AUDIT_LAST = 50
 CLOSE_GRACE = 5.0
@@ -91,6 +106,26 @@ class HostControl(Protocol):
     def control_release(self, job_id: str) -> dict[str, Any]: ...
 
     def control_withhold(self, job_id: str, reason: str) -> dict[str, Any]: ...
+
+    def control_publish(
+        self, tag: str, name: str, summary: str, description: str, license: str,
+        keywords: list[str], registry: str | None, modality: str | None,
+        usage_conditions: str, citation: str | None,
+    ) -> dict[str, Any]: ...  # fmt: skip
+
+    def control_unpublish(self, tag: str, registry: str | None) -> dict[str, Any]: ...
+
+    def control_listings(self) -> list[dict[str, Any]]: ...
+
+    def control_inbox(self) -> dict[str, Any]: ...
+
+    def control_inbox_accept(self, request_id: str, at: float | None) -> dict[str, Any]: ...
+
+    def control_inbox_decline(self, request_id: str, reason: str) -> dict[str, Any]: ...
+
+    def control_inbox_propose(
+        self, request_id: str, times: list[float], message: str
+    ) -> dict[str, Any]: ...
 
 
 # --- where the socket lives -------------------------------------------------------------
@@ -191,6 +226,64 @@ def _last(value: object) -> int:
     return value
 
 
+def _text_of(what: str, limit: int, *, empty: bool = True, multiline: bool = False):
+    """A check for text of at most ``limit`` characters (one line unless ``multiline``)."""
+
+    def check(value: object) -> str:
+        if not isinstance(value, str) or len(value) > limit or (not empty and not value.strip()):
+            least = "" if empty else "1 to "
+            raise _Invalid(f"{what} must be text of {least}{limit} characters at most")
+        plain = value.replace("\n", "").replace("\t", "") if multiline else value
+        if not plain.isprintable():
+            raise _Invalid(f"{what} holds control or invisible characters")
+        return value
+
+    return check
+
+
+def _optional(check: Callable[[object], object]) -> Callable[[object], object]:
+    def maybe(value: object) -> object:
+        return None if value is None else check(value)
+
+    return maybe
+
+
+def _keywords(value: object) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_KEYWORDS:
+        raise _Invalid(f"keywords must be a list of at most {MAX_KEYWORDS} tags")
+    check = _text_of("a keyword", MAX_KEYWORD_CHARS, empty=False)
+    return [check(item) for item in value]
+
+
+def _registry_url(value: object) -> str:
+    if not isinstance(value, str) or len(value) > MAX_URL_CHARS or not value.isprintable():
+        raise _Invalid(f"registry must be an http(s) URL of at most {MAX_URL_CHARS} characters")
+    if not value.startswith(("http://", "https://")):
+        raise _Invalid("registry must be an http:// or https:// URL")
+    return value
+
+
+def _modality(value: object) -> str:
+    if value not in MODALITIES:
+        raise _Invalid(f"modality must be one of {', '.join(MODALITIES)}")
+    return str(value)
+
+
+def _time(value: object) -> float:
+    if (
+        isinstance(value, bool) or not isinstance(value, int | float)
+        or not math.isfinite(value) or not 0 < value < MAX_TIME
+    ):  # fmt: skip
+        raise _Invalid("a time must be UTC epoch seconds")
+    return float(value)
+
+
+def _times(value: object) -> list[float]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PROPOSALS:
+        raise _Invalid(f"times must be a list of 1 to {MAX_PROPOSALS} times")
+    return [_time(item) for item in value]
+
+
 @dataclass(frozen=True)
 class _Param:
     name: str
@@ -205,6 +298,24 @@ _JOB_ID = _Param("job_id", _an_id("job_id"))
 _WHY = _Param("reason", _why)
 """Rejecting or withholding a job says why."""
 _ALL = _Param("all", _flag, False)
+_TAG = _Param("tag", _text_of("tag", MAX_TAG_CHARS, empty=False))
+_REGISTRY = _Param("registry", _optional(_registry_url), None)
+_PUBLISH = (
+    _TAG,
+    _Param("name", _text_of("name", MAX_LISTING_NAME_CHARS, empty=False)),
+    _Param("summary", _text_of("summary", MAX_SUMMARY_CHARS), ""),
+    _Param("description", _text_of("description", MAX_DESCRIPTION_CHARS, multiline=True), ""),
+    _Param("license", _text_of("license", MAX_LICENSE_CHARS, empty=False)),
+    _Param("keywords", _keywords, []),
+    _REGISTRY,
+    _Param("modality", _optional(_modality), None),
+    _Param(
+        "usage_conditions", _text_of("usage_conditions", MAX_LONG_TEXT_CHARS, multiline=True), ""
+    ),
+    _Param("citation", _optional(_text_of("citation", MAX_LONG_TEXT_CHARS, multiline=True)), None),
+)
+_SESSION_ID = _Param("request_id", _an_id("request_id"))
+_MESSAGE = _Param("message", _text_of("message", MAX_MESSAGE_CHARS, multiline=True), "")
 _COMMANDS: dict[str, tuple[str, tuple[_Param, ...]]] = {
     "status": ("control_status", ()),
     "requests": ("control_requests", (_ALL,)),
@@ -221,6 +332,19 @@ _COMMANDS: dict[str, tuple[str, tuple[_Param, ...]]] = {
     "release": ("control_release", (_JOB_ID,)),
     "withhold": ("control_withhold", (_JOB_ID, _WHY)),
     "cancel": ("control_cancel", (_JOB_ID,)),
+    "publish": ("control_publish", _PUBLISH),
+    "unpublish": ("control_unpublish", (_TAG, _REGISTRY)),
+    "listings": ("control_listings", ()),
+    "inbox": ("control_inbox", ()),
+    "inbox_accept": (
+        "control_inbox_accept",
+        (_SESSION_ID, _Param("at", _optional(_time), None)),
+    ),
+    "inbox_decline": ("control_inbox_decline", (_SESSION_ID, _REASON)),
+    "inbox_propose": (
+        "control_inbox_propose",
+        (_SESSION_ID, _Param("times", _times), _MESSAGE),
+    ),
 }
 COMMANDS = frozenset(_COMMANDS)
 """The commands a control socket answers."""

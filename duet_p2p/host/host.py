@@ -15,17 +15,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duet_p2p.allowlist import DEFAULT_ALLOWLIST, Allowlist
 from duet_p2p.connect import ConnectOptions
 from duet_p2p.connect_host import HostListener, HostOffer
 from duet_p2p.errors import DuetError
 from duet_p2p.host.admissions import ADMITTED, REFUSED, AdmissionPolicy, AdmissionsView
+from duet_p2p.host.config import RegistryOptions
+from duet_p2p.host.inbox_view import InboxView
 from duet_p2p.host.jobs import HostJobs, JobSettings
 from duet_p2p.host.jobs_view import JobsView
+from duet_p2p.host.registry_link import PublishedListing, RegistryLink
 from duet_p2p.host.state import HostState, StoredRequest
 from duet_p2p.identity import Identity
 from duet_p2p.limits import OwnerLimits
@@ -39,6 +42,9 @@ from duet_p2p.permissions.disclosure import DisclosureRules
 from duet_p2p.permissions.ledger import open_ledger
 from duet_p2p.table import Table, TableView, format_clock
 
+if TYPE_CHECKING:
+    from duet_p2p.registry.results import Listing
+
 log = logging.getLogger(__name__)
 
 ADMISSION_WAIT = 240.0
@@ -51,7 +57,9 @@ KEPT_REQUESTS = 100_000
 class Host:
     """A standing host. Like an owner's Duet for hosting and deciding: ``data.send(host)``,
     ``host.store``, ``host.requests`` (with handlers), ``host.audit``, ``host.dp``; and
-    ``host.admissions``, ``host.scientists``, ``host.id``, ``host.close()``."""
+    ``host.admissions``, ``host.scientists``, ``host.id``, ``host.close()``; on an OpenGrid
+    registry: ``host.publish(...)``, ``host.unpublish(tag)``, ``host.listings``,
+    ``host.inbox``."""
 
     def __init__(
         self,
@@ -69,6 +77,7 @@ class Host:
         max_scientists: int = 16,
         max_pending_admissions: int = 32,
         jobs: JobSettings | None = None,
+        registry: RegistryOptions | None = None,
     ) -> None:
         host_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.identity = identity
@@ -107,6 +116,8 @@ class Host:
         settings = JobSettings() if jobs is None else jobs
         self._jobs: HostJobs | None = HostJobs(self, settings) if settings.enabled else None
         self.owner.jobs = self._jobs
+        self.registry = RegistryLink(self, registry)
+        """Listings on registries, heartbeats and the inbox (``[registry]`` in host.toml)."""
 
     # -- the owner's API ----------------------------------------------------------------
 
@@ -141,6 +152,81 @@ class Host:
         """Whether the signaling server lists this host now."""
         return self._listener.online.is_set() and not self._closed
 
+    # -- on a registry ----------------------------------------------------------------------
+
+    async def publish_async(
+        self,
+        obj_or_tag: Any,
+        *,
+        registry_url: str | None = None,
+        name: str,
+        license: str,
+        summary: str = "",
+        description: str = "",
+        tags: Iterable[str] = (),
+        modality: str | None = None,
+        citation: str | None = None,
+        creators: Iterable[str | Mapping[str, str]] = (),
+        usage_conditions: str = "",
+        availability: Sequence[Mapping[str, Any]] = (),
+        kind: str | None = None,
+        metrics: Iterable[Mapping[str, Any]] | Mapping[str, float] = (),
+        architecture: Mapping[str, Any] | None = None,
+        schema: Sequence[Mapping[str, Any]] | None = None,
+        policy_summary: str | None = None,
+    ) -> Listing:
+        """:meth:`publish` on the host's loop."""
+        return await self.registry.publish_async(
+            obj_or_tag, registry_url=registry_url, name=name, license=license, summary=summary,
+            description=description, keywords=list(tags), modality=modality, citation=citation,
+            creators=creators, usage_conditions=usage_conditions, availability=availability,
+            kind=kind, metrics=metrics, architecture=architecture, schema=schema,
+            policy=policy_summary,
+        )  # fmt: skip
+
+    def publish(self, obj_or_tag: Any, **listing: Any) -> Listing:
+        """List a hosted object on an OpenGrid registry: a signed description, never the
+        data. Returns the listing (``.id``); publishing the same object again is an edit.
+
+        ``obj_or_tag``: the hosted tensor, module or DataFrame, what ``host.send`` returned,
+        or its name. ``registry_url`` (default ``[registry] url``, ``$DUET_REGISTRY_URL``),
+        ``name`` and ``license`` (SPDX) are required; ``summary``, ``description``
+        (Markdown), ``tags``, ``modality``, ``citation``, ``creators``,
+        ``usage_conditions``, ``availability`` (``[{"days": ["mon"], "start": "09:00",
+        "end": "17:00", "tz": "Europe/Paris"}]``) are the owner's words. The schema (a
+        tensor's dtype and shape, a table's columns, a model's architecture), size, access
+        modes, signaling URL and a summary of this host's approval rules are filled in
+        (``schema=``, ``policy_summary=`` override). Models (``kind="model"``, inferred
+        for modules) take ``metrics``: ``{"accuracy": 0.98}`` (self-reported) or
+        ``[{"name", "value", "dataset": listing_id, "receipt": job.receipt}]`` (a job on
+        this host produced it)."""
+        return self.registry.call(self.publish_async(obj_or_tag, **listing))
+
+    async def unpublish_async(self, tag: str, *, registry_url: str | None = None) -> list[str]:
+        """:meth:`unpublish` on the host's loop."""
+        return await self.registry.unpublish_async(tag, registry_url=registry_url)
+
+    def unpublish(self, tag: str, *, registry_url: str | None = None) -> list[str]:
+        """Delete what was published as ``tag`` (on every registry, or ``registry_url``),
+        with signed deletions; the listing IDs deleted."""
+        return self.registry.call(self.unpublish_async(tag, registry_url=registry_url))
+
+    @property
+    def listings(self) -> ListingsView:
+        """What this host published: name, listing ID, version, registry."""
+        return ListingsView(self.registry.published())
+
+    async def inbox_async(self) -> InboxView:
+        """:attr:`inbox` on the host's loop."""
+        return await self.registry.inbox_async()
+
+    @property
+    def inbox(self) -> InboxView:
+        """Session requests scientists sent through the registries this host published to,
+        read now, times in your time zone: ``[i].accept()``, ``.decline(reason)``,
+        ``.propose(times, message)``."""
+        return self.registry.call(self.registry.inbox_async())
+
     # -- starting -----------------------------------------------------------------------
 
     async def start(self, timeout: float = 30.0) -> None:
@@ -164,6 +250,7 @@ class Host:
                 f"the signaling server at {self.options.signaling_url} did not list this host "
                 f"within {timeout:g} s ({self._listener.last_error or 'no answer'})"
             ) from None
+        self.registry.start()
         log.info("host %s is waiting for scientists at %s", self.id, self.options.signaling_url)
 
     def _restore(self) -> None:
@@ -299,6 +386,7 @@ class Host:
             return
         self._closed = True
         await self._listener.close()
+        await self.registry.aclose()
         if self._jobs is not None:
             await self._jobs.aclose()
         for task in self._tasks:
@@ -357,6 +445,25 @@ class ScientistsView(TableView):
         return Table(["Client ID", "Connected in"],
                      [[c, f"{s:.2f} s"] for c, s in self._rows],
                      empty_text="No scientist is connected.")  # fmt: skip
+
+
+class ListingsView(TableView):
+    """``host.listings``: what this host published, oldest first; ``[i]`` is a
+    ``PublishedListing`` (``.tag``, ``.listing_id``, ``.version``, ``.signed``)."""
+
+    def __init__(self, listings: Sequence[PublishedListing]) -> None:
+        self._listings = list(listings)
+
+    def __len__(self) -> int:
+        return len(self._listings)
+
+    def __getitem__(self, index: int) -> PublishedListing:
+        return self._listings[index]
+
+    def table(self) -> Table:
+        rows = [[p.tag, p.listing_id, p.version, p.name, p.registry] for p in self._listings]
+        return Table(["Tag", "Listing ID", "Version", "Name", "Registry"], rows,
+                     empty_text="Nothing published: host.publish(obj, name=..., license=...)")  # fmt: skip
 
 
 def _request_of(stored: StoredRequest, preview: Any) -> Request:

@@ -9,6 +9,7 @@ from typing import Any
 from duet_p2p.allowlist import Allowlist
 from duet_p2p.connect import ConnectOptions
 from duet_p2p.duet import cap_owner_messages
+from duet_p2p.host.config import RegistryOptions
 from duet_p2p.host.host import Host
 from duet_p2p.host.jobs import JobSettings
 from duet_p2p.identity import Identity
@@ -35,6 +36,7 @@ def new_host(
     max_scientists: int = 16,
     max_pending_admissions: int = 32,
     jobs: JobSettings | None = None,
+    registry: RegistryOptions | None = None,
     ice_servers: list[dict[str, Any]] | None = None,
     host_addresses: list[str] | None = None,
     timeout: float | None = None,
@@ -52,7 +54,7 @@ def new_host(
         allowlist=allowlist, limits=limits, min_aggregation=min_aggregation,
         disclosure=disclosure, keep_released=keep_released, request_expiry=request_expiry,
         max_scientists=max_scientists, max_pending_admissions=max_pending_admissions,
-        jobs=jobs,
+        jobs=jobs, registry=registry,
     )  # fmt: skip
 
 
@@ -68,7 +70,8 @@ def launch_host(signaling_url: str | None = None, **options: Any) -> Host:
     its scientist was away is kept for them. ``request_expiry``: seconds after which an
     undecided request expires (None: never). ``jobs``: how offline jobs are taken, reviewed
     and run (``JobSettings``; default: taken live and from the mailbox, the owner reviews
-    each). Other arguments as for ``launch_duet``.
+    each). ``registry``: where ``host.publish`` lists datasets and how often the host
+    heartbeats and reads its inbox there (``RegistryOptions``). Other arguments as for ``launch_duet``.
     """
     host = new_host(signaling_url, **options)
     runtime = get_runtime()

@@ -28,7 +28,7 @@ def host_from_config(config: HostConfig) -> Host:
         max_scientists=s.max_scientists, max_pending_admissions=s.max_pending_admissions,
         ice_servers=None if s.ice_servers is None else [dict(e) for e in s.ice_servers],
         host_addresses=None if s.host_addresses is None else list(s.host_addresses),
-        jobs=config.jobs,
+        jobs=config.jobs, registry=config.registry,
     )  # fmt: skip
     try:
         for spec in config.datasets:

@@ -7,10 +7,17 @@ description, license as an SPDX URL, creators, keywords, version, dates) and one
 shape as ``arrayShape``).
 
 The data is not open: it stays with its host and is reached through a Duet (live) or
-offline jobs. So the document has no ``FileObject`` and no download URL: ``distribution``
-is empty (``mlcroissant`` accepts that; a ``FileObject`` pointing at a web page would
-validate but make loaders read a page as data), fields have no ``source``,
-``isAccessibleForFree`` is false and ``conditionsOfAccess`` says how to reach the data.
+offline jobs. So the one ``FileObject`` (``host-data``) stands for the data where it is,
+at its host: its ``contentUrl`` is ``duet://<host_id>/<listing_id>`` (no loader can fetch
+it, so none reads a web page as data) and its format is :data:`HOST_DATA_FORMAT`. The
+document is an ``isLiveDataset`` (the host's data may change, so no checksum can be
+given); each field's ``source`` extracts its column from ``host-data`` (``mlcroissant``
+requires a source), ``isAccessibleForFree`` is false and ``conditionsOfAccess`` says how
+to reach the data.
+
+``schema`` is either a listing's list of entries (as ``ListingSpec.to_map`` gives it:
+entries with a ``shape`` are tensors, the others columns) or a mapping with exactly one
+of ``fields`` or ``tensors``; columns make the record set ``records``, tensors ``tensors``.
 
 Every piece of the listing's text lands only in JSON string values, made printable first;
 identifiers built from names are percent-encoded. :func:`jsonld_dumps` gives text safe to
@@ -30,11 +37,14 @@ from urllib.parse import quote, urlsplit
 from duet_p2p.text import printable
 
 __all__ = [
-    "CONFORMS_TO", "CONTEXT", "MEDIA_TYPE", "croissant_jsonld", "data_type", "dtype_kind",
+    "CONFORMS_TO", "CONTEXT", "HOST_DATA_FORMAT", "MEDIA_TYPE", "croissant_jsonld", "data_type", "dtype_kind",
     "jsonld_dumps", "shape_of",
 ]  # fmt: skip
 
 CONFORMS_TO = "http://mlcommons.org/croissant/1.1"
+HOST_DATA_FORMAT = "application/x-duet-p2p-host-data"
+"""The encoding format of the ``host-data`` file object: data reached through its host."""
+HOST_DATA_ID = "host-data"
 MEDIA_TYPE = f'application/ld+json; profile="{CONFORMS_TO}"'
 CONTEXT: dict[str, Any] = {
     "@language": "en",
@@ -160,17 +170,18 @@ def croissant_jsonld(listing: Mapping[str, Any], *, url: str) -> dict[str, Any]:
         "description": description,
         "license": _license(listing.get("license")),
         "url": page,
-        "distribution": [],
+        "distribution": [_host_data(listing)],
+        "isLiveDataset": True,
         "isAccessibleForFree": False,
         "conditionsOfAccess": _access(listing),
-        "recordSet": [_record_set(listing.get("schema"))],
+        "recordSet": _record_sets(listing.get("schema")),
     }
     optional = {
         "creator": [_creator(item) for item in _items(listing, "creators")],
         "keywords": [_string(k, "keyword", MAX_SHORT_CHARS) for k in _items(listing, "keywords")],
         "identifier": _text(listing, "listing_id", MAX_SHORT_CHARS),
         "citeAs": _text(listing, "citation", MAX_TEXT_CHARS, multiline=True),
-        "version": _text(listing, "version", MAX_SHORT_CHARS),
+        "version": _version(listing.get("version")),
         "datePublished": _date(listing.get("created_at"), "created_at"),
         "dateModified": _date(listing.get("updated_at"), "updated_at"),
     }
@@ -212,29 +223,77 @@ def _access(listing: Mapping[str, Any]) -> str:
     return text
 
 
-def _record_set(schema: object) -> dict[str, Any]:
-    """One record set: the table's columns, or one array field per tensor."""
-    if not isinstance(schema, Mapping):
-        raise ValueError("schema must be a mapping")
-    keys = set(schema)
-    if keys == {"fields"}:
-        set_id, fields = "records", [_column(item) for item in _list(schema["fields"], "fields")]
-        about = "The records of the table, one field per column."
-    elif keys == {"tensors"}:
-        set_id, fields = "tensors", [_tensor(item) for item in _list(schema["tensors"], "tensors")]
-        about = "The tensors, one array field each."
-    else:
+def _host_data(listing: Mapping[str, Any]) -> dict[str, Any]:
+    """The file object standing for the data at its host (never downloadable)."""
+    where = "/".join(
+        quote(_text(listing, key, MAX_SHORT_CHARS), safe="") or "unknown"
+        for key in ("host_id", "listing_id")
+    )
+    return {
+        "@type": "cr:FileObject",
+        "@id": HOST_DATA_ID,
+        "name": HOST_DATA_ID,
+        "description": (
+            "The data itself, held by its host: not downloadable. It is used through its "
+            "host (see conditionsOfAccess)."
+        ),
+        "contentUrl": f"duet://{where}",
+        "encodingFormat": HOST_DATA_FORMAT,
+    }
+
+
+def _version(value: object) -> str:
+    if value is None or value == "":
+        return ""
+    if type(value) is int and value >= 0:
+        return str(value)
+    return _string(value, "version", MAX_SHORT_CHARS)
+
+
+def _record_sets(schema: object) -> list[dict[str, Any]]:
+    """The columns as record set ``records``, the tensors as ``tensors`` (each if any)."""
+    if isinstance(schema, Mapping):
+        keys = set(schema)
+        if keys == {"fields"}:
+            return [_record_set("records", [_column(i) for i in _list(schema["fields"], "fields")])]
+        if keys == {"tensors"}:
+            items = _list(schema["tensors"], "tensors")
+            return [_record_set("tensors", [_tensor(i) for i in items])]
         raise ValueError("schema must have exactly one of 'fields' or 'tensors'")
+    if not isinstance(schema, Sequence) or isinstance(schema, (str, bytes)):
+        raise ValueError("schema must be a list of entries or a mapping")
+    entries = _list(schema, "schema")
+    columns = [_column(e) for e in entries if not (isinstance(e, Mapping) and "shape" in e)]
+    tensors = [_tensor(e) for e in entries if isinstance(e, Mapping) and "shape" in e]
+    names = [field["name"] for field in columns + tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("field and tensor names must be unique")
+    sets = [_record_set("records", columns)] if columns else []
+    return sets + ([_record_set("tensors", tensors)] if tensors else [])
+
+
+def _record_set(set_id: str, fields: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record set of ``fields``, each read from the host's data."""
     names = [field["name"] for field in fields]
     if len(set(names)) != len(names):
         raise ValueError("field and tensor names must be unique")
+    about = {
+        "records": "The records of the table, one field per column.",
+        "tensors": "The tensors, one array field each.",
+    }[set_id]
     return {
         "@type": "cr:RecordSet",
         "@id": set_id,
         "name": set_id,
         "description": about,
         "field": [
-            {"@type": "cr:Field", "@id": f"{set_id}/{_segment(f['name'])}", **f} for f in fields
+            {
+                "@type": "cr:Field",
+                "@id": f"{set_id}/{_segment(f['name'])}",
+                **f,
+                "source": {"fileObject": {"@id": HOST_DATA_ID}, "extract": {"column": f["name"]}},
+            }
+            for f in fields
         ],
     }
 
@@ -256,15 +315,18 @@ def _column(item: object) -> dict[str, Any]:
 
 
 def _tensor(item: object) -> dict[str, Any]:
-    spec = _mapping(item, "tensor", required={"name", "dtype", "shape"})
+    spec = _mapping(item, "tensor", required={"name", "dtype", "shape"}, allowed={"description"})
     dtype = spec["dtype"]
     kind = dtype_kind(dtype)
     if kind not in ("integer", "float", "boolean"):
         raise ValueError(f"a tensor cannot have dtype {printable(dtype, 80)!r}")
     shape = shape_of(spec["shape"])
+    about = f"dtype {_dtype_name(dtype)}, shape [{', '.join(map(str, shape))}]"
+    if spec.get("description"):
+        about = f"{_string(spec['description'], 'tensor description', 4_000)} ({about})"
     field: dict[str, Any] = {
         "name": _name(spec["name"], "tensor name"),
-        "description": f"dtype {_dtype_name(dtype)}, shape [{', '.join(map(str, shape))}]",
+        "description": about,
         "dataType": _DATA_TYPES[kind],
     }
     if shape:

@@ -129,7 +129,7 @@ _FIELDS = (
     "kind", "listing_id", "host_id", "host_key", "name", "summary", "description", "license",
     "citation", "creators", "keywords", "modality", "schema", "approx_size",
     "usage_conditions", "access_modes", "policy_summary", "availability", "signaling_url",
-    "version", "created_at", "updated_at", "architecture", "metrics",
+    "version", "created_at", "updated_at", "architecture", "metrics", "tag",
 )  # fmt: skip
 _DELETION_FIELDS = ("listing_id", "host_id", "version", "at")
 _HEARTBEAT_FIELDS = ("host_id", "at", "nonce", "listing_ids")
@@ -445,6 +445,9 @@ class ListingSpec:
     availability: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     architecture: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tag: str = ""
+    """The name the host knows it by: ``duet.store[tag]`` live, ``inputs={...: tag}`` in a
+    job ("" when the owner did not say)."""
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -482,6 +485,7 @@ class ListingSpec:
         put(self, "updated_at", updated)
         put(self, "architecture", _architecture(self.architecture, self.kind))
         put(self, "metrics", _metrics(self.metrics, self.kind))
+        _line(self.tag, "tag", MAX_KEYWORD_CHARS)
         if len(self.canonical_bytes()) > MAX_BODY_BYTES:
             raise InvalidListing(f"a listing is at most {MAX_BODY_BYTES} bytes encoded")
 

@@ -11,6 +11,7 @@ import pytest
 from duet_p2p.registry.croissant import (
     CONFORMS_TO,
     CONTEXT,
+    HOST_DATA_FORMAT,
     croissant_jsonld,
     data_type,
     dtype_kind,
@@ -101,22 +102,50 @@ def test_context_has_the_croissant_terms() -> None:
 
 def test_data_is_not_downloadable() -> None:
     doc = croissant_jsonld(table_listing(), url=URL)
-    assert doc["distribution"] == []
+    (host_data,) = doc["distribution"]
+    assert host_data["@type"] == "cr:FileObject" and host_data["@id"] == "host-data"
+    assert host_data["contentUrl"] == (
+        "duet://fedcba9876543210fedcba9876543210/0123456789abcdef0123456789abcdef"
+    )
+    assert host_data["encodingFormat"] == HOST_DATA_FORMAT
+    assert "sha256" not in host_data and "md5" not in host_data
+    assert doc["isLiveDataset"] is True
     assert doc["isAccessibleForFree"] is False
     access = doc["conditionsOfAccess"]
     assert "a live Duet session or offline jobs" in access
     assert "fedcba9876543210fedcba9876543210" in access
     assert "Research only." in access
     fields = doc["recordSet"][0]["field"]
-    assert all("source" not in field for field in fields)
-    assert "FileObject" not in json.dumps(doc) and "contentUrl" not in json.dumps(doc)
+    assert all(
+        field["source"]
+        == {"fileObject": {"@id": "host-data"}, "extract": {"column": field["name"]}}
+        for field in fields
+    )
+    assert "http" not in host_data["contentUrl"]
+
+
+def test_listing_map_form_splits_columns_and_tensors() -> None:
+    schema = [
+        {"name": "label", "dtype": "string", "description": "class"},
+        {"name": "pixels", "dtype": "uint8", "shape": [28, 28], "description": "an image"},
+    ]
+    doc = croissant_jsonld(table_listing(schema=schema, version=3), url=URL)
+    records, tensors = doc["recordSet"]
+    assert [f["@id"] for f in records["field"]] == ["records/label"]
+    assert [f["@id"] for f in tensors["field"]] == ["tensors/pixels"]
+    assert tensors["field"][0]["description"] == "an image (dtype uint8, shape [28, 28])"
+    assert doc["version"] == "3"
+    assert croissant_jsonld(table_listing(schema=[]), url=URL)["recordSet"] == []
+    with pytest.raises(ValueError, match="unique"):
+        croissant_jsonld(table_listing(schema=[schema[0], {**schema[1], "name": "label"}]), url=URL)
 
 
 def test_table_record_set() -> None:
     (record_set,) = croissant_jsonld(table_listing(), url=URL)["recordSet"]
     assert record_set["@type"] == "cr:RecordSet"
     assert record_set["@id"] == "records"
-    assert record_set["field"] == [
+    fields = [{k: v for k, v in f.items() if k != "source"} for f in record_set["field"]]
+    assert fields == [
         {
             "@type": "cr:Field",
             "@id": "records/age",

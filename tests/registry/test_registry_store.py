@@ -1,4 +1,5 @@
-"""The registry store on SQLite: publish, edit, delete, heartbeats, search, and attacks."""
+"""The registry store on SQLite and PostgreSQL: publish, edit, delete, heartbeats, search,
+and attacks."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from registry_server.db import create_schema, make_engine, query_words, search_j
 from registry_server.store import Conflict, InvalidQuery, RegistryStore
 
 ROOT = Path(__file__).resolve().parents[2]
+URLS = {"sqlite": "sqlite:///registry.db", "postgresql": "postgresql://duet@127.0.0.1/registry"}
 HOST = Identity.generate()
 OTHER = Identity.generate()
 NOW = 1_750_000_000.0
@@ -48,8 +50,8 @@ def wire(spec: ListingSpec) -> bytes:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RegistryStore]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+async def store(database_url: str) -> AsyncIterator[RegistryStore]:
+    engine = make_engine(database_url)
     await create_schema(engine)
     await create_schema(engine)  # a second time changes nothing
     yield RegistryStore(engine)
@@ -162,8 +164,8 @@ async def test_a_host_whose_stored_key_differs_is_refused(store: RegistryStore) 
         await store.publish(wire(make(name="Another")), now=NOW)
 
 
-async def test_listings_per_host_are_capped(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'cap.db'}")
+async def test_listings_per_host_are_capped(database_url: str) -> None:
+    engine = make_engine(database_url)
     await create_schema(engine)
     store = RegistryStore(engine, max_listings_per_host=2)
     try:
@@ -189,6 +191,27 @@ async def test_concurrent_edits_of_one_listing_keep_one(store: RegistryStore) ->
     got = await store.get(spec.listing_id, now=NOW)
     assert got is not None and got.version == 2
     assert await names(store, "edit") == [got.name]
+
+
+async def test_a_new_hosts_concurrent_first_listings_all_land(database_url: str) -> None:
+    engine = make_engine(database_url)
+    await create_schema(engine)
+    store = RegistryStore(engine, max_listings_per_host=6)
+    try:
+        wires = [wire(make(name=f"Parallel {i}")) for i in range(8)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(store.publish(w, now=NOW) for w in wires), return_exceptions=True),
+            timeout=30,
+        )
+        stored = [r for r in results if isinstance(r, SignedListing)]
+        refused = [r for r in results if isinstance(r, Conflict)]
+        assert (len(stored), len(refused)) == (6, 2), results  # the quota holds under races
+        assert all("most allowed" in str(r) for r in refused)
+        assert (await store.search("parallel", now=NOW))[1] == 6
+        async with engine.connect() as conn:
+            assert (await conn.execute(select(func.count()).select_from(db.hosts))).one() == (1,)
+    finally:
+        await engine.dispose()
 
 
 # -- delete ------------------------------------------------------------------------------
@@ -327,6 +350,67 @@ async def test_search_words_and_filters(catalogue: RegistryStore) -> None:
     assert await names(store, "", license="%") == []
 
 
+async def test_best_match_first(store: RegistryStore) -> None:
+    items = [
+        make(name="Weather stations", summary="Hourly readings", description="Ocean buoys too."),
+        make(name="Ocean temperature", summary="Sea surface", description="From satellites."),
+        make(name="Harbour traffic", summary="Ocean ships by port", description="Ports."),
+        make(name="Fish market", summary="Prices", keywords=["ocean", "fish"]),
+    ]
+    for i, spec in enumerate(items):
+        await store.publish(wire(spec), now=NOW + i)
+    found, total = await store.search("ocean", now=NOW)
+    assert total == 4
+    ranked = [item.name for item in found]
+    assert ranked[0] == "Ocean temperature"  # in the name: first, though not the newest
+    assert ranked[-1] == "Weather stations"  # only in the description: last
+    assert set(ranked[1:3]) == {"Harbour traffic", "Fish market"}
+
+
+async def test_filters_are_exact_and_not_words(catalogue: RegistryStore) -> None:
+    store = catalogue
+    kind_token = db.query_facets(kind="model", modality=None, license=None, keyword=None)[0]
+    assert await names(store, kind_token) == []  # a filter's index word is not searchable
+    assert await names(store, "hospitals", kind="model") == ["Hospitals of Europe"]
+    assert await names(store, "hospital", kind="model") == []
+    assert await names(store, "", license="mit") == []  # licenses are exact
+    both = ["Hospital admissions", "Secret ledger"]
+    assert await names(store, "", keyword="Health", kind="dataset") == both
+    assert await names(store, "health", keyword="health", license="CC-BY-4.0") == both[:1]
+    assert await names(store, "", modality="text", kind="model") == ["Hospitals of Europe"]
+    assert await names(store, "secret", online_within=60, license="MIT") == ["Secret ledger"]
+    assert await names(store, "zebra", online_within=60) == []
+
+
+async def test_odd_filter_values(store: RegistryStore) -> None:
+    odd = ["time-series", "a b", 'x"y', "1e5", "ÉTÉ", "c++", "東京", "-", "'", "k"]
+    spec = make(modality="time-series", license="LicenseRef-a.b-c", keywords=odd)
+    await store.publish(wire(spec), now=NOW)
+    assert await names(store, "", modality="time-series") == [spec.name]
+    assert await names(store, "", license="LicenseRef-a.b-c") == [spec.name]
+    assert await names(store, "", license="LicenseRef-a.b") == []
+    for keyword in odd:
+        assert await names(store, "", keyword=keyword.upper()) == [spec.name], keyword
+    for missing in ("time", "series", "a", "été x", "東"):
+        assert await names(store, "", keyword=missing) == [], missing
+
+
+async def test_broad_queries_list_newest_first(
+    store: RegistryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("registry_server.store.RANK_CAP", 3)
+    specs = [make(name=f"Survey {i}", summary="survey " * (5 - i)) for i in range(5)]
+    for i, spec in enumerate(specs):
+        await store.publish(wire(spec), now=NOW + i)
+    found, total = await store.search("survey", now=NOW)
+    assert total == 5 and [f.name for f in found] == [f"Survey {i}" for i in range(4, -1, -1)]
+    page, _ = await store.search("survey", kind="dataset", limit=2, offset=2, now=NOW)
+    assert [f.name for f in page] == ["Survey 2", "Survey 1"]
+    monkeypatch.setattr("registry_server.store.MAX_TOTAL", 4)
+    assert (await store.search("survey", now=NOW))[1] == 4  # counted to the cap
+    assert (await store.search("", now=NOW))[1] == 4
+
+
 @pytest.mark.parametrize(
     "query",
     [
@@ -432,17 +516,46 @@ def test_query_words() -> None:
         "y",
     ]
     assert query_words("\"'*^-+(){}:") == []
-    assert db.fts5_query(["a", 'b"c']) == '"a" "b""c"'
+    text_columns = "{name summary description keywords}"
+    assert db.fts5_query(["a", 'b"c']) == text_columns + ' : ("a" "b""c")'
+    assert db.fts5_query(["a"], ["k6d"]) == text_columns + ' : ("a") AND {facets} : ("k6d")'
 
 
-def test_postgres_search_is_not_built_yet() -> None:
-    with pytest.raises(NotImplementedError):
-        search_join(select(db.listings), "postgresql", ["x"])
+def test_search_words_are_bound_parameters() -> None:
+    words = ["zebra", "'; drop table listings; --", "a&b|!c:*"]
+    for dialect in ("sqlite", "postgresql"):
+        stmt = search_join(select(db.listings), dialect, words)
+        compiled = stmt.compile(dialect=make_engine(URLS[dialect]).dialect)
+        sql = str(compiled)
+        assert "zebra" not in sql and "drop" not in sql and "&" not in sql
+        assert any("zebra" in str(value) for value in compiled.params.values())
+    with pytest.raises(ValueError):
+        search_join(select(db.listings), "mysql", ["x"])
+
+
+def test_search_text_folds_like_fts5() -> None:
+    assert db.search_text("Crème Brûlée, CAFÉ_au-lait! ﬁsh ÅNGSTRÖM 2024") == (
+        "creme brulee cafe au lait fish angstrom 2024"
+    )
+    assert db.search_text("'\"*^-+(){}:&|!<->") == ""
 
 
 def test_only_sqlite_and_postgres() -> None:
+    for url in (
+        "mysql://127.0.0.1/registry", "postgresql+psycopg2://127.0.0.1/registry",
+        "sqlite+pysqlite:///x.db", "oracle://127.0.0.1/x", "registry.db", "", "://",
+    ):  # fmt: skip
+        with pytest.raises(ValueError):
+            make_engine(url)
     with pytest.raises(ValueError):
-        make_engine("mysql://localhost/registry")
+        make_engine(None)  # type: ignore[arg-type]
+    for url, driver in (
+        ("postgresql://duet@127.0.0.1:5432/registry", "postgresql+asyncpg"),
+        ("postgres://duet@127.0.0.1/registry", "postgresql+asyncpg"),
+        ("postgresql+asyncpg://duet@127.0.0.1/registry", "postgresql+asyncpg"),
+        ("sqlite:///registry.db", "sqlite+aiosqlite"),
+    ):
+        assert make_engine(url).url.drivername == driver
 
 
 async def test_writes_take_the_lock_first(tmp_path: Path) -> None:
