@@ -76,7 +76,7 @@ def _training() -> dict[str, Any] | None:
 
 
 def run_all() -> dict[str, Any]:
-    from benchmarks import channel, connect, dp, gets, host, jobs, ops, worker
+    from benchmarks import channel, connect, dp, gets, host, jobs, ops, registry, worker
 
     results: dict[str, Any] = {"machine": _machine()}
     results["connect"] = _run("connect", connect.run_benchmark)
@@ -87,6 +87,7 @@ def run_all() -> dict[str, Any]:
     results["dp"] = _run("dp", dp.run_benchmark)
     results["host"] = _run("host", host.run_benchmark)
     results["jobs"] = _run("jobs", jobs.run_benchmark)
+    results["registry"] = _run("registry", registry.run_benchmark)
     training = _run("training", lambda: _training() or {"skipped": "no benchmarks/training.py"})
     results["training"] = training
     results["machine"]["load_average_at_end"] = os.getloadavg()
@@ -204,6 +205,9 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
     from benchmarks.jobs import rows as jobs_rows
 
     out += [[*row, "—"] for row in jobs_rows(results.get("jobs", {}))]
+    from benchmarks.registry import rows as registry_rows
+
+    out += [[*row, "—"] for row in registry_rows(results.get("registry", {}))]
     t = results.get("training", {})
     if "ratio_remote_to_local" in t:
         mode = t.get("best_mode")
@@ -363,6 +367,7 @@ def _dp_section(d: dict[str, Any]) -> str:
 def report(results: dict[str, Any]) -> str:
     from benchmarks.host import markdown_section as host_section
     from benchmarks.jobs import markdown_section as jobs_section
+    from benchmarks.registry import markdown_section as registry_section
 
     m = results["machine"]
     v = m["versions"]
@@ -392,6 +397,7 @@ decoding; the raw baseline is only the transfer.
 {_dp_section(results.get("dp", {}))}
 {host_section(results.get("host", {}))}
 {jobs_section(results.get("jobs", {}))}
+{registry_section(results.get("registry", {}))}
 ## `make bench-large`
 
 {_large_section()}

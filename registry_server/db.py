@@ -59,9 +59,9 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 __all__ = [
-    "SEARCH_TABLES", "WRITE_OPTIONS", "create_schema", "fts5_query", "heartbeat_nonces",
-    "hosts", "index_listing", "listing_keywords", "listings", "make_engine", "metadata",
-    "query_words", "search_join", "search_text", "tombstones", "unindex_listing",
+    "SEARCH_TABLES", "WRITE_OPTIONS", "Search", "create_schema", "fts5_query", "heartbeat_nonces",
+    "facet_tokens", "hosts", "index_listing", "listing_keywords", "listings", "make_engine",
+    "metadata", "query_facets", "query_words", "search_join", "search_text", "tombstones", "unindex_listing",
 ]  # fmt: skip
 
 ID_CHARS = 32
@@ -142,14 +142,18 @@ SEARCH_TABLES = frozenset({
 })  # fmt: skip
 """The full-text search tables (made by the migrations, outside :data:`metadata`)."""
 
-_search_ids = table("listings_search_ids", column("id"), column("listing_id"))
+_search_ids = table("listings_search_ids", column("id"), column("listing_id"), column("host_id"))
 _fts = table("listings_fts", column("rowid"), column("rank"))
-_pg_search = table("listings_search", column("listing_id"), column("document"), column("facets"))
+_pg_search = table(
+    "listings_search", column("listing_id"), column("host_id"), column("document"),
+    column("facets"),
+)  # fmt: skip
 _WORD = re.compile(r"[^\W_]+")
 _SQLITE_DRIVERS = frozenset({"sqlite", "sqlite+aiosqlite"})
 _POSTGRES_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
 _PG_INDEX = text(
-    "INSERT INTO listings_search (listing_id, document, facets) VALUES (:listing_id, "
+    "INSERT INTO listings_search (listing_id, host_id, document, facets) "
+    "VALUES (:listing_id, :host_id, "
     "setweight(to_tsvector('simple', :name), 'A') || "
     "setweight(to_tsvector('simple', :keywords), 'B') || "
     "setweight(to_tsvector('simple', :summary), 'B') || "
@@ -165,9 +169,6 @@ _SQLITE_INDEX = text(
 PG_RANK_NORMALIZATION = 1
 """``ts_rank``'s normalization: divide by 1 + log(document length), as bm25 favours short
 documents too."""
-RANK_CAP = 1000
-"""Matches ranked best first at most: a query matching more lists them newest first (it is
-too broad for rank to mean much, and ranking costs a look at every match)."""
 
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
@@ -251,6 +252,7 @@ async def index_listing(
     conn: AsyncConnection,
     listing_id: str,
     *,
+    host_id: str,
     name: str,
     summary: str,
     description: str,
@@ -270,6 +272,7 @@ async def index_listing(
             _PG_INDEX,
             {
                 "listing_id": listing_id,
+                "host_id": host_id,
                 "name": search_text(name),
                 "keywords": search_text(" ".join(keywords)),
                 "summary": search_text(summary),
@@ -281,8 +284,11 @@ async def index_listing(
     if dialect != "sqlite":
         raise _unsupported(dialect)
     await conn.execute(
-        text("INSERT OR IGNORE INTO listings_search_ids (listing_id) VALUES (:listing_id)"),
-        {"listing_id": listing_id},
+        text(
+            "INSERT OR IGNORE INTO listings_search_ids (listing_id, host_id) "
+            "VALUES (:listing_id, :host_id)"
+        ),
+        {"listing_id": listing_id, "host_id": host_id},
     )
     rowid = (
         await conn.execute(
@@ -356,12 +362,15 @@ class Search:
     """The full-text part of one search: ``words`` (matched in the text, ranked) and
     ``facets`` (filter values, :func:`query_facets`) as bound parameters, on ``dialect``."""
 
-    def __init__(self, dialect: str, words: list[str], facets: list[str]) -> None:
+    def __init__(
+        self, dialect: str, words: list[str], facets: list[str], online_since: float | None = None
+    ) -> None:
         if dialect not in ("sqlite", "postgresql"):
             raise _unsupported(dialect)
         if not (words or facets):
             raise ValueError("a full-text search needs words or filters")
         self.dialect, self.words, self.facets = dialect, words, facets
+        self.online_since = online_since
         if dialect == "sqlite":
             self._match = text("listings_fts MATCH :fts_query").bindparams(
                 fts_query=fts5_query(words, facets)
@@ -381,15 +390,38 @@ class Search:
         else:
             self._match = in_words if words else in_facets
 
+    async def prepare(self, conn: AsyncConnection) -> None:
+        """Settings for this transaction's search queries. PostgreSQL: no sequential scans
+        (its planner prices ``@@`` as cheap and, under a LIMIT, would rather test rows one
+        by one than read the GIN index; the search tables are only ever read by index), a
+        plan made for these very words (a prepared statement's generic plan cannot know how
+        many listings a word matches), and no parallel workers (starting them costs more
+        than a search's page)."""
+        if self.dialect == "postgresql":
+            await conn.execute(text("SET LOCAL enable_seqscan = off"))
+            await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+            await conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+
     def count(self, cap: int) -> Select[Any]:
-        """How many listings match, counting to ``cap`` at most (no other filter)."""
-        source = _fts if self.dialect == "sqlite" else _pg_search
-        inner = select(literal_column("1")).select_from(source).where(self._match).limit(cap)
-        return select(func.count()).select_from(inner.subquery())
+        """How many listings match (of hosts seen since ``online_since``, if given),
+        counting to ``cap`` at most. Straight from the index: it holds live listings only."""
+        if self.dialect == "sqlite":
+            inner = select(literal_column("1")).select_from(_fts).where(self._match)
+            if self.online_since is not None:
+                inner = inner.join(_search_ids, _search_ids.c.id == _fts.c.rowid)
+            host = _search_ids.c.host_id
+        else:
+            inner = select(literal_column("1")).select_from(_pg_search).where(self._match)
+            host = _pg_search.c.host_id
+        if self.online_since is not None:
+            inner = inner.join(hosts, hosts.c.host_id == host).where(
+                hosts.c.last_seen >= self.online_since
+            )
+        return select(func.count()).select_from(inner.limit(cap).subquery())
 
     def ranked(self, stmt: Select[Any]) -> Select[Any]:
-        """``stmt`` (over ``listings``) joined to its matches, best first (by the words; in
-        the order of :data:`RANK_CAP` or fewer matches, cheap)."""
+        """``stmt`` (over ``listings``) joined to its matches, best first by the words
+        (cheap when few match)."""
         if self.dialect == "sqlite":
             stmt = (
                 stmt.join(_search_ids, _search_ids.c.listing_id == listings.c.listing_id)

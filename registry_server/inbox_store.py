@@ -142,7 +142,11 @@ class InboxStore:
                     raise Conflict(
                         f"{r.scientist_id} has {pending} open session requests, the most allowed"
                     )
-                held = await self._count(conn, session_requests.c.host_id == r.host_id)
+                held = await self._count(  # what waits for the host, not all ever asked
+                    conn,
+                    session_requests.c.host_id == r.host_id,
+                    session_requests.c.status.in_(_OPEN),
+                )
                 if held >= self.max_requests_per_host:
                     raise Conflict(f"host {r.host_id}'s inbox is full")
                 await conn.execute(

@@ -14,7 +14,9 @@ Every listing value is hostile: templates escape it; only the description, rende
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import html
 import logging
 import math
 import re
@@ -26,6 +28,7 @@ from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
+from markupsafe import Markup
 
 from duet_p2p.registry.listing import KINDS, MODALITIES, InvalidListing, SignedListing
 from registry_server import api, site_forms
@@ -45,6 +48,9 @@ __all__ = ["REPORTS", "add_site_routes", "error_page", "render"]
 logger = logging.getLogger(__name__)
 
 REPORTS = web.AppKey("registry_site_reports", ReportBox)
+RENDERING = web.AppKey("registry_site_rendering", asyncio.Semaphore)
+"""Listing pages being computed in worker threads at once (the rest wait, off the loop)."""
+MAX_RENDERING = 2
 TZ_COOKIE = "registry_tz"
 MAX_FILTER_CHARS = 64
 MAX_REVIEWS = 20
@@ -68,6 +74,21 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def _python_literal(value: object) -> Markup:
+    """``value`` (text) as a Python string literal, HTML-escaped for element text (not for
+    attributes: quotes stay as they are). The copy-paste snippets on a page put
+    owner-chosen text (a tag) into code, where it must stay one literal."""
+    text = str(value)
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        literal = f'"{text}"'
+    else:
+        literal = repr(text)
+    return Markup(html.escape(literal, quote=False))
+
+
+_ENV.filters["pyrepr"] = _python_literal
 
 
 @dataclass(frozen=True)
@@ -240,6 +261,12 @@ async def _reviews(request: web.Request, listing_id: str) -> list[dict[str, Any]
     ]
 
 
+def _page_model(wire: str, zone: str, now: float) -> tuple[SignedListing, dict[str, Any]]:
+    """The stored listing verified again (up to 1 MiB) and what its page shows."""
+    signed = SignedListing.from_wire(wire.encode())
+    return signed, listing_model(signed.spec, viewer_zone=zone, now=now)
+
+
 async def listing_page(request: web.Request) -> web.Response:
     """One listing: everything it says, how to connect, and its evidence."""
     listing_id = request.match_info["listing_id"]
@@ -248,21 +275,20 @@ async def listing_page(request: web.Request) -> web.Response:
     stored = await request.app[STORE].get(listing_id)
     if stored is None:
         return error_page(request, 404, "There is no listing with that ID (or it was deleted).")
+    zone, zone_note, source = _viewer_zone(request)
     try:
-        signed = SignedListing.from_wire(stored.wire.encode())
+        async with request.app[RENDERING]:  # parsing, Markdown, mock: not on the event loop
+            signed, model = await asyncio.to_thread(_page_model, stored.wire, zone, time.time())
     except InvalidListing:
         logger.error("stored listing %s fails verification", listing_id)
         return error_page(request, 500, "This listing's signature does not hold.")
-    zone, zone_note, source = _viewer_zone(request)
     token, new_token = site_forms.csrf_token(request)
     rated = await api.ratings(request.app, [listing_id])
     reviews = await _reviews(request, listing_id)
     home_url = _home_path(request)
     response = render(
         request, "listing.html",
-        title=signed.spec.name, stored=stored, model=listing_model(
-            signed.spec, viewer_zone=zone, now=time.time()
-        ),
+        title=signed.spec.name, stored=stored, model=model,
         zone=zone, zone_note=zone_note, zone_default=source == "default", rating=rated[listing_id],
         reviews=reviews, when=when, public_url=_public_url(request),
         croissant_url=f"{home_url}api/v1/listings/{listing_id}/croissant.json",
@@ -343,6 +369,7 @@ async def static(request: web.Request) -> web.Response:
 def add_site_routes(app: web.Application) -> None:
     """Add the website's pages and static files to ``app`` (and its report box)."""
     app[REPORTS] = ReportBox()
+    app[RENDERING] = asyncio.Semaphore(MAX_RENDERING)
     r = app.router
     r.add_get("/", home, name="site_home")
     r.add_get("/models", models, name="site_models")

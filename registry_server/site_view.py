@@ -26,7 +26,7 @@ from registry_server.render import render_markdown
 
 __all__ = [
     "DEFAULT_ZONE", "MAX_ZONE_CHARS", "PREVIEW_ROWS", "Slot", "availability_slots",
-    "describe_window", "is_zone", "listing_model", "mock_preview", "page_numbers", "when",
+    "describe_window", "description_html", "is_zone", "listing_model", "mock_preview", "page_numbers", "when",
     "zone_names",
 ]  # fmt: skip
 
@@ -39,6 +39,17 @@ MAX_PREVIEW_COLUMNS = 12
 SLOT_DAYS = 7
 _ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}")
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+MAX_CACHED_DESCRIPTIONS = 32
+"""Rendered descriptions kept (each at most 50,000 characters in, a few times that out)."""
+
+
+@functools.lru_cache(maxsize=MAX_CACHED_DESCRIPTIONS)
+def description_html(text: str) -> str:
+    """A description rendered and sanitized, once per text: a pathological one (nested
+    emphasis, brackets) costs markdown-it half a second."""
+    return render_markdown(text)
 
 
 @functools.cache
@@ -246,7 +257,7 @@ def listing_model(spec: ListingSpec, *, viewer_zone: str, now: float) -> dict[st
     """Everything the listing page shows, from a verified ``spec``."""
     return {
         "spec": spec,
-        "description_html": Markup(render_markdown(spec.description)),  # sanitized HTML
+        "description_html": Markup(description_html(spec.description)),  # sanitized HTML
         "citation": spec.citation or "",
         "size": _size_text(spec.approx_size),
         "schema": [

@@ -45,7 +45,6 @@ from duet_p2p.registry.listing import (
     check_successor,
 )
 from registry_server.db import (
-    RANK_CAP,
     WRITE_OPTIONS,
     Search,
     heartbeat_nonces,
@@ -70,7 +69,9 @@ MAX_LIMIT = 100
 MAX_OFFSET = 10_000
 MAX_TOTAL = 1000
 """Search counts matches up to this many (a total of MAX_TOTAL means "at least"; pages
-past it are still served, up to MAX_OFFSET). Counting costs a look at every match."""
+past it are still served, up to MAX_OFFSET): counting costs a look at every match. Fewer
+matches are listed best first; as many or more, newest first (a query that broad is
+narrowed by more words or a filter; ranking it would cost a look at every match too)."""
 MAX_QUERY_CHARS = 500
 MAX_QUERY_WORDS = 16
 MAX_FILTER_CHARS = 64
@@ -304,9 +305,9 @@ class RegistryStore:
         now: float | None = None,
     ) -> tuple[list[StoredListing], int]:
         """A page of listings matching every word of ``query`` and the filters, and how
-        many match (counted to MAX_TOTAL at most: a page past it cannot be asked for).
-        Best match first when at most RANK_CAP match; newest first when more match, or the
-        query has no words. ``limit`` is held to 1..100, ``offset`` to 0..10000."""
+        many match (counted to MAX_TOTAL at most: then "at least"). Best match first when
+        fewer than MAX_TOTAL match; newest first when more match, or the query has no
+        words. ``limit`` is held to 1..100, ``offset`` to 0..10000."""
         if type(query) is not str or len(query) > MAX_QUERY_CHARS:
             raise InvalidQuery(f"a query is text of at most {MAX_QUERY_CHARS} characters")
         words = query_words(query)
@@ -320,37 +321,31 @@ class RegistryStore:
         offset = _count(offset, "offset", 0, MAX_OFFSET)
         now = self._now(now)
         facets = query_facets(kind=kind, modality=modality, license=license, keyword=keyword)
-        base = self._base()
+        base, since = self._base(), None
         if online_within is not None:
             if type(online_within) not in (int, float) or not (
                 0 < online_within <= MAX_ONLINE_WITHIN
             ):
                 raise InvalidQuery(f"online_within is seconds, more than 0 to {MAX_ONLINE_WITHIN}")
-            base = base.where(hosts.c.last_seen >= now - online_within)
+            since = now - online_within
+            base = base.where(hosts.c.last_seen >= since)
         newest = (listings.c.published_at.desc(), listings.c.listing_id)
         async with self._engine.connect() as conn:
             if not (words or facets):
-                total = await self._count(conn, base)
+                inner = base.with_only_columns(listings.c.listing_id).limit(MAX_TOTAL)
+                counted = select(func.count()).select_from(inner.subquery())
+                total = (await conn.execute(counted)).scalar_one()
                 stmt = base.order_by(*newest)
             else:
-                search = Search(conn.dialect.name, words, facets)
-                if online_within is None:
-                    total = (await conn.execute(search.count(MAX_TOTAL))).scalar_one()
-                else:
-                    total = await self._count(conn, search.ranked(base).order_by(None))
-                if total <= RANK_CAP:  # few: from the index, best first (or newest)
+                search = Search(conn.dialect.name, words, facets, since)
+                await search.prepare(conn)
+                total = (await conn.execute(search.count(MAX_TOTAL))).scalar_one()
+                if total < MAX_TOTAL:  # few: from the index, best first (or newest)
                     stmt = search.ranked(base).order_by(*newest)
                 else:  # many: walk the newest, keeping those that match
                     stmt = base.where(search.contains()).order_by(*newest)
             rows = (await conn.execute(stmt.limit(limit).offset(offset))).all()
         return [self._stored(row, now) for row in rows], total
-
-    @staticmethod
-    async def _count(conn: AsyncConnection, stmt: Any) -> int:
-        """How many rows ``stmt`` has, counting to MAX_TOTAL at most."""
-        inner = stmt.with_only_columns(listings.c.listing_id).limit(MAX_TOTAL).subquery()
-        counted: int = (await conn.execute(select(func.count()).select_from(inner))).scalar_one()
-        return counted
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -475,7 +470,7 @@ class RegistryStore:
                 [{"listing_id": spec.listing_id, "keyword": word} for word in folded],
             )
         await index_listing(
-            conn, spec.listing_id, name=spec.name, summary=spec.summary,
+            conn, spec.listing_id, host_id=spec.host_id, name=spec.name, summary=spec.summary,
             description=spec.description, keywords=spec.keywords, kind=spec.kind,
             modality=spec.modality, license=spec.license,
         )  # fmt: skip

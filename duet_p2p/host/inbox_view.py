@@ -24,19 +24,26 @@ if TYPE_CHECKING:
 __all__ = ["InboxEntry", "InboxView", "format_local", "local_time"]
 
 MAX_MESSAGE_CHARS = 2000
+OUT_OF_RANGE = "(a date out of range)"
 
 
 def local_time(timestamp: float | None) -> datetime | None:
-    """A unix time as an aware datetime in this machine's time zone."""
+    """A unix time as an aware datetime in this machine's time zone (None for None, or for
+    a time no datetime holds: a signed request may be dated up to year 36812)."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).astimezone()
+    try:
+        return datetime.fromtimestamp(timestamp, UTC).astimezone()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def format_local(timestamp: float | None) -> str:
     """``2025-06-03 14:00 CEST`` in this machine's time zone (empty for None)."""
+    if timestamp is None:
+        return ""
     when = local_time(timestamp)
-    return "" if when is None else when.strftime("%Y-%m-%d %H:%M %Z").strip()
+    return OUT_OF_RANGE if when is None else when.strftime("%Y-%m-%d %H:%M %Z").strip()
 
 
 def _epoch(value: datetime | float | int) -> float:

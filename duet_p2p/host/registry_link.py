@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from duet_p2p.errors import DuetError
 from duet_p2p.host.config import RegistryOptions
+from duet_p2p.host.inbox_view import format_local
 from duet_p2p.host.publish import PublishError, find_hosted, listing_fields
 from duet_p2p.host.sqlite_file import SqliteFile, init_schema
 from duet_p2p.registry.listing import (
@@ -488,7 +489,10 @@ class RegistryLink:
                 problems.append(f"{registry} ({printable(str(exc), 200)})")
                 continue
             self._sessions[registry] = sessions
-            self._announce(registry, sessions)
+            try:
+                self._announce(registry, sessions)
+            except Exception:  # noqa: BLE001 - what a registry sent never stops the loop
+                log.exception("registry %s: cannot announce its session requests", registry)
         self._inbox_read_at = time.time()
         return problems
 
@@ -502,8 +506,7 @@ class RegistryLink:
             self._seen.add(session.request_id)
             if session.state.status != "pending":
                 continue
-            first = min(session.request.request.proposed)
-            when = datetime.fromtimestamp(first).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+            when = format_local(min(session.request.request.proposed))
             log.info(
                 "session request %s from scientist %s for listing %s (first proposed %s); "
                 "answer with `duet-host inbox` or host.inbox", session.request_id,

@@ -34,23 +34,39 @@ MOCK_MAX_ELEMENTS = 4_000_000
 CARD_SCHEMA_ENTRIES = 20
 
 
+OUT_OF_RANGE = "(a date out of range)"
+"""How a time no datetime can hold shows (a signed document may be dated up to 2**40 s,
+year 36812; a registry's ``last_seen`` is any finite number)."""
+
+
 def local_time(timestamp: float | None) -> datetime | None:
-    """A unix time as an aware datetime in this machine's time zone."""
-    if timestamp is None:
+    """A unix time as an aware datetime in this machine's time zone (None for None, or for
+    a time a datetime cannot hold)."""
+    when = utc_time(timestamp)
+    if when is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).astimezone()
+    try:
+        return when.astimezone()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def utc_time(timestamp: float | None) -> datetime | None:
+    """A unix time as an aware UTC datetime (None for None, or out of range)."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC)
+    try:
+        return datetime.fromtimestamp(timestamp, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def format_local(timestamp: float | None) -> str:
     """``2025-06-03 14:00 CEST`` in this machine's time zone (empty for None)."""
+    if timestamp is None:
+        return ""
     when = local_time(timestamp)
-    return "" if when is None else when.strftime("%Y-%m-%d %H:%M %Z").strip()
+    return OUT_OF_RANGE if when is None else when.strftime("%Y-%m-%d %H:%M %Z").strip()
 
 
 def _text(value: object, limit: int = 200) -> str:
@@ -368,6 +384,7 @@ class Listing:
             f"  {_text(spec.summary, 300)}" if spec.summary else "",
             f"  host {spec.host_id}: {self._presence()}" + (f"; rated {rating}" if rating else ""),
             f"  access: {', '.join(spec.access_modes)}; id {spec.listing_id}",
+            f"  connects through {_text(spec.signaling_url, 500)} (the owner's signaling server)",
         ]
         schema = self._schema_lines()
         if schema:
@@ -391,7 +408,8 @@ class Listing:
             + (f"; rated {_esc(rating)}" if rating else "")
             + "</p>",
             f"<p>Access: {_esc(', '.join(spec.access_modes))}; ID "
-            f"<code>{_esc(spec.listing_id)}</code></p>",
+            f"<code>{_esc(spec.listing_id)}</code>; connects through "
+            f"<code>{_esc(spec.signaling_url, 500)}</code> (the owner's signaling server)</p>",
             f"<p>Schema:</p><ul>{schema}</ul>" if schema else "",
             "</div>",
         ]

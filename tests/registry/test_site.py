@@ -135,7 +135,7 @@ async def test_pages_render(registry: RunningRegistry, client: aiohttp.ClientSes
     assert "Aggregates over at least 10 stays" in listing  # the policy
     assert "Research only." in listing
     assert f'sy.registry.get("{listing_id}", registry_url="{registry.url}")' in listing
-    assert "sy.submit_job(" in listing and "listing.request_session(" in listing
+    assert "listing.submit_job(" in listing and "listing.request_session(" in listing
     assert f"/api/v1/listings/{listing_id}/croissant.json" in listing
     assert make().hash() not in listing  # another listing's hash
     assert "Mock rows" in listing and "value_" in listing

@@ -18,7 +18,8 @@ depends_on = None
 ID = sa.String(32)
 SQLITE_SEARCH = (
     "CREATE TABLE listings_search_ids ("
-    "id INTEGER PRIMARY KEY AUTOINCREMENT, listing_id TEXT NOT NULL UNIQUE)",
+    "id INTEGER PRIMARY KEY AUTOINCREMENT, listing_id TEXT NOT NULL UNIQUE, "
+    "host_id TEXT NOT NULL)",
     "CREATE VIRTUAL TABLE listings_fts USING fts5("
     "name, summary, description, keywords, facets, "
     "tokenize = 'unicode61 remove_diacritics 2')",
@@ -30,6 +31,7 @@ POSTGRES_SEARCH = (
     "CREATE TABLE listings_search ("
     "listing_id VARCHAR(32) PRIMARY KEY "
     "REFERENCES listings (listing_id) ON DELETE CASCADE, "
+    "host_id VARCHAR(32) NOT NULL, "
     "document TSVECTOR NOT NULL, "
     "facets TSVECTOR NOT NULL)",
     "CREATE INDEX ix_listings_search_document ON listings_search USING GIN (document)",
