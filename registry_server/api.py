@@ -37,6 +37,7 @@ from registry_server.http import ApiError, json_response, read_json
 from registry_server.keys import INBOX, PUBLIC_URL, SETTINGS, STORE
 from registry_server.store import (
     MAX_OFFSET,
+    MAX_TOTAL,
     ONLINE_WINDOW_SECONDS,
     Conflict,
     InvalidQuery,
@@ -254,6 +255,7 @@ async def search(request: web.Request) -> web.Response:
         raise _refusal(exc) from None
     return json_response({
         "total": total,
+        "total_at_least": total >= MAX_TOTAL,
         "limit": kwargs["limit"],
         "offset": kwargs["offset"],
         "results": await _listings_json(request.app, found),

@@ -150,7 +150,11 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["total", "limit", "offset", "results"],
         "properties": {
-            "total": {"type": "integer"},
+            "total": {"type": "integer", "description": "Matches, counted up to 1,000"},
+            "total_at_least": {
+                "type": "boolean",
+                "description": "True when total is a lower bound (1,000 or more match)",
+            },
             "limit": {"type": "integer"},
             "offset": {"type": "integer"},
             "results": {"type": "array", "items": _ref("Listing")},

@@ -41,7 +41,13 @@ from registry_server.site_view import (
     page_numbers,
     when,
 )
-from registry_server.store import MAX_OFFSET, MAX_QUERY_CHARS, ONLINE_WINDOW_SECONDS, InvalidQuery
+from registry_server.store import (
+    MAX_OFFSET,
+    MAX_QUERY_CHARS,
+    MAX_TOTAL,
+    ONLINE_WINDOW_SECONDS,
+    InvalidQuery,
+)
 
 __all__ = ["REPORTS", "add_site_routes", "error_page", "render"]
 
@@ -216,7 +222,10 @@ async def _search_page(request: web.Request, *, default_kind: str) -> web.Respon
         "online": "1" if online else "",
     }  # fmt: skip
     kept = {key: value for key, value in filters.items() if value}
+    at_least = total >= MAX_TOTAL  # the store counts to MAX_TOTAL: "1,000+"
     pages = min(max(1, math.ceil(total / size)), last_page)
+    if at_least:
+        pages = min(max(pages, page + (1 if len(found) == size else 0)), last_page)
 
     def page_url(number: int) -> str:
         query = {**kept, "page": str(number)} if number > 1 else kept
@@ -226,7 +235,8 @@ async def _search_page(request: web.Request, *, default_kind: str) -> web.Respon
         request, "home.html",
         title="Models" if default_kind == "model" else "Find datasets and models",
         filters=filters, kinds=KINDS, modalities=MODALITIES, results=found, ratings=rated,
-        total=total, page=page, pages=pages, numbers=page_numbers(page, pages),
+        total=total, at_least=at_least, page=page, pages=pages,
+        numbers=page_numbers(page, pages),
         page_url=page_url, searched=bool(kept), now_zone=DEFAULT_ZONE, when=when,
         form_action=request.path, public_url=_public_url(request),
     )  # fmt: skip

@@ -266,6 +266,7 @@ class RegistryClient:
         total = data.get("total")
         if type(total) is not int or total < 0:
             self._malformed("a search total")
+        at_least = data.get("total_at_least", False) is True
         items = data["results"]
         if len(items) > limit:
             self._malformed(f"{len(items)} results where at most {limit} were asked")
@@ -285,7 +286,8 @@ class RegistryClient:
             seen.add(listing.id)
             listings.append(listing)
         return SearchResults(
-            listings, total=max(total, offset + len(items)), dropped=dropped, query=query,
+            listings, total=max(total, offset + len(items)), at_least=at_least,
+            dropped=dropped, query=query,
             filters=filters, limit=limit, offset=offset, registry_url=self.url,
             timeout=self.timeout,
         )  # fmt: skip

@@ -430,14 +430,16 @@ def _tensor(array: Any, dtype: str) -> Any:
 
 class SearchResults(TableView):
     """A page of verified listings: ``[i]`` (or ``["<listing id>"]``) is a :class:`Listing`;
-    ``total`` matches in all; ``dropped`` how many the registry sent that failed
-    verification (never shown); ``next_page()``."""
+    ``total`` matches in all (``at_least``: the registry counted to ``total`` and more
+    match); ``dropped`` how many the registry sent that failed verification (never shown);
+    ``next_page()``."""
 
     def __init__(
         self,
         listings: Iterable[Listing],
         *,
         total: int,
+        at_least: bool = False,
         dropped: int = 0,
         query: str = "",
         filters: Mapping[str, Any] | None = None,
@@ -448,6 +450,7 @@ class SearchResults(TableView):
     ) -> None:
         self.listings = list(listings)
         self.total = total
+        self.at_least = at_least
         self.dropped = dropped
         self.query = query
         self.filters = dict(filters or {})
@@ -478,7 +481,8 @@ class SearchResults(TableView):
         ]  # fmt: skip
         shown = f"{self.offset + 1}-{self.offset + len(self.listings)}" if self.listings else "none"
         about = f" for {self.query!r}" if self.query else ""
-        title = f"{self.total} listing(s){about} (showing {shown})"
+        counted = f"{self.total}+" if self.at_least else str(self.total)
+        title = f"{counted} listing(s){about} (showing {shown})"
         if self.dropped:
             title += f"; {self.dropped} failed verification and are not shown"
         return Table(["#", "name", "kind", "modality", "license", "online", "rating", "id"],
@@ -492,7 +496,8 @@ class SearchResults(TableView):
     async def next_page_async(self) -> SearchResults:
         """:meth:`next_page` on the caller's loop."""
         offset = self.offset + self.limit
-        if offset >= self.total or not self.listings and not self.dropped:
+        ended = offset >= self.total and not (self.at_least and len(self) == self.limit)
+        if ended or not self.listings and not self.dropped:
             return SearchResults([], total=self.total, query=self.query, filters=self.filters,
                                  limit=self.limit, offset=offset, registry_url=self.registry_url,
                                  timeout=self.timeout)  # fmt: skip
