@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
@@ -37,6 +37,8 @@ from duet_p2p.registry.listing import (
     SignedHeartbeat,
     SignedListing,
 )
+from duet_p2p.registry.plumbing import DEFAULT_TIMEOUT, RegistryError, register_client, run_sync
+from duet_p2p.registry.plumbing import resolve_identity as _identity
 from duet_p2p.registry.results import Listing, SearchResults, Session, SessionsList
 from duet_p2p.text import printable
 
@@ -54,7 +56,6 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_REGISTRY_ENV = "DUET_REGISTRY_URL"
-DEFAULT_TIMEOUT = 15.0
 MAX_TIMEOUT = 600.0
 MAX_RESPONSE_BYTES = 4 << 20
 """Largest answer read from a registry (a page of 100 listings fits with room to spare)."""
@@ -70,19 +71,6 @@ MAX_WIRE_CHARS = (1 << 20) + 4096
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _CHUNK = 1 << 16
 _JSON_TYPE = "application/json"
-
-
-class RegistryError(DuetError):
-    """A registry refused a request, could not be reached in time, or sent an answer that
-    is malformed, oversize or does not verify. ``code`` is the registry's error code (or
-    ``"unreachable"``, ``"timeout"``, ``"malformed"``, ``"too_large"``, ``"forged"``) and
-    ``status`` the HTTP status, if any."""
-
-    def __init__(self, message: str, *, code: str = "error", status: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
 
 
 # -- settings ----------------------------------------------------------------------------
@@ -128,16 +116,6 @@ def _timeout(value: object) -> float:
     if type(value) not in (int, float) or not 0 < value <= MAX_TIMEOUT:  # type: ignore[operator]
         raise ValueError(f"timeout is seconds, more than 0 and at most {MAX_TIMEOUT:g}")
     return float(value)  # type: ignore[arg-type]
-
-
-def _identity(identity: Identity | str | None) -> Identity:
-    """An Identity, or the persistent one of that name (default ``"default"``: the one
-    ``sy.join_duet`` and ``sy.submit_job`` sign with)."""
-    from duet_p2p.identity import Identity
-
-    if isinstance(identity, Identity):
-        return identity
-    return Identity.load(identity or "default")
 
 
 def _listing_id(value: object) -> str:
@@ -735,14 +713,6 @@ def _reply_body(signed: Any) -> Any:
 # -- the synchronous API -----------------------------------------------------------------
 
 
-def run_sync(coro: Coroutine[Any, Any, T], timeout: float = DEFAULT_TIMEOUT) -> T:
-    """Run ``coro`` on duet_p2p's background loop and wait (notebook-safe); ``timeout``
-    is the per-request timeout, the wait allows a few requests."""
-    from duet_p2p.runtime import get_runtime
-
-    return get_runtime().run(coro, 3 * timeout + 5.0)
-
-
 async def using(url: str | None, timeout: float, action: Callable[[RegistryClient],
                 Awaitable[T]]) -> T:  # fmt: skip
     """``action(client)`` with a client of its own, closed afterwards."""
@@ -815,3 +785,6 @@ def sessions(
         sessions_async(identity=identity, registry_url=registry_url, timeout=timeout),
         _timeout(timeout),
     )
+
+
+register_client(lambda url, timeout: RegistryClient(url, timeout=timeout))

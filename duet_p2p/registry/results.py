@@ -17,18 +17,23 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from duet_p2p.registry.listing import ListingSpec, SignedListing
+from duet_p2p.registry.plumbing import (
+    DEFAULT_TIMEOUT,
+    RegistryError,
+    open_client,
+    resolve_identity,
+    run_sync,
+)
 from duet_p2p.table import Table, TableView
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
     from duet_p2p.duet import Duet
     from duet_p2p.identity import Identity
-    from duet_p2p.registry.client import RegistryClient
     from duet_p2p.registry.session import SessionState, SignedSessionReply, SignedSessionRequest
 
 __all__ = ["Listing", "ReviewsList", "SearchResults", "Session", "SessionsList"]
 
-DEFAULT_TIMEOUT = 15.0
 MOCK_MAX_ELEMENTS = 4_000_000
 """Default cap on the values of a tensor mock (``mock(max_elements=...)`` to change)."""
 CARD_SCHEMA_ENTRIES = 20
@@ -78,21 +83,15 @@ def _esc(value: object, limit: int = 2000) -> str:
 
 
 def _run(coro: Any, timeout: float) -> Any:
-    from duet_p2p.registry.client import run_sync
-
     return run_sync(coro, timeout)
 
 
-def _client(url: str | None, timeout: float) -> RegistryClient:
-    from duet_p2p.registry.client import RegistryClient
-
-    return RegistryClient(url, timeout=timeout)
+def _client(url: str | None, timeout: float) -> Any:
+    return open_client(url, timeout)
 
 
 def _identity(identity: Identity | str | None) -> Identity:
-    from duet_p2p.registry.client import _identity as resolve
-
-    return resolve(identity)
+    return resolve_identity(identity)
 
 
 def _rating_text(count: int, average: float | None) -> str:
@@ -704,8 +703,6 @@ class Session:
             if session.request_id == self.request_id:
                 self._set(session.request, session.replies)
                 return self
-        from duet_p2p.registry.client import RegistryError
-
         raise RegistryError(f"the registry no longer lists session {self.request_id}",
                             code="not_found")  # fmt: skip
 
