@@ -466,7 +466,7 @@ def run_benchmark() -> dict[str, Any]:
         with helper.postgres_server(durable=True) as server:
             result["postgresql"] = asyncio.run(measure(server.create_database("registry")))
     print("   listing page ...", flush=True)
-    result["page"] = run_page_weight()
+    result["listing_page"] = run_page_weight()
     result["load_average"]["end"] = os.getloadavg()
     return result
 
@@ -504,8 +504,8 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
             f"{p['per_s']:,.0f} listings/s",
             f"newest-first page, no words: {new['p50_ms']:.1f} ms p50", "—", "—", "—",
         ])  # fmt: skip
-    if "total_bytes" in r.get("page", {}):
-        out.append(page_row(r["page"]))
+    if "total_bytes" in r.get("listing_page", {}):
+        out.append(page_row(r["listing_page"]))
     return out
 
 
