@@ -30,6 +30,8 @@ MAX_AUDIT_BYTES = 64 << 20
 class HostAdmin(RegistryAdmin):
     """``HostControl`` for one running Host (the registry commands from ``RegistryAdmin``)."""
 
+    _host: Host
+
     def __init__(self, host: Host) -> None:
         self._host = host
 

@@ -9,22 +9,40 @@ the registry holds it afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from duet_p2p.errors import DuetError
 from duet_p2p.table import Table, TableView
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
-    from duet_p2p.host.registry_link import RegistryLink
     from duet_p2p.registry.results import Session
 
-__all__ = ["InboxEntry", "InboxView", "format_local", "local_time"]
+__all__ = ["InboxEntry", "InboxLink", "InboxView", "format_local", "local_time"]
 
 MAX_MESSAGE_CHARS = 2000
 OUT_OF_RANGE = "(a date out of range)"
+
+T = TypeVar("T")
+
+
+class InboxLink(Protocol):
+    """What an entry needs of the link that read it (a ``RegistryLink``; this module sits
+    below it)."""
+
+    async def reply_async(
+        self,
+        entry: InboxEntry,
+        action: str,
+        *,
+        start: datetime | float | None = ...,
+        proposed: Sequence[datetime | float] = ...,
+        message: str = ...,
+    ) -> InboxEntry: ...
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = ...) -> T: ...
 
 
 def local_time(timestamp: float | None) -> datetime | None:
@@ -60,7 +78,7 @@ class InboxEntry:
     status; ``accept``, ``decline`` and ``propose`` answer it."""
 
     def __init__(
-        self, link: RegistryLink, registry: str, session: Session, listing_name: str,
+        self, link: InboxLink, registry: str, session: Session, listing_name: str,
         message: str,
     ) -> None:  # fmt: skip
         self._link = link

@@ -9,7 +9,8 @@ import re
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from duet_p2p.errors import ConfigurationError
 from duet_p2p.host.job_mail import JobMail
@@ -25,9 +26,14 @@ from duet_p2p.rpc.messages import JobChanged
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
-    from duet_p2p.host.host import Host
+    from duet_p2p.connect import ConnectOptions
+    from duet_p2p.host.admissions import AdmissionPolicy
+    from duet_p2p.identity import Identity
+    from duet_p2p.owner.owner import Owner
+    from duet_p2p.owner.session import OwnerCore
+    from duet_p2p.permissions import AuditLog
 
-__all__ = ["HostJobs", "JobSettings"]
+__all__ = ["HostJobs", "JobSettings", "JobsHost"]
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +94,29 @@ class JobSettings:
             raise ConfigurationError("poll_seconds must be a number from 0 to 300")
 
 
+class JobsHost(Protocol):
+    """What the jobs (and their mailbox) need of their host (a ``Host``; this module sits
+    below it)."""
+
+    id: str
+    identity: Identity
+    host_dir: Path
+    options: ConnectOptions
+    owner: Owner
+    admission: AdmissionPolicy
+    audit: AuditLog
+    loop: asyncio.AbstractEventLoop | None
+    _sessions: dict[str, OwnerCore]
+
+    def connected(self) -> list[str]: ...
+
+
 class HostJobs:
     """A host's offline jobs: taken live or from the mailbox, reviewed, run, settled and
     sent back. ``service`` holds the lifecycle; the methods here are the owner's verbs
     (synchronous, thread-safe) and the scientist's (``*_for``, on the host's loop)."""
 
-    def __init__(self, host: Host, settings: JobSettings) -> None:
+    def __init__(self, host: JobsHost, settings: JobSettings) -> None:
         owner = host.owner
         self.host = host
         self.settings = settings

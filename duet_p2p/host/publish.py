@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -30,11 +30,13 @@ from duet_p2p.registry.listing import (
 from duet_p2p.store import StoredObject
 
 if TYPE_CHECKING:
-    from duet_p2p.host.host import Host
+    from duet_p2p.connect import ConnectOptions
+    from duet_p2p.host.admissions import AdmissionPolicy
+    from duet_p2p.owner.owner import Owner
 
 __all__ = [
-    "Description", "PublishError", "describe", "find_hosted", "frame_schema", "listing_fields",
-    "metric_entries", "policy_summary", "tensor_dtype",
+    "Description", "PublishError", "PublishingHost", "describe", "find_hosted", "frame_schema",
+    "listing_fields", "metric_entries", "policy_summary", "tensor_dtype",
 ]  # fmt: skip
 
 MAX_ARCHITECTURE_SECTIONS = 20_000
@@ -48,10 +50,20 @@ class PublishError(DuetError, ValueError):
     """The object cannot be listed as asked (not hosted, ambiguous, not describable)."""
 
 
+class PublishingHost(Protocol):
+    """What a listing's fields are made from (a ``Host``; this module sits below it). Its
+    ``_jobs``, when present, adds the job policy."""
+
+    id: str
+    options: ConnectOptions
+    owner: Owner
+    admission: AdmissionPolicy
+
+
 # -- which hosted object -------------------------------------------------------------------
 
 
-def find_hosted(host: Host, obj_or_tag: Any) -> StoredObject:
+def find_hosted(host: PublishingHost, obj_or_tag: Any) -> StoredObject:
     """The record of the hosted object ``obj_or_tag`` names: a tag (its name or another of
     its tags), what ``host.send`` returned, the tensor or module itself, or the DataFrame
     that was sent (matched by its columns and rows). PublishError if none, or several."""
@@ -226,7 +238,7 @@ def _one_line(text: str, limit: int) -> str:
 # -- the policy summary ------------------------------------------------------------------------
 
 
-def policy_summary(host: Host, record: StoredObject) -> str:
+def policy_summary(host: PublishingHost, record: StoredObject) -> str:
     """What the host decides without its owner, for this object: admission, the handlers
     that apply to it, the minimum aggregation, its privacy budgets, and how offline jobs
     are reviewed. Plain text, a few short lines, at most MAX_POLICY_CHARS characters."""
@@ -270,7 +282,7 @@ def _handler_text(handler: Any) -> str:
     return text
 
 
-def _budget_texts(host: Host, tags: frozenset[str]) -> list[str]:
+def _budget_texts(host: PublishingHost, tags: frozenset[str]) -> list[str]:
     from duet_p2p.permissions.ledger import DEFAULT_SCOPE, TOTAL_SCOPE
 
     ledger = getattr(host.owner, "_ledger", None)
@@ -323,7 +335,7 @@ def _jobs_text(policy: Any, tags: frozenset[str]) -> str:
 
 
 def listing_fields(
-    host: Host,
+    host: PublishingHost,
     record: StoredObject,
     value: Any = None,
     *,

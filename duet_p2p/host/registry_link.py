@@ -27,12 +27,12 @@ from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from duet_p2p.errors import DuetError
 from duet_p2p.host.config import RegistryOptions
-from duet_p2p.host.inbox_view import format_local
-from duet_p2p.host.publish import PublishError, find_hosted, listing_fields
+from duet_p2p.host.inbox_view import InboxEntry, InboxView, format_local
+from duet_p2p.host.publish import PublishError, PublishingHost, find_hosted, listing_fields
 from duet_p2p.host.sqlite_file import SqliteFile, init_schema
 from duet_p2p.registry.listing import (
     MAX_HEARTBEAT_LISTINGS,
@@ -45,11 +45,14 @@ from duet_p2p.registry.listing import (
 from duet_p2p.text import printable
 
 if TYPE_CHECKING:
-    from duet_p2p.host.host import Host
-    from duet_p2p.host.inbox_view import InboxEntry, InboxView
+    from duet_p2p.identity import Identity
+    from duet_p2p.permissions import AuditLog
     from duet_p2p.registry.results import Listing, Session
 
-__all__ = ["LISTINGS_FILE", "ListingStore", "PublishedListing", "RegistryAdmin", "RegistryLink"]
+__all__ = [
+    "LISTINGS_FILE", "LinkedHost", "ListingStore", "PublishedListing", "RegistryAdmin",
+    "RegistryHost", "RegistryLink",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,11 +183,20 @@ def _init_schema(db: sqlite3.Connection, path: Path) -> None:
 # -- the link ------------------------------------------------------------------------------
 
 
+class LinkedHost(PublishingHost, Protocol):
+    """What the link needs of its host (a ``Host``; this module sits below it)."""
+
+    identity: Identity
+    host_dir: Path
+    audit: AuditLog
+    loop: asyncio.AbstractEventLoop | None
+
+
 class RegistryLink:
     """A host's listings on registries, its heartbeats and its inbox (see the module
     docstring). Async methods run on the host's loop; ``call`` runs one from other threads."""
 
-    def __init__(self, host: Host, options: RegistryOptions | None = None) -> None:
+    def __init__(self, host: LinkedHost, options: RegistryOptions | None = None) -> None:
         self.host = host
         self.options = options or RegistryOptions()
         self._store: ListingStore | None = None
@@ -324,8 +336,6 @@ class RegistryLink:
     async def inbox_async(self, *, refresh: bool = True) -> InboxView:
         """The session requests to this host's listings, newest first. ``refresh``: read
         every registry now (one that cannot be reached shows as last read)."""
-        from duet_p2p.host.inbox_view import InboxView
-
         problems: list[str] = []
         if refresh:
             problems = await self._poll()
@@ -342,8 +352,6 @@ class RegistryLink:
         return InboxView(entries, note=note)
 
     def _entry(self, registry: str, session: Session, names: Mapping[str, str]) -> InboxEntry:
-        from duet_p2p.host.inbox_view import InboxEntry
-
         try:
             message = session.request.open_message(self.host.identity)
         except (InvalidListing, ValueError):
@@ -624,11 +632,17 @@ def _owner_words(given: Mapping[str, Any]) -> dict[str, Any]:
 # -- the control socket's registry commands ------------------------------------------------
 
 
+class RegistryHost(Protocol):
+    """What the registry commands need of their host (a ``Host``)."""
+
+    registry: RegistryLink
+
+
 class RegistryAdmin:
     """The registry half of ``HostControl`` (mixed into ``duet_p2p.host.admin.HostAdmin``):
     each method runs on a control worker thread and waits for the host's loop."""
 
-    _host: Host
+    _host: RegistryHost
 
     @property
     def _link(self) -> RegistryLink:
