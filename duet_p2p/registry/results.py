@@ -94,6 +94,22 @@ def _identity(identity: Identity | str | None) -> Identity:
     return resolve_identity(identity)
 
 
+def _evidence(metric: Mapping[str, Any], host_id: str) -> str:
+    """What backs a metric: its receipt verified against the listing's host, or not."""
+    if "receipt" not in metric:
+        return "self-reported"
+    from duet_p2p.offline.receipt import InvalidReceipt, Receipt
+
+    try:
+        receipt = Receipt.from_wire(metric["receipt"])
+        receipt.verify(host_id)
+    except InvalidReceipt as exc:
+        return _text(f"receipt does not verify: {exc}", 200)
+    outputs = ", ".join(sorted(receipt.outputs))
+    return _text(f"job {receipt.job_id} on this host released {outputs} at "
+                 f"{format_local(receipt.released_at)} (receipt verified)", 300)  # fmt: skip
+
+
 def _rating_text(count: int, average: float | None) -> str:
     return "" if average is None else f"{average:.1f} ({count})"
 
@@ -194,6 +210,24 @@ class Listing:
     @property
     def access_modes(self) -> list[str]:
         return list(self.spec.access_modes)
+
+    @property
+    def architecture(self) -> dict[str, Any] | None:
+        """A model's architecture as its host described it (a module spec without weights)."""
+        return None if self.spec.architecture is None else dict(self.spec.architecture)
+
+    @property
+    def metrics(self) -> Table:
+        """A model's metrics and what backs each: "self-reported", or the host's job receipt
+        checked here (signed by this listing's host: which job, when, which outputs)."""
+        rows = [
+            [_text(m.get("name"), 100), m.get("value"), _text(m.get("dataset", ""), 40),
+             _evidence(m, self.host_id)]
+            for m in self.spec.metrics
+        ]  # fmt: skip
+        return Table(["metric", "value", "dataset", "evidence"], rows, index=False,
+                     title=f"Metrics of {_text(self.name, 100)}",
+                     empty_text="No metrics listed.")  # fmt: skip
 
     @property
     def rating(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from duet_p2p.identity import Identity
 from duet_p2p.permissions.ledger import open_ledger
 from duet_p2p.registry.client import RegistryClient, RegistryError
 from duet_p2p.registry.listing import ListingSpec
+from duet_p2p.registry.results import _evidence
 from duet_p2p.runtime import get_runtime
 from registry_server.app import RunningRegistry, start_registry
 from registry_server.keys import RegistrySettings
@@ -216,8 +217,15 @@ def test_a_model_lists_metrics_backed_by_this_hosts_job_receipt(tmp_path: Path) 
             metrics=[{"name": "mse", "value": 0.25, "dataset": data.id, "receipt": receipt},
                      {"name": "r2", "value": 0.9}],
         )  # fmt: skip
-        spec = registry_get(registry.url, listing.id).spec
+        found = registry_get(registry.url, listing.id)
+        spec = found.spec
         assert spec.kind == "model" and spec.architecture["type"] == "Linear"
+        evidence = [row[-1] for row in found.metrics.rows]  # checked on the scientist's side
+        assert evidence[0].startswith(f"job {receipt.job_id} on this host released")
+        assert evidence[0].endswith("(receipt verified)") and evidence[1] == "self-reported"
+        # a listing whose receipt is another host's says so (a hostile host may sign one)
+        other = _evidence({"receipt": receipt.to_wire()}, Identity.generate().id)
+        assert other.startswith("receipt does not verify: the receipt is from host")
         backed, claimed = spec.metrics
         assert Receipt.from_wire(backed["receipt"]) == receipt and backed["dataset"] == data.id
         assert claimed == {"name": "r2", "value": 0.9}
