@@ -5,9 +5,13 @@ A registry is an untrusted directory. Every answer is read with a size cap
 timeout, and parsed as strict JSON (no duplicate keys, no NaN). Every listing's ``"signed"``
 wire is verified here (:meth:`SignedListing.from_wire`) and held to what the registry says
 of it (id, host, kind, version, and the search's filters): one that fails is dropped and
-counted (``SearchResults.dropped``), never shown. Only presence (``online``, ``last_seen``)
-and ratings are the registry's word. Session requests, replies and reviews are verified the
-same way. Refusals and malformed answers raise :class:`RegistryError`.
+counted (``SearchResults.dropped``), never shown. Every verified listing is then held to
+this machine's pins (:mod:`duet_p2p.registry.pins`): a version older than one seen before
+(a rollback), or the version seen before with other content (equivocation), is dropped
+and counted (``SearchResults.rolled_back``) or refused by :meth:`RegistryClient.get`.
+Only presence (``online``, ``last_seen``) and ratings are the registry's word. Session
+requests, replies and reviews are verified the same way. Refusals and malformed answers
+raise :class:`RegistryError`.
 
 :class:`RegistryClient` is async (one ``aiohttp`` session, opened on first use, closed by
 :meth:`RegistryClient.close` or ``async with``). The module functions :func:`search`,
@@ -18,6 +22,7 @@ background loop, each with a client of its own that is closed before they return
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -37,6 +42,7 @@ from duet_p2p.registry.listing import (
     SignedHeartbeat,
     SignedListing,
 )
+from duet_p2p.registry.pins import Pins, Refusal, default_pins
 from duet_p2p.registry.plumbing import DEFAULT_TIMEOUT, RegistryError, register_client, run_sync
 from duet_p2p.registry.plumbing import resolve_identity as _identity
 from duet_p2p.registry.results import Listing, SearchResults, Session, SessionsList
@@ -164,7 +170,13 @@ def parse_json(raw: bytes) -> Any:
 
 
 class RegistryClient:
-    """Async client of one registry; ``async with RegistryClient(url) as registry: ...``."""
+    """Async client of one registry; ``async with RegistryClient(url) as registry: ...``.
+
+    ``pins``: None (default) holds listings to this machine's pins
+    (``<data dir>/registry/pins.sqlite``, opened on first use), a :class:`Pins` to others,
+    False to none. Turn them off only where nothing is remembered on purpose: a throwaway
+    machine, a test of a registry's raw answers, or a mirror that must show whatever each
+    registry serves, knowing an older signed version may then pass."""
 
     def __init__(
         self,
@@ -172,12 +184,16 @@ class RegistryClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        pins: Pins | bool | None = None,
     ) -> None:
         self.url = resolve_url(registry_url)
         self.timeout = _timeout(timeout)
         if type(max_response_bytes) is not int or not 0 < max_response_bytes <= 1 << 30:
             raise ValueError("max_response_bytes is a positive int")
+        if not (pins is None or type(pins) is bool or isinstance(pins, Pins)):
+            raise TypeError("pins is None (this machine's), a Pins, or False (none)")
         self._max_bytes = max_response_bytes
+        self._pins: Pins | None | bool = None if pins is True else pins
         self._session: aiohttp.ClientSession | None = None
         self._public_url: str | None = None
 
@@ -248,35 +264,39 @@ class RegistryClient:
         items = data["results"]
         if len(items) > limit:
             self._malformed(f"{len(items)} results where at most {limit} were asked")
-        listings: list[Listing] = []
-        seen: set[str] = set()
-        dropped = 0
+        verified: list[Listing] = []
         for item in items:
             try:
                 listing = self._listing(item)
                 _check_filters(listing, filters)
             except (InvalidListing, RegistryError, ValueError, TypeError, KeyError):
-                dropped += 1
                 continue
-            if listing.id in seen:
-                dropped += 1
-                continue
-            seen.add(listing.id)
-            listings.append(listing)
+            verified.append(listing)
+        refusals = await self._check_pins(verified)
+        listings: list[Listing] = []
+        seen: set[str] = set()
+        for listing, refusal in zip(verified, refusals, strict=True):
+            if refusal is None and listing.id not in seen:
+                seen.add(listing.id)
+                listings.append(listing)
+        rolled_back = sum(refusal is not None for refusal in refusals)
         return SearchResults(
             listings, total=max(total, offset + len(items)), at_least=at_least,
-            dropped=dropped, query=query,
+            dropped=len(items) - len(listings), rolled_back=rolled_back, query=query,
             filters=filters, limit=limit, offset=offset, registry_url=self.url,
             timeout=self.timeout,
         )  # fmt: skip
 
     async def get(self, listing_id: str) -> Listing:
-        """One listing by its ID, verified (RegistryError if it does not verify)."""
+        """One listing by its ID, verified (RegistryError if it does not verify; code
+        ``"rolled_back"`` or ``"equivocation"`` if older than, or other than, the version
+        this machine has seen)."""
         listing_id = _listing_id(listing_id)
         data = await self._json("GET", f"/api/v1/listings/{listing_id}")
         listing = self._verified(data, "the listing")
         if listing.id != listing_id:
             self._forged(f"listing {listing.id} when {listing_id} was asked")
+        await self._pinned(listing)
         return listing
 
     async def host(self, host_id: str) -> dict[str, Any]:
@@ -289,14 +309,16 @@ class RegistryClient:
         if len(data["listings"]) > 1000:
             self._malformed("more than 1000 listings for one host")
         online, last_seen = _presence(data)
-        listings = []
+        verified = []
         for item in data["listings"]:
             try:
                 listing = self._listing(item)
             except (InvalidListing, RegistryError, ValueError, TypeError, KeyError):
                 continue
             if listing.host_id == host_id:
-                listings.append(listing)
+                verified.append(listing)
+        refusals = await self._check_pins(verified)
+        listings = [x for x, refusal in zip(verified, refusals, strict=True) if refusal is None]
         return {"host_id": host_id, "online": online, "last_seen": last_seen,
                 "listings": listings}  # fmt: skip
 
@@ -330,6 +352,7 @@ class RegistryClient:
         listing = self._verified(data.get("listing"), "the published listing")
         if listing.spec != signed.spec:
             self._forged("a listing other than the one published")
+        await self._pinned(listing)
         return listing
 
     async def delete(self, signed: SignedDeletion) -> None:
@@ -341,6 +364,9 @@ class RegistryClient:
         )
         if type(data) is not dict or data.get("deleted") != signed.listing_id:
             self._malformed("the deletion's answer")
+        pins = self._pin_store()
+        if pins is not None:
+            await asyncio.to_thread(pins.record_deletion, signed)
 
     async def heartbeat(self, signed: SignedHeartbeat) -> float:
         """Send a host's signed heartbeat; the registry's ``last_seen`` for it."""
@@ -460,6 +486,26 @@ class RegistryClient:
             if getattr(session, party) == identity.id:
                 out.append(session)
         return out
+
+    # -- pins --------------------------------------------------------------------------
+
+    def _pin_store(self) -> Pins | None:
+        if self._pins is None:
+            self._pins = default_pins()
+        return self._pins if isinstance(self._pins, Pins) else None
+
+    async def _check_pins(self, listings: list[Listing]) -> list[Refusal | None]:
+        """Each verified listing held to its pin (None: accepted, the pin raised)."""
+        pins = self._pin_store()
+        if pins is None or not listings:
+            return [None] * len(listings)
+        return await asyncio.to_thread(pins.check, [x.signed for x in listings])
+
+    async def _pinned(self, listing: Listing) -> None:
+        """RegistryError (``rolled_back``/``equivocation``) unless the pin accepts it."""
+        (refusal,) = await self._check_pins([listing])
+        if refusal is not None:
+            raise RegistryError(refusal.message(self.url), code=refusal.code)
 
     # -- parsing -----------------------------------------------------------------------
 

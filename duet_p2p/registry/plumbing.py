@@ -28,7 +28,8 @@ _client_factory: Callable[[str | None, float], Any] | None = None
 class RegistryError(DuetError):
     """A registry refused a request, could not be reached in time, or sent an answer that
     is malformed, oversize or does not verify. ``code`` is the registry's error code (or
-    ``"unreachable"``, ``"timeout"``, ``"malformed"``, ``"too_large"``, ``"forged"``) and
+    ``"unreachable"``, ``"timeout"``, ``"malformed"``, ``"too_large"``, ``"forged"``,
+    ``"rolled_back"``, ``"equivocation"``) and
     ``status`` the HTTP status, if any."""
 
     def __init__(self, message: str, *, code: str = "error", status: int | None = None) -> None:

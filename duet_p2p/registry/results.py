@@ -464,8 +464,9 @@ def _tensor(array: Any, dtype: str) -> Any:
 class SearchResults(TableView):
     """A page of verified listings: ``[i]`` (or ``["<listing id>"]``) is a :class:`Listing`;
     ``total`` matches in all (``at_least``: the registry counted to ``total`` and more
-    match); ``dropped`` how many the registry sent that failed verification (never shown);
-    ``next_page()``."""
+    match); ``dropped`` how many the registry sent that failed verification (never shown),
+    of them ``rolled_back`` older than (or, same version, other than) a version this machine
+    has seen (:mod:`duet_p2p.registry.pins`); ``next_page()``."""
 
     def __init__(
         self,
@@ -474,6 +475,7 @@ class SearchResults(TableView):
         total: int,
         at_least: bool = False,
         dropped: int = 0,
+        rolled_back: int = 0,
         query: str = "",
         filters: Mapping[str, Any] | None = None,
         limit: int = 20,
@@ -485,6 +487,7 @@ class SearchResults(TableView):
         self.total = total
         self.at_least = at_least
         self.dropped = dropped
+        self.rolled_back = rolled_back
         self.query = query
         self.filters = dict(filters or {})
         self.limit = limit
@@ -518,6 +521,8 @@ class SearchResults(TableView):
         title = f"{counted} listing(s){about} (showing {shown})"
         if self.dropped:
             title += f"; {self.dropped} failed verification and are not shown"
+            if self.rolled_back:
+                title += f" ({self.rolled_back} older than a version seen before)"
         return Table(["#", "name", "kind", "modality", "license", "online", "rating", "id"],
                      rows, title=_text(title, 300), index=False,
                      empty_text="No listings found.")  # fmt: skip

@@ -86,8 +86,9 @@ def assert_clear_timeout(run: PeerRun, *hints: str) -> None:
     for hint in hints:
         assert hint in report["error"], report["error"]
     # From the Client ID's confirmation (owner) or the join call (scientist) it waited
-    # for the open timeout: not an instant failure, and not ICE's own ~40 s give-up.
-    assert FAIL_TIMEOUT - 0.5 < report["wait_seconds"] < FAIL_TIMEOUT + 5, report
+    # for the open timeout: not an instant failure, and not ICE's own ~40 s give-up (the
+    # slack above the timeout is for a loaded CI machine; one run took 15.0 s).
+    assert FAIL_TIMEOUT - 0.5 < report["wait_seconds"] < FAIL_TIMEOUT + 15, report
 
 
 def test_symmetric_nat_without_turn_fails_with_the_no_turn_hint(tmp_path: Path) -> None:
