@@ -29,8 +29,7 @@ class RegistryError(DuetError):
     """A registry refused a request, could not be reached in time, or sent an answer that
     is malformed, oversize or does not verify. ``code`` is the registry's error code (or
     ``"unreachable"``, ``"timeout"``, ``"malformed"``, ``"too_large"``, ``"forged"``,
-    ``"rolled_back"``, ``"equivocation"``) and
-    ``status`` the HTTP status, if any."""
+    ``"rolled_back"``, ``"equivocation"``) and ``status`` the HTTP status, if any."""
 
     def __init__(self, message: str, *, code: str = "error", status: int | None = None) -> None:
         super().__init__(message)
