@@ -1,16 +1,24 @@
-"""Command line: ``python -m registry_server`` (or ``duet-registry``): serve the registry, or
-``duet-registry migrate`` to bring a database's schema up to date and exit."""
+"""Command line: ``python -m registry_server`` (or ``duet-registry``): serve the registry,
+``duet-registry migrate`` to bring a database's schema up to date and exit, or
+``duet-registry reports`` to read and dismiss visitors' reports about listings."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
+from duet_p2p.text import printable
 from registry_server.keys import DEFAULT_DATABASE, RegistrySettings
+
+if TYPE_CHECKING:
+    from registry_server.reports import StoredReport
 
 __all__ = ["main"]
 
@@ -35,6 +43,11 @@ examples:
   # create or upgrade the database schema only, then exit
   duet-registry migrate --database postgresql://registry@127.0.0.1:5432/registry
 
+  # visitors' reports about listings, newest first; dismiss one, or all from one client
+  duet-registry reports --database sqlite:///registry.db [--listing ID] [--limit N] [--json]
+  duet-registry reports --database sqlite:///registry.db --dismiss REPORT_ID
+  duet-registry reports --database sqlite:///registry.db --dismiss-client CLIENT_KEY
+
 The schema is created or migrated at every start. Owners publish with
 `duet-host publish TAG --registry URL`; scientists search with
 `duet_p2p.registry.search("words", registry_url=URL)`; DUET_REGISTRY_URL sets the default.
@@ -47,7 +60,9 @@ def _add_database(p: argparse.ArgumentParser, default: object = DEFAULT_DATABASE
         metavar="URL",
         default=default,
         help="where listings live: sqlite:///relative/path.db, sqlite:////absolute/path.db, "
-        "or postgresql://user@host:port/dbname (default %(default)s)",
+        "or postgresql://user@host:port/dbname (default "
+        + (DEFAULT_DATABASE if default is argparse.SUPPRESS else "%(default)s")
+        + ")",
     )
 
 
@@ -59,9 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", metavar="migrate", title="command (default: serve)")
+    sub = p.add_subparsers(
+        dest="command", metavar="{migrate,reports}", title="command (default: serve)"
+    )
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema and exit")
     _add_database(migrate, argparse.SUPPRESS)
+    _reports_parser(sub)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument(
         "--port", type=int, default=8780, help="port to bind; 0 picks a free one (default 8780)"
@@ -118,6 +136,100 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _reports_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    reports = sub.add_parser(
+        "reports",
+        help="list visitors' reports about listings (newest first), or dismiss them",
+        description="List the reports visitors made with the website's form, newest first, "
+        "or dismiss (delete) them. Report text is the reporter's: control and invisible "
+        "characters are removed before it is printed (--json escapes them instead). A "
+        "client key is a keyed hash of the reporter's address (never the address itself): "
+        "many reports with one key are one source.",
+    )
+    _add_database(reports, argparse.SUPPRESS)
+    reports.add_argument("--listing", metavar="ID", help="only the reports about this listing")
+    reports.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        metavar="N",
+        help=f"show at most N reports, 1..{MAX_REPORTS_SHOWN} (default %(default)s)",
+    )
+    reports.add_argument(
+        "--json", action="store_true", help="print JSON (one array, non-ASCII escaped)"
+    )
+    action = reports.add_mutually_exclusive_group()
+    action.add_argument("--dismiss", metavar="REPORT_ID", help="delete this report and exit")
+    action.add_argument(
+        "--dismiss-client",
+        metavar="CLIENT_KEY",
+        help="delete every report from this client (its key, or the first 16+ characters "
+        "shown) and exit",
+    )
+
+
+MAX_REPORTS_SHOWN = 1000
+CLIENT_SHOWN = 16
+"""Characters of a client key shown in the text listing (enough for --dismiss-client)."""
+
+
+def _report_lines(report: StoredReport) -> list[str]:
+    """One report for a terminal: a header line and its text, every character printable."""
+    at = datetime.fromtimestamp(report.created_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    head = (
+        f"{printable(report.report_id, 32)}  {at}  listing {printable(report.listing_id, 32)}"
+        f"  {printable(report.reason, 16)}  client {printable(report.client_key[:CLIENT_SHOWN], CLIENT_SHOWN)}"
+    )
+    body = printable(report.text, 1000) if report.text else "(no text)"
+    return [head, "    " + body]
+
+
+async def reports_command(args: argparse.Namespace) -> int:
+    """``duet-registry reports``: list, or dismiss; the exit status."""
+    from registry_server import migrate
+    from registry_server.db import make_engine
+    from registry_server.reports import InvalidReport, ReportStore
+
+    engine = make_engine(args.database)
+    try:
+        if await migrate.current(engine) != migrate.head():
+            print(
+                "duet-registry: the database schema is not current; run "
+                "`duet-registry migrate` first",
+                file=sys.stderr,
+            )
+            return 1
+        store = ReportStore(engine)
+        try:
+            if args.dismiss is not None:
+                if not await store.dismiss(args.dismiss):
+                    print(
+                        f"duet-registry: no report {printable(args.dismiss, 64)}", file=sys.stderr
+                    )
+                    return 1
+                print(f"dismissed report {args.dismiss}")
+                return 0
+            if args.dismiss_client is not None:
+                count = await store.dismiss_client(args.dismiss_client)
+                print(f"dismissed {count} report{'s' if count != 1 else ''}")
+                return 0
+            found = await store.newest(listing_id=args.listing, limit=args.limit)
+        except InvalidReport as exc:
+            print(f"duet-registry: {exc}", file=sys.stderr)
+            return 2
+    finally:
+        await engine.dispose()
+    if args.json:
+        print(json.dumps([report.to_json() for report in found], ensure_ascii=True, indent=1))
+        return 0
+    if not found:
+        print("no open reports")
+        return 0
+    for report in found:
+        print("\n".join(_report_lines(report)))
+    return 0
+
+
 def settings_from_args(args: argparse.Namespace) -> RegistrySettings:
     """Settings from parsed arguments (checked when the app is made)."""
     return RegistrySettings(
@@ -168,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "reports":
+        if not 1 <= args.limit <= MAX_REPORTS_SHOWN:
+            parser.error(f"--limit is 1..{MAX_REPORTS_SHOWN}")
+        try:
+            return asyncio.run(reports_command(args))
+        except Exception as exc:  # a bad URL, an unreachable or unusable database
+            parser.exit(1, f"duet-registry: cannot read reports from {args.database}: {exc}\n")
     if args.command == "migrate":
         try:
             asyncio.run(migrate_only(args.database))

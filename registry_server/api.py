@@ -282,7 +282,13 @@ async def get_listing(request: web.Request) -> web.Response:
     listing_id = _path_id(request, "id", "listing")
     stored = await _store(request).get(listing_id)
     if stored is None:
-        raise ApiError(404, "not_found", f"no listing {listing_id}")
+        deletion = await _store(request).deletion(listing_id)
+        if deletion is None:
+            raise ApiError(404, "not_found", f"no listing {listing_id}")
+        # the host's signed deletion, so every client can pin it (a registry that later
+        # served an old version again would be caught)
+        return json_response({"error": "deleted", "message": f"listing {listing_id} was "
+                              "deleted by its host", "deletion": deletion}, 410)  # fmt: skip
     [body] = await _listings_json(request.app, [stored])
     return json_response(body)
 

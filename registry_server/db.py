@@ -3,9 +3,11 @@
 Tables (SQLAlchemy Core, portable to PostgreSQL): ``hosts`` (each host's key, when it was
 last seen), ``heartbeat_nonces`` (the nonces of recent heartbeats, kept until they could
 no longer pass the freshness check), ``listings`` (the current version of each listing:
-a few columns to filter on and the canonical signed wire form), ``listing_keywords`` (one
-row per case-folded keyword, for exact keyword filters) and ``tombstones`` (each deleted
-listing's signed deletion). The schema is made and changed by the Alembic migrations in
+a few columns to filter on, the canonical signed wire form and its description rendered
+at publish), ``listing_keywords`` (one row per case-folded keyword, for exact keyword
+filters), ``tombstones`` (each deleted listing's signed deletion), ``reports`` (visitors'
+reports about listings, see :mod:`registry_server.reports`) and ``registry_settings``
+(small named values the registry makes for itself, such as the reports' hashing key). The schema is made and changed by the Alembic migrations in
 ``registry_server/migrations`` (:func:`registry_server.migrate.upgrade`).
 
 Full-text search, over name, summary, keywords and description (weighted in that order),
@@ -61,7 +63,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 __all__ = [
     "SEARCH_TABLES", "WRITE_OPTIONS", "Search", "create_schema", "fts5_query", "heartbeat_nonces",
     "facet_tokens", "hosts", "index_listing", "listing_keywords", "listings", "make_engine",
-    "metadata", "query_facets", "query_words", "search_join", "search_text", "tombstones", "unindex_listing",
+    "metadata", "query_facets", "query_words", "registry_settings", "reports", "search_join",
+    "search_text", "tombstones", "unindex_listing",
 ]  # fmt: skip
 
 ID_CHARS = 32
@@ -110,6 +113,9 @@ listings = Table(
     Column("updated_at", Double, nullable=False),  # as the host signed it
     Column("published_at", Double, nullable=False),  # the registry's clock: orders "newest"
     Column("deleted", Boolean, nullable=False, default=False),
+    # the description rendered and sanitized at publish (render_markdown); NULL for rows
+    # written before migration 0003 (the page renders those itself)
+    Column("description_html", Text, nullable=True),
     Index("ix_listings_deleted_published", "deleted", "published_at"),
 )
 
@@ -134,6 +140,27 @@ tombstones = Table(
     Column("version", BigInteger, nullable=False),  # the deletion's version
     Column("at", Double, nullable=False),
     Column("wire", Text, nullable=False),  # the canonical signed deletion (JSON)
+)
+
+reports = Table(
+    "reports",
+    metadata,
+    Column("report_id", String(ID_CHARS), primary_key=True),
+    Column("listing_id", String(ID_CHARS), nullable=False),  # kept if the listing goes
+    Column("reason", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("client_key", String(64), nullable=False),  # HMAC of the reporter's address
+    Index("ix_reports_created_at", "created_at"),
+    Index("ix_reports_listing_client", "listing_id", "client_key", "created_at"),
+    Index("ix_reports_client_key", "client_key"),
+)
+
+registry_settings = Table(
+    "registry_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
 )
 
 SEARCH_TABLES = frozenset({

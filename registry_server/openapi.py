@@ -29,6 +29,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "Bad parameter or body",
         401: "Access document missing, stale, replayed or not for this registry",
         404: "Unknown (or deleted)",
+        410: "Deleted by its host: the body's `deletion` is the signed deletion",
         409: "Conflict with what the registry holds (stale, replayed, deleted, quota)",
         413: "Body too large",
         415: "Body is not application/json",
@@ -285,7 +286,10 @@ _PATHS: dict[str, Any] = {
             "operationId": "getListing",
             "summary": "A listing's current version",
             "parameters": [_LISTING_ID],
-            "responses": {"200": _ok("The listing", _ref("Listing")), **_errors(404, 429)},
+            "responses": {
+                "200": _ok("The listing", _ref("Listing")),
+                **_errors(404, 410, 429),
+            },
         },
         "delete": {
             "operationId": "deleteListing",

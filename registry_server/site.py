@@ -9,7 +9,8 @@ carry a content hash). Every link is built from the app's router or is relative,
 site keeps a mount prefix (``/registry``). Nothing on a page is fetched from elsewhere.
 
 Every listing value is hostile: templates escape it; only the description, rendered by
-:func:`registry_server.render.render_markdown`, is inserted as HTML.
+:func:`registry_server.render.render_markdown` when it was published (and kept with the
+listing), is inserted as HTML. Reports go to :class:`registry_server.reports.ReportStore`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -32,8 +34,16 @@ from markupsafe import Markup
 
 from duet_p2p.registry.listing import KINDS, MODALITIES, InvalidListing, SignedListing
 from registry_server import api, site_forms
+from registry_server.api import ENGINE
 from registry_server.keys import INBOX, PUBLIC_URL, SETTINGS, STORE
-from registry_server.site_forms import REASONS, Report, ReportBox
+from registry_server.reports import (
+    MAX_PER_CLIENT_PER_DAY,
+    REASONS,
+    InvalidReport,
+    ReportsFull,
+    ReportStore,
+    TooManyReports,
+)
 from registry_server.site_view import (
     DEFAULT_ZONE,
     is_zone,
@@ -48,12 +58,14 @@ from registry_server.store import (
     ONLINE_WINDOW_SECONDS,
     InvalidQuery,
 )
+from signaling_server.ratelimit import in_networks, parse_networks
 
 __all__ = ["REPORTS", "add_site_routes", "error_page", "render"]
 
 logger = logging.getLogger(__name__)
 
-REPORTS = web.AppKey("registry_site_reports", ReportBox)
+REPORTS = web.AppKey("registry_site_reports", ReportStore)
+"""The visitors' reports (in the registry's database; set at startup)."""
 RENDERING = web.AppKey("registry_site_rendering", asyncio.Semaphore)
 """Listing pages being computed in worker threads at once (the rest wait, off the loop)."""
 MAX_RENDERING = 2
@@ -71,6 +83,7 @@ _PAGE = re.compile(r"[0-9]{1,6}")
 _TITLES = {
     400: "Bad request", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
     413: "Request too large", 429: "Too many requests", 500: "Server error",
+    503: "Unavailable",
 }  # fmt: skip
 
 _ENV = jinja2.Environment(
@@ -271,10 +284,14 @@ async def _reviews(request: web.Request, listing_id: str) -> list[dict[str, Any]
     ]
 
 
-def _page_model(wire: str, zone: str, now: float) -> tuple[SignedListing, dict[str, Any]]:
-    """The stored listing verified again (up to 1 MiB) and what its page shows."""
+def _page_model(
+    wire: str, description_html: str | None, zone: str, now: float
+) -> tuple[SignedListing, dict[str, Any]]:
+    """The stored listing verified again (up to 1 MiB) and what its page shows (its
+    description as rendered at publish; rendered here only for rows older than that)."""
     signed = SignedListing.from_wire(wire.encode())
-    return signed, listing_model(signed.spec, viewer_zone=zone, now=now)
+    model = listing_model(signed.spec, viewer_zone=zone, now=now, description_html=description_html)
+    return signed, model
 
 
 async def listing_page(request: web.Request) -> web.Response:
@@ -288,10 +305,16 @@ async def listing_page(request: web.Request) -> web.Response:
     zone, zone_note, source = _viewer_zone(request)
     try:
         async with request.app[RENDERING]:  # parsing, Markdown, mock: not on the event loop
-            signed, model = await asyncio.to_thread(_page_model, stored.wire, zone, time.time())
+            signed, model = await asyncio.to_thread(
+                _page_model, stored.wire, stored.description_html, zone, time.time()
+            )
     except InvalidListing:
         logger.error("stored listing %s fails verification", listing_id)
         return error_page(request, 500, "This listing's signature does not hold.")
+    if stored.description_html is None:  # written before descriptions were kept rendered
+        await request.app[STORE].keep_description_html(
+            listing_id, stored.version, str(model["description_html"])
+        )
     token, new_token = site_forms.csrf_token(request)
     rated = await api.ratings(request.app, [listing_id])
     reviews = await _reviews(request, listing_id)
@@ -330,15 +353,36 @@ async def report(request: web.Request) -> web.Response:
         )  # fmt: skip
     reason = fields.get("reason", "")
     text = fields.get("text", "")
-    if reason not in REASONS or len(text) > site_forms.MAX_REPORT_CHARS:
+    if reason not in REASONS or len(text) > site_forms.MAX_REPORT_CHARS or "\x00" in text:
         return error_page(
             request, 400,
             f"Choose a reason and write at most {site_forms.MAX_REPORT_CHARS} characters.",
         )  # fmt: skip
     if not _HEX32.fullmatch(listing_id) or await request.app[STORE].get(listing_id) is None:
         return error_page(request, 404, "There is no listing with that ID.")
-    request.app[REPORTS].add(Report(listing_id, reason, text, time.time()))
+    try:
+        await request.app[REPORTS].add(
+            listing_id, reason, text, request.remote, per_client=not _shared_address(request)
+        )
+    except InvalidReport:
+        return error_page(request, 400, "Choose a reason and write a short report.")
+    except TooManyReports:
+        return error_page(
+            request, 429, f"You have sent {MAX_PER_CLIENT_PER_DAY} reports about this listing "
+            "today; they have reached the operator.",
+        )  # fmt: skip
+    except ReportsFull:
+        return error_page(request, 503, "Reports cannot be taken right now; try again later.")
     raise web.HTTPSeeOther(_url(request, "site_reported", listing_id=listing_id))
+
+
+def _shared_address(request: web.Request) -> bool:
+    """True if the client is in the exempt networks (a reverse proxy: every visitor has
+    its address, so a per-client cap would be one cap for all)."""
+    settings = request.app.get(SETTINGS)
+    if settings is None or not settings.exempt_networks:
+        return False
+    return in_networks(request.remote, parse_networks(settings.exempt_networks))
 
 
 async def reported(request: web.Request) -> web.Response:
@@ -376,9 +420,16 @@ async def static(request: web.Request) -> web.Response:
     return web.Response(body=item.body, content_type=item.content_type, headers=headers)
 
 
+async def _report_store(app: web.Application) -> AsyncIterator[None]:
+    """The report store, on the database the app opened before (see ``create_app``)."""
+    app[REPORTS] = ReportStore(app[ENGINE])
+    yield
+
+
 def add_site_routes(app: web.Application) -> None:
-    """Add the website's pages and static files to ``app`` (and its report box)."""
-    app[REPORTS] = ReportBox()
+    """Add the website's pages and static files to ``app`` (and, at startup, its report
+    store: add the site after the part that opens the database)."""
+    app.cleanup_ctx.append(_report_store)
     app[RENDERING] = asyncio.Semaphore(MAX_RENDERING)
     r = app.router
     r.add_get("/", home, name="site_home")

@@ -1,73 +1,35 @@
-"""The website's one state-changing form, "Report this listing": CSRF checks and storage.
+"""The website's one state-changing form, "Report this listing": its CSRF checks and fields.
 
 CSRF: each visitor gets a random token in a ``SameSite=Strict; HttpOnly`` cookie; the form
 carries it again as a hidden field, and a POST passes only if both are present and equal
 (:func:`hmac.compare_digest`) and neither ``Origin`` nor ``Sec-Fetch-Site`` says the
-request came from another site. Reports are kept in memory only, newest last, at most
-:data:`MAX_REPORTS` (the oldest are dropped): they are for the operator's eyes and vanish
-on restart.
+request came from another site. The reports themselves are kept in the database, for the
+operator (:mod:`registry_server.reports`, ``duet-registry reports``).
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-import time
-from collections import deque
-from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
 
 from registry_server.http import read_body
 from registry_server.keys import PUBLIC_URL
+from registry_server.reports import MAX_REPORT_CHARS, REASONS
 
 __all__ = [
-    "CSRF_COOKIE", "CSRF_FIELD", "MAX_REPORT_CHARS", "MAX_REPORTS", "REASONS", "Report",
-    "ReportBox", "csrf_token", "form_fields", "is_cross_site", "same_token",
+    "CSRF_COOKIE", "CSRF_FIELD", "MAX_REPORT_CHARS", "REASONS", "csrf_token", "form_fields",
+    "is_cross_site", "same_token", "set_token",
 ]  # fmt: skip
 
 CSRF_COOKIE = "registry_csrf"
 CSRF_FIELD = "csrf"
 TOKEN_BYTES = 32
 MAX_TOKEN_CHARS = 64
-MAX_REPORTS = 1000
-MAX_REPORT_CHARS = 1000
 MAX_FORM_BYTES = 8192
 MAX_FORM_FIELDS = 8
-REASONS = {
-    "spam": "Spam or advertising",
-    "misleading": "Misleading or false description",
-    "harmful": "Harmful, abusive or illegal content",
-    "personal": "Exposes personal data",
-    "other": "Something else",
-}
-
-
-@dataclass(frozen=True)
-class Report:
-    """A visitor's report about a listing."""
-
-    listing_id: str
-    reason: str
-    text: str
-    at: float
-
-
-class ReportBox:
-    """The newest :data:`MAX_REPORTS` reports, in memory."""
-
-    def __init__(self, limit: int = MAX_REPORTS) -> None:
-        self._reports: deque[Report] = deque(maxlen=limit)
-
-    def add(self, report: Report) -> None:
-        self._reports.append(report)
-
-    def all(self) -> list[Report]:
-        return list(self._reports)
-
-    def __len__(self) -> int:
-        return len(self._reports)
 
 
 def _valid_token(value: object) -> bool:
@@ -137,7 +99,3 @@ async def form_fields(request: web.Request) -> dict[str, str] | None:
     for key, value in pairs:
         fields.setdefault(key, value)
     return fields
-
-
-def now() -> float:
-    return time.time()

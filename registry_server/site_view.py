@@ -2,8 +2,9 @@
 
 Pure functions, no I/O: the viewer's time zone, availability windows converted to it, a
 small mock preview from the schema, pagination, and the listing's page model. Every value
-here is still hostile text: templates escape it (autoescape); only the description passes
-through :func:`registry_server.render.render_markdown` and is marked safe.
+here is still hostile text: templates escape it (autoescape); only the description is
+marked safe: the HTML :func:`registry_server.render.render_markdown` made of it when the
+listing was published (or, for a listing stored before that was kept, made here).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from registry_server.render import render_markdown
 
 __all__ = [
     "DEFAULT_ZONE", "MAX_ZONE_CHARS", "PREVIEW_ROWS", "Slot", "availability_slots",
-    "describe_window", "description_html", "is_zone", "listing_model", "mock_preview", "page_numbers", "when",
+    "describe_window", "is_zone", "listing_model", "mock_preview", "page_numbers", "when",
     "zone_names",
 ]  # fmt: skip
 
@@ -39,17 +40,6 @@ MAX_PREVIEW_COLUMNS = 12
 SLOT_DAYS = 7
 _ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}")
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-
-
-MAX_CACHED_DESCRIPTIONS = 32
-"""Rendered descriptions kept (each at most 50,000 characters in, a few times that out)."""
-
-
-@functools.lru_cache(maxsize=MAX_CACHED_DESCRIPTIONS)
-def description_html(text: str) -> str:
-    """A description rendered and sanitized, once per text: a pathological one (nested
-    emphasis, brackets) costs markdown-it half a second."""
-    return render_markdown(text)
 
 
 @functools.cache
@@ -253,11 +243,17 @@ def _architecture_summary(architecture: Mapping[str, Any] | None) -> list[tuple[
     return out
 
 
-def listing_model(spec: ListingSpec, *, viewer_zone: str, now: float) -> dict[str, Any]:
-    """Everything the listing page shows, from a verified ``spec``."""
+def listing_model(
+    spec: ListingSpec, *, viewer_zone: str, now: float, description_html: str | None = None
+) -> dict[str, Any]:
+    """Everything the listing page shows, from a verified ``spec`` and its description as
+    rendered at publish (``description_html``; None: render it now, a cost of up to half
+    a second for a pathological text, so call this off the event loop)."""
+    if description_html is None:
+        description_html = render_markdown(spec.description)
     return {
         "spec": spec,
-        "description_html": Markup(description_html(spec.description)),  # sanitized HTML
+        "description_html": Markup(description_html),  # sanitized HTML
         "citation": spec.citation or "",
         "size": _size_text(spec.approx_size),
         "schema": [

@@ -7,7 +7,10 @@ stored version's successor (:func:`check_successor`: same host and key, version 
 deleted listing keeps a tombstone (its signed deletion) and is never published again; a
 heartbeat is fresh, from a known host, and its nonce is remembered until it could no
 longer pass the freshness check, so it is taken once. Sending the very document already
-stored again is a no-op (a client may retry).
+stored again is a no-op (a client may retry). A listing's description is rendered to
+sanitized HTML (:func:`registry_server.render.render_markdown`) once, when the version is
+published, in a worker thread (a pathological text costs markdown-it half a second), and
+stored with it: the website shows that HTML and never renders on a view.
 
 A valid document refused because of what is stored (stale, replayed, deleted, another
 host's listing, unknown host, over a host's quota) raises :class:`Conflict`; a malformed or
@@ -18,6 +21,7 @@ forged one raises ``InvalidListing`` (Conflict is one too). Bad search parameter
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -57,6 +61,7 @@ from registry_server.db import (
     tombstones,
     unindex_listing,
 )
+from registry_server.render import render_markdown
 
 __all__ = ["Conflict", "InvalidQuery", "RegistryStore", "StoredListing"]
 
@@ -76,6 +81,8 @@ MAX_QUERY_CHARS = 500
 MAX_QUERY_WORDS = 16
 MAX_FILTER_CHARS = 64
 MAX_ONLINE_WITHIN = 366 * 86400.0
+MAX_RENDERING = 2
+"""Descriptions rendered in worker threads at once (other publishes wait, off the loop)."""
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -107,6 +114,9 @@ class StoredListing:
     """The canonical signed listing (JSON text): what a client verifies."""
     last_seen: float | None
     online: bool
+    description_html: str | None = None
+    """The description as sanitized HTML, rendered at publish (only :meth:`RegistryStore.get`
+    reads it; None there: stored before descriptions were kept rendered)."""
 
 
 def _finite(value: object, what: str) -> float:
@@ -149,6 +159,7 @@ class RegistryStore:
         self._online_window = _finite(online_window, "online_window")
         self._max_skew = _finite(max_skew, "max_skew")
         self._max_listings = max_listings_per_host
+        self._rendering = asyncio.Semaphore(MAX_RENDERING)
 
     # -- writes ------------------------------------------------------------------------
 
@@ -160,6 +171,15 @@ class RegistryStore:
         if spec.updated_at > now + self._max_skew:
             raise InvalidListing(f"the listing is dated {spec.updated_at}, in the future")
         text = signed.to_wire().decode()
+        async with self._engine.connect() as conn:  # before rendering: retries cost nothing
+            if await self._tombstone(conn, spec.listing_id) is not None:
+                raise Conflict(f"listing {spec.listing_id} was deleted")
+            stored = await conn.execute(
+                select(listings.c.wire).where(listings.c.listing_id == spec.listing_id)
+            )
+            if stored.scalar_one_or_none() == text:
+                return signed  # the stored version, sent again
+        html = await self._render(spec.description)
         try:
             async with self._writer.begin() as conn:
                 if await self._tombstone(conn, spec.listing_id) is not None:
@@ -175,9 +195,9 @@ class RegistryStore:
                 if row is not None and row.wire == text:
                     return signed  # the stored version, sent again
                 if row is None:
-                    await self._insert(conn, signed, text, now)
+                    await self._insert(conn, signed, text, html, now)
                 else:
-                    await self._edit(conn, row, signed, text, now)
+                    await self._edit(conn, row, signed, text, html, now)
                 await self._index(conn, signed)
         except IntegrityError:
             raise Conflict("the listing changed meanwhile; fetch it and retry") from None
@@ -280,16 +300,43 @@ class RegistryStore:
 
     # -- reads -------------------------------------------------------------------------
 
+    async def deletion(self, listing_id: str) -> str | None:
+        """The signed deletion (wire text) of a deleted listing, or None."""
+        if type(listing_id) is not str or not _HEX32.fullmatch(listing_id):
+            return None
+        async with self._engine.connect() as conn:
+            return await self._tombstone(conn, listing_id)
+
     async def get(self, listing_id: str, *, now: float | None = None) -> StoredListing | None:
         """The current version of a listing, or None (unknown, deleted or not an ID)."""
         if type(listing_id) is not str or not _HEX32.fullmatch(listing_id):
             return None
         now = self._now(now)
+        stmt = self._base().add_columns(listings.c.description_html)
         async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(self._base().where(listings.c.listing_id == listing_id))
-            ).first()
+            row = (await conn.execute(stmt.where(listings.c.listing_id == listing_id))).first()
         return None if row is None else self._stored(row, now)
+
+    async def keep_description_html(self, listing_id: str, version: int, html: str) -> bool:
+        """Store ``html`` (rendered from the description of ``version``) for a listing
+        stored before descriptions were kept rendered, if it is still that version and
+        still has none; whether it was stored."""
+        if type(listing_id) is not str or not _HEX32.fullmatch(listing_id):
+            return False
+        if type(version) is not int or type(html) is not str:
+            return False
+        async with self._writer.begin() as conn:
+            done = await conn.execute(
+                update(listings)
+                .where(
+                    listings.c.listing_id == listing_id,
+                    listings.c.version == version,
+                    listings.c.deleted.is_(False),
+                    listings.c.description_html.is_(None),
+                )
+                .values(description_html=html)
+            )
+        return bool(done.rowcount)
 
     async def search(
         self,
@@ -352,10 +399,21 @@ class RegistryStore:
     def _now(self, now: float | None) -> float:
         return time.time() if now is None else _finite(now, "now")
 
+    async def _render(self, description: str) -> str:
+        """The description as sanitized HTML, made in a worker thread."""
+        async with self._rendering:
+            try:
+                return await asyncio.to_thread(render_markdown, description)
+            except ValueError as exc:
+                raise InvalidListing(f"the description cannot be shown: {exc}") from None
+
     @staticmethod
     def _base() -> Any:
+        """Live listings with their host's presence (without their rendered description:
+        pages of results do not show it)."""
+        shown = [c for c in listings.c if c.name != "description_html"]
         return (
-            select(listings, hosts.c.last_seen)
+            select(*shown, hosts.c.last_seen)
             .join(hosts, hosts.c.host_id == listings.c.host_id)
             .where(listings.c.deleted.is_(False))
         )
@@ -369,6 +427,7 @@ class RegistryStore:
             updated_at=row.updated_at, published_at=row.published_at, wire=row.wire,
             last_seen=last_seen,
             online=last_seen is not None and last_seen >= now - self._online_window,
+            description_html=row._mapping.get("description_html"),
         )  # fmt: skip
 
     @staticmethod
@@ -406,17 +465,18 @@ class RegistryStore:
         last_seen: float | None = row.last_seen
         return last_seen
 
-    def _columns(self, signed: SignedListing, text: str, now: float) -> dict[str, Any]:
+    def _columns(self, signed: SignedListing, text: str, html: str, now: float) -> dict[str, Any]:
         spec = signed.spec
         return dict(
             host_id=spec.host_id, kind=spec.kind, version=spec.version, name=spec.name,
             summary=spec.summary, modality=spec.modality, license=spec.license,
             keywords=json.dumps(spec.keywords, ensure_ascii=False), wire=text,
             created_at=spec.created_at, updated_at=spec.updated_at, published_at=now,
+            description_html=html,
         )  # fmt: skip
 
     async def _insert(
-        self, conn: AsyncConnection, signed: SignedListing, text: str, now: float
+        self, conn: AsyncConnection, signed: SignedListing, text: str, html: str, now: float
     ) -> None:
         if signed.version != 1:
             raise Conflict("a listing new here must be version 1")
@@ -431,12 +491,20 @@ class RegistryStore:
             raise Conflict(f"host {signed.host_id} has {held} listings, the most allowed")
         await conn.execute(
             insert(listings).values(
-                listing_id=signed.listing_id, deleted=False, **self._columns(signed, text, now)
+                listing_id=signed.listing_id,
+                deleted=False,
+                **self._columns(signed, text, html, now),
             )
         )
 
     async def _edit(
-        self, conn: AsyncConnection, row: Row[Any], signed: SignedListing, text: str, now: float
+        self,
+        conn: AsyncConnection,
+        row: Row[Any],
+        signed: SignedListing,
+        text: str,
+        html: str,
+        now: float,
     ) -> None:
         if row.deleted:
             raise Conflict(f"listing {signed.listing_id} was deleted")
@@ -452,7 +520,7 @@ class RegistryStore:
                 listings.c.version == row.version,
                 listings.c.deleted.is_(False),
             )
-            .values(**self._columns(signed, text, now))
+            .values(**self._columns(signed, text, html, now))
         )
         if done.rowcount != 1:
             raise Conflict("the listing changed meanwhile; fetch it and retry")

@@ -292,12 +292,36 @@ class RegistryClient:
         ``"rolled_back"`` or ``"equivocation"`` if older than, or other than, the version
         this machine has seen)."""
         listing_id = _listing_id(listing_id)
-        data = await self._json("GET", f"/api/v1/listings/{listing_id}")
+        try:
+            data = await self._json("GET", f"/api/v1/listings/{listing_id}")
+        except RegistryError as exc:
+            if exc.status == 410 and exc.code == "deleted":
+                await self._deleted(listing_id, exc.details.get("deletion"))
+            raise
         listing = self._verified(data, "the listing")
         if listing.id != listing_id:
             self._forged(f"listing {listing.id} when {listing_id} was asked")
         await self._pinned(listing)
         return listing
+
+    async def _deleted(self, listing_id: str, wire: object) -> NoReturn:
+        """A 410's signed deletion: verified, pinned, then RegistryError ``"deleted"``."""
+        try:
+            if type(wire) is not str or len(wire) > MAX_WIRE_CHARS:
+                raise InvalidListing("no signed deletion")
+            deletion = SignedDeletion.from_wire(wire.encode())
+            deletion.verify()
+        except InvalidListing:
+            self._forged(f"a deletion of listing {listing_id} that does not verify")
+        if deletion.listing_id != listing_id:
+            self._forged(f"the deletion of listing {deletion.listing_id} for {listing_id}")
+        pins = self._pin_store()
+        if pins is not None:
+            await asyncio.to_thread(pins.record_deletion, deletion)
+        raise RegistryError(
+            f"listing {listing_id} was deleted by its host (version {deletion.version}, "
+            "signed)", code="deleted", status=410,
+        )  # fmt: skip
 
     async def host(self, host_id: str) -> dict[str, Any]:
         """``GET /api/v1/hosts/{host_id}``: presence and the host's verified listings (those
@@ -628,10 +652,12 @@ class RegistryClient:
             code = printable(code, 60) if type(code) is str and code else f"http_{status}"
             said = info.get("message")
             said = printable(said, 500) if type(said) is str and said else "(no message)"
-            raise RegistryError(
+            error = RegistryError(
                 f"the registry at {self.url} refused: HTTP {status} {code}: {said}",
                 code=code, status=status,
             )  # fmt: skip
+            error.details = info
+            raise error
         return data
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:

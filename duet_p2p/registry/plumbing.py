@@ -29,13 +29,16 @@ class RegistryError(DuetError):
     """A registry refused a request, could not be reached in time, or sent an answer that
     is malformed, oversize or does not verify. ``code`` is the registry's error code (or
     ``"unreachable"``, ``"timeout"``, ``"malformed"``, ``"too_large"``, ``"forged"``,
-    ``"rolled_back"``, ``"equivocation"``) and ``status`` the HTTP status, if any."""
+    ``"rolled_back"``, ``"equivocation"``, ``"deleted"``) and ``status`` the HTTP status, if
+    any."""
 
     def __init__(self, message: str, *, code: str = "error", status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.details: dict[str, Any] = {}
+        """The registry's JSON error object, when it sent one."""
 
 
 def register_client(factory: Callable[[str | None, float], Any]) -> None:

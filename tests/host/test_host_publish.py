@@ -347,7 +347,7 @@ def test_publish_edit_and_unpublish_against_a_real_registry(tmp_path: Path) -> N
             assert host.unpublish("ages") == [first.id]
             with pytest.raises(RegistryError) as gone:
                 registry_get(registry.url, first.id)
-            assert gone.value.status == 404
+            assert (gone.value.status, gone.value.code) == (410, "deleted")
             assert len(host.listings) == 0
             with pytest.raises(PublishError, match="nothing"):
                 host.unpublish("ages")

@@ -212,9 +212,9 @@ async def test_a_slow_description_renders_once_and_off_the_event_loop(
 ) -> None:
     """A 50,000-character description of nested emphasis takes markdown-it about half a
     second: rendered on the event loop for every view, one client at the default rate
-    (20 pages/s) would stall the registry for everyone. It is rendered once per version,
-    and not on the loop."""
-    from registry_server import site_view
+    (20 pages/s) would stall the registry for everyone. It is rendered once, when the
+    version is published, not on the loop; views show the stored HTML."""
+    from registry_server import site_view, store
 
     calls: list[str] = []
 
@@ -223,11 +223,51 @@ async def test_a_slow_description_renders_once_and_off_the_event_loop(
         time.sleep(1.0)  # what a pathological description costs, made plain
         return "<p>slow</p>"
 
-    monkeypatch.setattr(site_view, "render_markdown", slow_render)
-    site_view.description_html.cache_clear()
+    def no_render(text: str) -> str:
+        raise AssertionError("a view renders the description")
+
+    monkeypatch.setattr(store, "render_markdown", slow_render)
+    monkeypatch.setattr(site_view, "render_markdown", no_render)
+    spec = make(description="_*" * 50)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        published = asyncio.ensure_future(publish(http, registry.url, spec))
+        await asyncio.sleep(0.2)  # the description is rendering now
+        started = time.monotonic()
+        async with http.get(f"{registry.url}/api/v1") as resp:
+            assert resp.status == 200
+        assert time.monotonic() - started < 0.6  # the loop answered meanwhile
+        assert not published.done()
+        await published
+        for _ in range(3):
+            async with http.get(f"{registry.url}/listings/{spec.listing_id}") as resp:
+                assert resp.status == 200 and "<p>slow</p>" in await resp.text()
+    assert len(calls) == 1
+
+
+async def test_a_slow_description_stored_before_rendering_was_kept_renders_off_the_loop(
+    registry: RunningRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing stored before descriptions were kept rendered (migration 0003 left it
+    NULL) is rendered by its first view, off the loop, then kept: later views are free."""
+    from sqlalchemy import update
+
+    from registry_server import site_view
+    from registry_server.api import ENGINE
+    from registry_server.db import listings
+
+    calls: list[str] = []
+
+    def slow_render(text: str) -> str:
+        calls.append(text)
+        time.sleep(1.0)
+        return "<p>slow</p>"
+
     spec = make(description="_*" * 50)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
         await publish(http, registry.url, spec)
+        async with registry.app[ENGINE].begin() as conn:
+            await conn.execute(update(listings).values(description_html=None))
+        monkeypatch.setattr(site_view, "render_markdown", slow_render)
         page = asyncio.ensure_future(http.get(f"{registry.url}/listings/{spec.listing_id}"))
         await asyncio.sleep(0.2)  # the page is rendering now
         started = time.monotonic()
@@ -238,7 +278,7 @@ async def test_a_slow_description_renders_once_and_off_the_event_loop(
             assert resp.status == 200 and "<p>slow</p>" in await resp.text()
         for _ in range(3):
             async with http.get(f"{registry.url}/listings/{spec.listing_id}") as resp:
-                assert resp.status == 200
+                assert resp.status == 200 and "<p>slow</p>" in await resp.text()
     assert len(calls) == 1
 
 

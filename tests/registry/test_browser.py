@@ -236,5 +236,5 @@ async def test_works_without_javascript(
     assert seen["thanks"] == "Thank you"
     from registry_server.site import REPORTS
 
-    (report,) = registry.app[REPORTS].all()
+    (report,) = await registry.app[REPORTS].newest()
     assert report.listing_id == spec.listing_id and report.text == "Looks like spam"

@@ -53,12 +53,13 @@ async def test_upgrade_builds_the_declared_schema(database_url: str) -> None:
     try:
         assert await migrate.current(engine) is None
         await migrate.upgrade(engine)
-        assert await migrate.current(engine) == migrate.head() == "0002"
+        assert await migrate.current(engine) == migrate.head() == "0003"
         async with engine.connect() as conn:
             assert await conn.run_sync(_diff) == []
             tables = await conn.run_sync(_tables)
         declared = {t.name for m in migrate.target_metadata() for t in m.sorted_tables}
         assert {"listings", "hosts", "session_requests", "reviews", "access_nonces"} <= declared
+        assert {"reports", "registry_settings"} <= declared
         assert declared <= tables
         if engine.dialect.name == "sqlite":
             assert {"listings_fts", "listings_search_ids"} <= tables
@@ -120,8 +121,8 @@ BROKEN = """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
@@ -146,12 +147,12 @@ async def test_a_failing_migration_leaves_nothing_behind(
         await RegistryStore(engine).search("", now=1.0)
         broken = tmp_path / "migrations"
         shutil.copytree(migrate.MIGRATIONS, broken, ignore=shutil.ignore_patterns("__pycache__"))
-        (broken / "versions" / "0003_broken.py").write_text(BROKEN)
+        (broken / "versions" / "0004_broken.py").write_text(BROKEN)
         monkeypatch.setattr(migrate, "MIGRATIONS", broken)
-        assert migrate.head() == "0003"
+        assert migrate.head() == "0004"
         with pytest.raises(RuntimeError, match="halfway"):
             await migrate.upgrade(engine)
-        assert await migrate.current(engine) == "0002"
+        assert await migrate.current(engine) == "0003"
         async with engine.connect() as conn:
             assert "half_done" not in await conn.run_sync(_tables)
             columns = await conn.run_sync(
@@ -174,6 +175,61 @@ async def test_downgrade_to_base_and_up_again(database_url: str) -> None:
         await migrate.upgrade(engine)
         async with engine.connect() as conn:
             assert await conn.run_sync(_diff) == []
+    finally:
+        await engine.dispose()
+
+
+def _columns(connection: Connection, name: str) -> set[str]:
+    return {col["name"] for col in inspect(connection).get_columns(name)}
+
+
+async def test_0003_down_and_up_keeps_listings_and_leaves_old_rows_unrendered(
+    database_url: str,
+) -> None:
+    """Down to 0002: the reports, the settings and the rendered descriptions go, the
+    listings stay. Up again: the listing written before 0003 has no rendered description
+    (the page renders it), a new one has; the schema is the declared one."""
+    from duet_p2p.identity import Identity
+    from duet_p2p.registry.listing import ListingSpec
+    from registry_server.reports import ReportStore
+
+    host = Identity.generate()
+
+    def spec(name: str) -> ListingSpec:
+        return ListingSpec.new(
+            host, kind="dataset", name=name, summary="s", description="*old*", license="MIT",
+            signaling_url="http://127.0.0.1:9/", modality="tabular", keywords=["k"],
+            schema=[{"name": "a", "dtype": "int64"}], access_modes=["live"],
+        )  # fmt: skip
+
+    engine = make_engine(database_url)
+    try:
+        await migrate.upgrade(engine)
+        old = spec("Old")
+        await RegistryStore(engine).publish(old.sign(host).to_wire())
+        await ReportStore(engine).add(old.listing_id, "spam", "x", "127.0.0.1")
+        await migrate.downgrade(engine, "0002")
+        assert await migrate.current(engine) == "0002"
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(_tables)
+            columns = await conn.run_sync(_columns, "listings")
+        assert "reports" not in tables and "registry_settings" not in tables
+        assert "description_html" not in columns and "wire" in columns
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+        store = RegistryStore(engine)
+        stored = await store.get(old.listing_id)
+        assert stored is not None and stored.description_html is None
+        assert await ReportStore(engine).count() == 0
+        new = spec("New")
+        await store.publish(new.sign(host).to_wire())
+        fresh = await store.get(new.listing_id)
+        assert fresh is not None and fresh.description_html == "<p><em>old</em></p>\n"
+        assert await store.keep_description_html(old.listing_id, 1, "<p>kept</p>")
+        assert not await store.keep_description_html(old.listing_id, 1, "<p>again</p>")
+        kept = await store.get(old.listing_id)
+        assert kept is not None and kept.description_html == "<p>kept</p>"
     finally:
         await engine.dispose()
 
@@ -212,7 +268,7 @@ async def test_an_unmigrated_database_is_not_usable(database_url: str) -> None:
 
 def test_migrations_ship_with_the_package() -> None:
     versions = sorted(p.name for p in (migrate.MIGRATIONS / "versions").glob("*.py"))
-    assert versions == ["0001_listings.py", "0002_inbox.py"]
+    assert versions == ["0001_listings.py", "0002_inbox.py", "0003_reports_and_rendered.py"]
     assert (migrate.MIGRATIONS / "env.py").is_file()
     assert not (ROOT / "alembic.ini").exists()
 

@@ -232,9 +232,11 @@ async def test_heartbeat_host_and_delete(
     assert status == 200 and data == {"deleted": spec.listing_id}
     status, data, _ = await call(http, "DELETE", listing, deletion)
     assert status == 200  # the same deletion again
-    for url in (listing, f"{listing}/croissant.json"):
-        status, data, _ = await call(http, "GET", url)
-        assert status == 404 and data["error"] == "not_found"
+    status, data, _ = await call(http, "GET", listing)  # gone, with the host's deletion
+    assert status == 410 and data["error"] == "deleted"
+    assert data["deletion"].encode() == deletion
+    status, data, _ = await call(http, "GET", f"{listing}/croissant.json")
+    assert status == 404 and data["error"] == "not_found"
     status, found, _ = await call(http, "GET", f"{registry.url}/api/v1/listings?q=admissions")
     assert [item["id"] for item in found["results"]] == [other.listing_id]
     status, data = await publish(http, registry, signed_wire(spec.edit(name="Back again")))

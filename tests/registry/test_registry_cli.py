@@ -101,6 +101,13 @@ def test_help_teaches() -> None:
         "--rate", "--writes-per-minute", "--exempt", "examples:",
     ):  # fmt: skip
         assert needle in text, needle
+    assert "duet-registry reports" in text and "--dismiss" in text
+    reports = run("reports", "--help")
+    assert reports.returncode == 0, reports.stderr
+    for needle in ("--listing", "--limit", "--json", "--dismiss", "--dismiss-client", "hash"):
+        assert needle in reports.stdout, needle
+    migrate = run("migrate", "--help")
+    assert migrate.returncode == 0 and "sqlite:///registry.db" in migrate.stdout
 
 
 def test_migrate_subcommand(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -84,6 +85,8 @@ class Replaying:
 
     def __init__(self) -> None:
         self.listings: list[SignedListing] = []
+        self.gone: dict[str, object] = {}
+        """Listing ID -> what a 410 answer carries as its ``deletion``."""
         self.url = ""
         app = web.Application()
         app.router.add_get("/api/v1/listings", self.search)
@@ -102,6 +105,13 @@ class Replaying:
         return web.json_response({"total": len(results), "results": results})
 
     async def get(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] in self.gone:
+            gone = {
+                "error": "deleted",
+                "message": "deleted",
+                "deletion": self.gone[request.match_info["id"]],
+            }
+            return web.json_response(gone, status=410)
         for signed in self.listings:
             if signed.listing_id == request.match_info["id"]:
                 return web.json_response(self.item(signed))
@@ -511,3 +521,50 @@ def test_pins_do_not_import_torch() -> None:
             "assert 'torch' not in sys.modules")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                    timeout=SUBPROCESS_TIMEOUT)  # fmt: skip
+
+
+# -- a deleted listing: the registry answers 410 with the host's signed deletion ---------
+
+
+async def test_a_deletion_seen_through_get_is_pinned(
+    real: str, replaying: Replaying, tmp_path: Path
+) -> None:
+    v1, _v2 = versions()
+    owner_pins, reader_pins = Pins(tmp_path / "a" / "p.sqlite"), Pins(tmp_path / "b" / "p.sqlite")
+    async with RegistryClient(real, pins=owner_pins) as owner:
+        await owner.publish(v1)
+        await owner.delete(SignedDeletion.issue(HOST, v1))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{real}/api/v1/listings/{v1.listing_id}") as response:
+            assert response.status == 410
+            answer = await response.json()
+    SignedDeletion.from_wire(answer["deletion"].encode()).verify(HOST.id)
+    async with RegistryClient(real, pins=reader_pins) as reader:  # never saw the listing
+        with pytest.raises(RegistryError) as deleted:
+            await reader.get(v1.listing_id)
+    assert (deleted.value.code, deleted.value.status) == ("deleted", 410)
+    # a registry that hides the deletion and serves the old version is refused from now on
+    replaying.listings = [v1]
+    async with RegistryClient(replaying.url, pins=reader_pins) as client:
+        with pytest.raises(RegistryError) as refused:
+            await client.get(v1.listing_id)
+        assert refused.value.code == "rolled_back"
+        assert len(await client.search("")) == 0
+
+
+async def test_a_forged_or_foreign_deletion_in_a_410_is_refused(
+    replaying: Replaying, pins: Pins
+) -> None:
+    v1, _v2 = versions()
+    foreign_listing = spec_v1(OTHER).sign(OTHER)
+    foreign = SignedDeletion.issue(OTHER, foreign_listing).to_wire().decode()
+    honest = SignedDeletion.issue(HOST, v1).to_wire().decode()
+    tampered = honest.replace('"version":2', '"version":3')
+    assert tampered != honest
+    for wire in (foreign, tampered, "not a deletion", 12, None):
+        replaying.gone[v1.listing_id] = wire
+        async with RegistryClient(replaying.url, pins=pins) as client:
+            with pytest.raises(RegistryError) as refused:
+                await client.get(v1.listing_id)
+        assert refused.value.code == "forged", wire
+    assert pins.get(v1.listing_id, HOST.id) is None  # nothing pinned from a bad 410
