@@ -3,7 +3,9 @@
 The IDs travel as two people would pass them over chat: the owner's Duet ID is read from
 its output and given to the scientist; the scientist's Client ID is read from its output
 and typed at the owner's prompt. Every line each process prints is shown, prefixed with
-its role. Used by ``seed_flow.py`` (``make demo``) and ``train_digits/run.py``.
+its role. Used by ``seed_flow.py`` (``make demo``) and ``train_digits/run.py``; the
+standing-host demos type commands as the owner or the scientist would (:meth:`Demo.command`,
+:meth:`Demo.duet_host`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,27 @@ class Demo:
         process = Process(name, argv, self.env)
         self.processes.append(process)
         return process
+
+    def command(self, who: str, home: Path, argv: list[str], timeout: float = 60,
+                env: dict[str, str] | None = None) -> str:  # fmt: skip
+        """One command as ``who`` would type it, in their own data directory (``env``
+        added); its output is shown and returned; DemoFailed if it fails."""
+        environment = {**self.env, "DUET_HOME": str(home), **(env or {})}
+        shown = " ".join(Path(a).name if a.endswith(".py") else a for a in argv)
+        print(f"[{who:<9}] $ {shown}")
+        done = subprocess.run([sys.executable, *argv], env=environment, capture_output=True,
+                              text=True, timeout=timeout)  # fmt: skip
+        for line in (done.stdout + done.stderr).splitlines():
+            print(f"[{who:<9}] {line}")
+        if done.returncode:
+            raise DemoFailed(f"{who}: {shown} failed")
+        return done.stdout
+
+    def duet_host(self, home: Path, config: Path, *args: str,
+                  env: dict[str, str] | None = None) -> str:  # fmt: skip
+        """``duet-host ARGS --config CONFIG`` as the owner."""
+        argv = ["-m", "duet_p2p.host.cli", *args, "--config", str(config)]
+        return self.command("owner", home, argv, env=env)
 
     def start_signaling(self, timeout: float = 20.0, extra: list[str] | None = None) -> str:
         """Start a signaling server on a free loopback port (with ``extra`` flags); returns

@@ -57,24 +57,6 @@ def host_toml(folder: Path, url: str, client_id: str) -> Path:
     return path
 
 
-def run(demo: Demo, who: str, home: Path, argv: list[str], timeout: float = 60) -> str:
-    """One command as ``who`` would type it, in their own data directory."""
-    env = {**demo.env, "DUET_HOME": str(home)}
-    shown = " ".join(Path(a).name if a.endswith(".py") else a for a in argv)
-    print(f"[{who:<9}] $ {shown}")
-    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    for line in (done.stdout + done.stderr).splitlines():
-        print(f"[{who:<9}] {line}")
-    if done.returncode:
-        raise DemoFailed(f"{who}: {shown} failed")
-    return done.stdout
-
-
-def duet_host(demo: Demo, home: Path, config: Path, *args: str) -> str:
-    return run(demo, "owner", home, ["-m", "duet_p2p.host.cli", *args, "--config", str(config)])
-
-
 def wait_for_state(demo: Demo, home: Path, config: Path, job_id: str, state: str,
                    timeout: float) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout
@@ -106,13 +88,13 @@ def main() -> int:
             url = demo.start_signaling(extra=["--state", f"sqlite:///{mailbox}"])
             write_digits(data)
             scientist = [str(HERE / "scientist.py")]
-            client_id = run(demo, "scientist", scientist_home,
+            client_id = demo.command("scientist", scientist_home,
                             ["-c", "import duet_p2p as sy; print(sy.Identity.load('default').id)"]
                             ).strip()  # fmt: skip
             config = host_toml(data, url, client_id)
-            host = json.loads(duet_host(demo, owner_home, config, "id", "--json"))
+            host = json.loads(demo.duet_host(owner_home, config, "id", "--json"))
             print("\n-- 9 pm in Tokyo: the host is offline; the scientist submits a job --")
-            out = run(demo, "scientist", scientist_home,
+            out = demo.command("scientist", scientist_home,
                       [*scientist, "submit", host["host_id"], host["public_key"], url])  # fmt: skip
             job_id = JOB_ID.search(out)[1]  # type: ignore[index]
             print("\n-- morning in Boston: the owner starts the host --")
@@ -120,11 +102,11 @@ def main() -> int:
             server = demo.start("host", ["-m", "duet_p2p.host.cli", "serve", "--config",
                                          str(config)])  # fmt: skip
             wait_for_state(demo, owner_home, config, job_id, "pending_output_review", 240)
-            duet_host(demo, owner_home, config, "job", job_id)
-            duet_host(demo, owner_home, config, "release", job_id)
+            demo.duet_host(owner_home, config, "job", job_id)
+            demo.duet_host(owner_home, config, "release", job_id)
             wait_for_state(demo, owner_home, config, job_id, "delivered", 60)
             print("\n-- the next morning in Tokyo: the scientist collects the results --")
-            out = run(demo, "scientist", scientist_home,
+            out = demo.command("scientist", scientist_home,
                       [*scientist, "collect", host["host_id"], job_id, url], timeout=120)  # fmt: skip
             accuracy = float(ACCURACY.search(out)[1])  # type: ignore[index]
             if accuracy < 0.90:

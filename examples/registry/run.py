@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,22 +52,13 @@ ZONES = {"owner": "America/New_York", "scientist": "Asia/Tokyo"}
 """Each side's own time zone: both see the agreed time in theirs."""
 
 
-def run(demo: Demo, who: str, home: Path, argv: list[str], timeout: float = 90) -> str:
-    """One command as ``who`` would type it, in their own data directory and time zone."""
-    env = {**demo.env, "DUET_HOME": str(home), "TZ": ZONES[who]}
-    shown = " ".join(Path(a).name if a.endswith(".py") else a for a in argv)
-    print(f"[{who:<9}] $ {shown}")
-    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    for line in (done.stdout + done.stderr).splitlines():
-        print(f"[{who:<9}] {line}")
-    if done.returncode:
-        raise DemoFailed(f"{who}: {shown} failed")
-    return done.stdout
+def run(demo: Demo, who: str, home: Path, argv: list[str]) -> str:
+    """A command as ``who`` types it, in their own time zone."""
+    return demo.command(who, home, argv, timeout=90, env={"TZ": ZONES[who]})
 
 
 def duet_host(demo: Demo, home: Path, config: Path, *args: str) -> str:
-    return run(demo, "owner", home, ["-m", "duet_p2p.host.cli", *args, "--config", str(config)])
+    return demo.duet_host(home, config, *args, env={"TZ": ZONES["owner"]})
 
 
 def wait_until(check: object, what: str, timeout: float) -> None:
