@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from signaling_server.ratelimit import RateLimiter, address_key
+from signaling_server.responses import error_response, json_response, retry_after
 
 __all__ = [
     "ApiError", "error_response", "json_response", "rate_limit_middleware", "read_body",
@@ -37,7 +37,6 @@ _CODES = {
     429: "rate_limited",
     503: "unavailable",
 }
-_NO_STORE = {"Cache-Control": "no-store"}
 
 
 class ApiError(Exception):
@@ -55,24 +54,6 @@ class ApiError(Exception):
         self.code = code or _CODES.get(status, f"http_{status}")
         self.message = message or self.code.replace("_", " ")
         self.headers = dict(headers or {})
-
-
-def json_response(
-    data: object, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    """A JSON response that no cache keeps."""
-    return web.json_response(data, status=status, headers={**_NO_STORE, **(headers or {})})
-
-
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return json_response({"error": code, "message": message}, status, headers)
-
-
-def retry_after(seconds: float) -> dict[str, str]:
-    """A Retry-After header for ``seconds``, rounded up to a whole second (at least 1)."""
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

@@ -142,6 +142,16 @@ def _count(value: object, what: str, least: int, most: int) -> int:
     return min(max(value, least), most)
 
 
+def _still_at(listing_id: str, version: int) -> tuple[Any, ...]:
+    """The row of ``listing_id`` only while it is still ``version`` and not deleted: an
+    update under it changes nothing when another writer got there first."""
+    return (
+        listings.c.listing_id == listing_id,
+        listings.c.version == version,
+        listings.c.deleted.is_(False),
+    )
+
+
 class RegistryStore:
     """Listings, deletions and heartbeats in a database (see :mod:`registry_server.db`;
     the schema must be current: :func:`registry_server.migrate.upgrade`)."""
@@ -234,11 +244,7 @@ class RegistryStore:
                     raise Conflict(str(exc)) from None
                 done = await conn.execute(
                     update(listings)
-                    .where(
-                        listings.c.listing_id == deletion.listing_id,
-                        listings.c.version == row.version,
-                        listings.c.deleted.is_(False),
-                    )
+                    .where(*_still_at(deletion.listing_id, row.version))
                     .values(deleted=True)
                 )
                 if done.rowcount != 1:
@@ -515,11 +521,7 @@ class RegistryStore:
             raise Conflict(str(exc)) from None
         done = await conn.execute(
             update(listings)
-            .where(
-                listings.c.listing_id == signed.listing_id,
-                listings.c.version == row.version,
-                listings.c.deleted.is_(False),
-            )
+            .where(*_still_at(signed.listing_id, row.version))
             .values(**self._columns(signed, text, html, now))
         )
         if done.rowcount != 1:

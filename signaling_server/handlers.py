@@ -17,8 +17,9 @@ from aiohttp import web
 
 from signaling_server.config import ServerConfig
 from signaling_server.ice import ice_servers_for_client
-from signaling_server.middleware import ApiError, client_key, json_response
+from signaling_server.middleware import ApiError, client_key
 from signaling_server.ratelimit import ConcurrencyLimiter, in_networks, parse_networks
+from signaling_server.responses import json_response
 from signaling_server.state import SignalingState
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ from signaling_server.hosts import (
     host_id_of,
     verify_wait_proof,
 )
-from signaling_server.middleware import ApiError, client_key, json_response
+from signaling_server.middleware import ApiError, client_key
 from signaling_server.ratelimit import ConcurrencyLimiter, in_networks, parse_networks
+from signaling_server.responses import json_response
 
 logger = logging.getLogger(__name__)
 

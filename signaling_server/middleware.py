@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -11,6 +10,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from signaling_server.connections import BodyTimeout
 from signaling_server.ratelimit import RateLimiter, address_key
+from signaling_server.responses import error_response, retry_after
 from signaling_server.state import StateError
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ _CODES = {
     429: "rate_limited",
     503: "unavailable",
 }
-_NO_STORE = {"Cache-Control": "no-store"}
 
 MAX_BODY = web.AppKey("max_body", int)
 """The app's body limit in bytes, named in 413 messages."""
@@ -41,24 +40,6 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
-
-
-def json_response(
-    data: object, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    """A JSON response that no cache keeps."""
-    return web.json_response(data, status=status, headers={**_NO_STORE, **(headers or {})})
-
-
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return json_response({"error": code, "message": message}, status, headers)
-
-
-def retry_after(seconds: float) -> dict[str, str]:
-    """A Retry-After header for `seconds`, rounded up to a whole second (at least 1)."""
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def client_key(request: web.BaseRequest) -> str:

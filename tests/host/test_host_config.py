@@ -368,7 +368,7 @@ PATH_CASES = [
      "host.ice_servers: item 0: unknown key 'url'"),
     (edit("[host]\n", "[host]\nice_servers = [{ urls = ['http://x'] }]\n"),
      "host.ice_servers: item 0: urls must be stun:"),
-    (edit("[host]\n", "[host]\nice_servers = [{ urls = ['turn:x'], username = 'u' }]\n"),
+    (edit("[host]\n", "[host]\nice_servers = [{ urls = ['turn:127.0.0.1'], username = 'u' }]\n"),
      "host.ice_servers: item 0: username and credential go together"),
     (edit("[host]\n", "[host]\ndata_dir = 3\n"), "host.data_dir: must be a string"),
     (edit("[host]\n", "[host]\nsignaling_url = 'http://a'\n"), "Cannot overwrite"),
