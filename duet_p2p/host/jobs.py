@@ -133,7 +133,8 @@ class HostJobs:
         if settings.mailbox and host.options.signaling_url is not None:
             self.mail = JobMail(self, host.options.signaling_url)
         self._tasks: list[asyncio.Task[None]] = []
-        self._wake: asyncio.Event | None = None
+        self._wakes: list[asyncio.Event] = []
+        """One per loop below: a poke wakes each (one loop's nap never eats another's)."""
         self._tags_reviewed: frozenset[str] = frozenset()
         self._sends: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -209,11 +210,12 @@ class HostJobs:
 
     def poke(self) -> None:
         """Look at the jobs now rather than at the next tick (from any thread)."""
-        loop, wake = self.host.loop, self._wake
-        if loop is None or wake is None or loop.is_closed():
+        loop, wakes = self.host.loop, tuple(self._wakes)
+        if loop is None or not wakes or loop.is_closed():
             return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(wake.set)
+        for wake in wakes:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
 
     # -- the scientist's verbs (live, on the host's loop) ------------------------------
 
@@ -290,24 +292,29 @@ class HostJobs:
     # -- running --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Settle what the last process left running, then run, settle and send jobs."""
-        self._wake = asyncio.Event()
+        """Settle what the last process left running, then run, settle and send jobs. The
+        mailbox's notices have their own loop: a slow or unreachable mailbox never holds
+        up settling (and so releasing to scientists who are connected)."""
         requeue = self.settings.on_restart == "requeue"
         await asyncio.to_thread(self.service.recover_after_restart, requeue)
-        self._tasks = [asyncio.ensure_future(self._run_jobs(n))
-                       for n in range(self.settings.concurrency)]  # fmt: skip
-        self._tasks.append(asyncio.ensure_future(self._settle()))
+        loops = [self._run_jobs(self._new_wake()) for _ in range(self.settings.concurrency)]
+        loops.append(self._settle(self._new_wake()))
         if self.mail is not None:
-            self._tasks.append(asyncio.ensure_future(self.mail.run()))
+            loops += [self.mail.run(), self._send_notices(self._new_wake())]
+        self._tasks = [asyncio.ensure_future(loop) for loop in loops]
 
-    async def _nap(self, seconds: float) -> None:
-        wake = self._wake
-        assert wake is not None
+    def _new_wake(self) -> asyncio.Event:
+        wake = asyncio.Event()
+        self._wakes.append(wake)
+        return wake
+
+    @staticmethod
+    async def _nap(wake: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), seconds)
         wake.clear()
 
-    async def _run_jobs(self, number: int) -> None:
+    async def _run_jobs(self, wake: asyncio.Event) -> None:
         while not self._closed:
             try:
                 ran = await self.service.run_next(timeout=START_SECONDS)
@@ -315,11 +322,11 @@ class HostJobs:
                 log.exception("running a job failed")
                 ran = None
             if ran is None:
-                await self._nap(IDLE_SECONDS)
+                await self._nap(wake, IDLE_SECONDS)
             else:
                 self.poke()
 
-    async def _settle(self) -> None:
+    async def _settle(self, wake: asyncio.Event) -> None:
         ticks = 0
         while not self._closed:
             try:
@@ -330,7 +337,16 @@ class HostJobs:
             except Exception:  # noqa: BLE001 - retried at the next tick
                 log.exception("settling jobs failed")
             ticks += 1
-            await self._nap(SETTLE_SECONDS)
+            await self._nap(wake, SETTLE_SECONDS)
+
+    async def _send_notices(self, wake: asyncio.Event) -> None:
+        assert self.mail is not None
+        while not self._closed:
+            try:
+                await self.mail.send_notices()
+            except Exception:  # noqa: BLE001 - retried at the next tick
+                log.exception("sending job notices failed")
+            await self._nap(wake, SETTLE_SECONDS)
 
     async def _settle_once(self) -> None:
         if await asyncio.to_thread(self.service.expire_due):
@@ -349,8 +365,6 @@ class HostJobs:
                 continue
             if state is not JobState.PENDING_OUTPUT_REVIEW:
                 self.poke()
-        if self.mail is not None and not self._closed:
-            await self.mail.send_notices()
 
     async def aclose(self) -> None:
         self._closed = True

@@ -129,6 +129,17 @@ def state(host: Any, job_id: str) -> str | None:
     return None if found is None else str(found.state)
 
 
+def story(host: Any, job_id: str) -> str:
+    """A job's trail, for a failing assertion's message."""
+    trail = [f"{e.old}->{e.new} by {e.by}: {e.reason}" for e in host._jobs.events(job_id)]
+    return f"job {job_id} is {state(host, job_id)}: " + "; ".join(trail)
+
+
+def reaches(host: Any, job_id: str, wanted: str) -> None:
+    """Wait for a job to reach ``wanted``; a failure tells its whole trail."""
+    assert wait_for(lambda: state(host, job_id) == wanted, WAIT), story(host, job_id)
+
+
 def summing(identity: Identity, host_id: str, tag: str = "table", name: str = "m",
             **overrides: Any) -> SignedJob:  # fmt: skip
     """A harmless job: the sum of one dataset, released as ``name``."""
@@ -323,14 +334,14 @@ def test_an_aggregate_under_the_rule_is_released_and_delivered(
     prog = program([x], [out], [step("torch.Tensor.mean", out, x, dim=0)])
     job = signed_job(who(ids, "alice"), host.id, prog, {x: "table"}, {"mean_only": out})
     submit(alice, job)
-    assert wait_for(lambda: state(host, job.job_id) == "released", WAIT)
+    reaches(host, job.job_id, "released")
     row, bundle = alice._core.sync(alice._core.fetch_job_result(job.job_id, 1 << 20, timeout=WAIT))
     receipt, values = open_result(ResultBundle.from_bytes(bundle, max_bytes=1 << 20), job,
                                   host_id=host.id, max_bytes=1 << 20)  # fmt: skip
     assert torch.equal(values["mean_only"], TABLE.mean(dim=0))
     assert receipt.inputs[x] == content_hash(TABLE)
     assert row["state"] == "released"  # the reply comes first; delivered once it is sent
-    assert wait_for(lambda: state(host, job.job_id) == "delivered", WAIT)
+    reaches(host, job.job_id, "delivered")
 
 
 # -- time and queue abuse --------------------------------------------------------------------
@@ -475,9 +486,9 @@ def test_a_result_transfer_that_fails_does_not_lose_the_results(
 ) -> None:
     job = summing(who(ids, "alice"), host.id, name="t")
     submit(alice, job)
-    assert wait_for(lambda: state(host, job.job_id) == "pending_output_review", WAIT)
+    reaches(host, job.job_id, "pending_output_review")
     host._jobs.release(job.job_id)
-    assert wait_for(lambda: state(host, job.job_id) == "released", WAIT)
+    reaches(host, job.job_id, "released")
     core = alice._core
     with pytest.raises(ProtocolError):  # the transfer fails (here: over what it accepts)
         core.sync(core.fetch_job_result(job.job_id, 16, timeout=WAIT))
@@ -490,8 +501,8 @@ def test_an_ended_job_leaves_no_output_request_to_release(
 ) -> None:
     job = summing(who(ids, "alice"), host.id, name="t", deadline=time.time() + 4.0)
     submit(alice, job)
-    assert wait_for(lambda: state(host, job.job_id) == "pending_output_review", WAIT)
-    assert wait_for(lambda: state(host, job.job_id) == "expired", WAIT)
+    reaches(host, job.job_id, "pending_output_review")
+    reaches(host, job.job_id, "expired")
     request_id = host._jobs.store.requests(job.job_id)["t"]
 
     def settled() -> bool:
@@ -518,7 +529,7 @@ def test_a_job_mailed_by_someone_else_is_refused_and_not_burned(
                and e.get("job_id") == job.job_id]  # fmt: skip
     assert refused and refused[-1]["client_id"] == bob.id
     mail_to_host(signaling_url, hank, host, job_mail.JOB, job.to_wire())
-    assert wait_for(lambda: state(host, job.job_id) == "pending_review", WAIT)
+    reaches(host, job.job_id, "pending_review")
 
 
 def test_a_replayed_job_envelope_is_refused_without_a_notice(
@@ -543,12 +554,12 @@ def test_only_the_jobs_scientist_can_cancel_it_by_mail(
     judy, bob = who(ids, "judy"), who(ids, "bob")
     job = summing(judy, host.id)
     mail_to_host(signaling_url, judy, host, job_mail.JOB, job.to_wire())
-    assert wait_for(lambda: state(host, job.job_id) == "pending_review", WAIT)
+    reaches(host, job.job_id, "pending_review")
     mail_to_host(signaling_url, bob, host, job_mail.CANCEL, job_mail.cancel_payload(job.job_id))
     assert host_mail_handled(signaling_url, host)
     assert state(host, job.job_id) == "pending_review"
     mail_to_host(signaling_url, judy, host, job_mail.CANCEL, job_mail.cancel_payload(job.job_id))
-    assert wait_for(lambda: state(host, job.job_id) == "cancelled", WAIT)
+    reaches(host, job.job_id, "cancelled")
 
 
 def test_a_duplicate_job_is_not_answered_as_rejected(
