@@ -23,11 +23,13 @@ from markupsafe import Markup
 from duet_p2p.registry.canonical_json import b64url_encode
 from duet_p2p.registry.listing import DAYS, ListingSpec
 from duet_p2p.registry.mock import mock_table, mock_tensors
+from duet_p2p.registry.sample import sample_rows
 from registry_server.render import render_markdown
 
 __all__ = [
     "DEFAULT_ZONE", "MAX_ZONE_CHARS", "PREVIEW_ROWS", "Slot", "availability_slots",
-    "describe_window", "is_zone", "listing_model", "mock_preview", "page_numbers", "when",
+    "describe_window", "is_zone", "listing_model", "mock_preview", "page_numbers",
+    "sample_preview", "when",
     "zone_names",
 ]  # fmt: skip
 
@@ -36,6 +38,8 @@ MAX_ZONE_CHARS = 64
 PREVIEW_ROWS = 5
 PREVIEW_VALUES = 6
 """First values shown of each mock tensor."""
+SAMPLE_ROWS = 10
+"""Rows of an owner's sample shown."""
 MAX_PREVIEW_COLUMNS = 12
 SLOT_DAYS = 7
 _ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}")
@@ -193,8 +197,63 @@ def mock_preview(schema: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str
         "columns": [c["name"] for c in shown],
         "rows": rows,
         "more_columns": max(0, len(columns) - len(shown)),
+        "more_rows": 0,
         "tensors": previews,
     }
+
+
+def sample_preview(
+    schema: Sequence[Mapping[str, Any]], sample: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The owner's sample as :func:`mock_preview` lays a mock out (its first
+    :data:`SAMPLE_ROWS` rows; a missing value as an empty cell), plus ``records``; None
+    when the listing has none."""
+    if not sample:
+        return None
+    columns = [entry for entry in schema if "shape" not in entry]
+    shown = columns[:MAX_PREVIEW_COLUMNS]
+    records = sample_rows(sample, schema)
+    rows = [
+        ["" if sample[c["name"]][i] is None else _number(sample[c["name"]][i]) for c in shown]
+        for i in range(min(records, SAMPLE_ROWS) if shown else 0)
+    ]
+    tensors = []
+    for entry in schema:
+        if "shape" in entry:
+            flat = _first_values(sample[entry["name"]], PREVIEW_VALUES)
+            tensors.append({
+                "name": entry["name"], "dtype": entry["dtype"],
+                "shape": _shape_text(_sizes(sample[entry["name"]])), "first": flat,
+            })  # fmt: skip
+    return {
+        "columns": [c["name"] for c in shown],
+        "rows": rows,
+        "more_columns": max(0, len(columns) - len(shown)),
+        "more_rows": max(0, records - SAMPLE_ROWS) if shown else 0,
+        "tensors": tensors,
+        "records": records,
+    }
+
+
+def _first_values(values: Any, count: int) -> list[str]:
+    """The first ``count`` values of nested lists, in order, as text."""
+    out: list[str] = []
+    stack = [values]
+    while stack and len(out) < count:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            out.append(_number(item))
+    return out
+
+
+def _sizes(values: Any) -> list[int]:
+    sizes = []
+    while isinstance(values, list):
+        sizes.append(len(values))
+        values = values[0] if values else None
+    return sizes
 
 
 def _number(value: object) -> str:
@@ -266,6 +325,7 @@ def listing_model(
             for e in spec.schema
         ],
         "preview": mock_preview(spec.schema),
+        "sample": sample_preview(spec.schema, spec.sample),
         "windows": [describe_window(w) for w in spec.availability],
         "slots": availability_slots(spec.availability, viewer_zone, now),
         "architecture": _architecture_summary(spec.architecture),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from duet_p2p.errors import ConfigurationError, DuetError
 from duet_p2p.host.control import DEFAULT_AUDIT_LAST, MAX_AUDIT_LAST, request, socket_path
+from duet_p2p.registry.sample import MAX_ROWS as MAX_SAMPLE_ROWS
 from duet_p2p.table import Table, format_clock, format_size, uid_label
 from duet_p2p.text import printable
 
@@ -308,6 +309,11 @@ def _registry_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--usage-conditions", default="", metavar="TEXT",
                    help="what scientists agree to when they use it")  # fmt: skip
     p.add_argument("--citation", metavar="TEXT", help="how to cite it")
+    p.add_argument("--sample-file", metavar="CSV",
+                   help="a few made-up records to publish with the listing, so scientists "
+                   "can dry-run code on them: a CSV file whose header names the columns, "
+                   f"at most {MAX_SAMPLE_ROWS} rows, an empty cell for a missing value. "
+                   "Everyone sees it: a row copied from the hosted data is refused")  # fmt: skip
     p.add_argument("--registry", metavar="URL", help=_REGISTRY_HELP)
     p = command(
         "unpublish",
@@ -715,6 +721,7 @@ def _done(
 # --- the registry -------------------------------------------------------------------------
 
 MAX_DESCRIPTION_CHARS = 50_000
+MAX_SAMPLE_FILE_BYTES = 256 * 1024
 
 
 def _read_description(path: str) -> str:
@@ -734,6 +741,42 @@ def _read_description(path: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _read_sample(path: str) -> dict[str, list[Any]]:
+    """A CSV file as ``{"columns", "rows"}`` of text (the host reads each cell by its
+    column's dtype)."""
+    import csv
+    import io
+
+    from duet_p2p.host.config import open_regular
+
+    try:
+        with open_regular(Path(path)) as handle:
+            raw = handle.read(MAX_SAMPLE_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SAMPLE_FILE_BYTES:
+        raise ConfigurationError(f"{path} is larger than {MAX_SAMPLE_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{path} is not UTF-8 text") from None
+    try:
+        lines = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise ConfigurationError(f"{path} is not CSV: {exc}") from None
+    lines = [line for line in lines if line]
+    if len(lines) < 2:
+        raise ConfigurationError(f"{path} needs a header row and at least one row")
+    if len(lines) - 1 > MAX_SAMPLE_ROWS:
+        raise ConfigurationError(f"{path} has more than {MAX_SAMPLE_ROWS} rows")
+    header, rows = lines[0], lines[1:]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ConfigurationError(f"line {number} of {path} has {len(row)} values, "
+                                     f"the header {len(header)}")  # fmt: skip
+    return {"columns": header, "rows": rows}
+
+
 def _publish(args: argparse.Namespace) -> int:
     description = args.description
     if args.description_file:
@@ -743,6 +786,7 @@ def _publish(args: argparse.Namespace) -> int:
         description=description, license=args.license, keywords=list(args.keywords),
         registry=args.registry, modality=args.modality,
         usage_conditions=args.usage_conditions, citation=args.citation,
+        sample=_read_sample(args.sample_file) if args.sample_file else None,
     )  # fmt: skip
     if args.json:
         _print_json(result)

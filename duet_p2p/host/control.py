@@ -37,12 +37,15 @@ from duet_p2p.registry.listing import (
     MAX_KEYWORDS,
     MAX_LICENSE_CHARS,
     MAX_LONG_TEXT_CHARS,
+    MAX_SCHEMA_ENTRIES,
     MAX_SUMMARY_CHARS,
     MAX_TIME,
     MAX_URL_CHARS,
     MODALITIES,
 )
 from duet_p2p.registry.listing import MAX_NAME_CHARS as MAX_LISTING_NAME_CHARS
+from duet_p2p.registry.sample import MAX_ROWS as MAX_SAMPLE_ROWS
+from duet_p2p.registry.sample import MAX_TEXT_CHARS as MAX_SAMPLE_TEXT_CHARS
 from duet_p2p.registry.session import MAX_MESSAGE_CHARS, MAX_PROPOSALS
 from duet_p2p.text import printable
 
@@ -51,7 +54,8 @@ logger = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 MAX_SOCKET_PATH_BYTES = 100
 """Longer socket paths move to a short one under /tmp (AF_UNIX allows 108 bytes)."""
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 512 * 1024
+"""Room for a publish: a 50,000-character description and a sample, JSON-escaped."""
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 """Seconds a client has, from connecting, to send its whole request line."""
@@ -110,7 +114,7 @@ class HostControl(Protocol):
     def control_publish(
         self, tag: str, name: str, summary: str, description: str, license: str,
         keywords: list[str], registry: str | None, modality: str | None,
-        usage_conditions: str, citation: str | None,
+        usage_conditions: str, citation: str | None, sample: dict[str, Any] | None,
     ) -> dict[str, Any]: ...  # fmt: skip
 
     def control_unpublish(self, tag: str, registry: str | None) -> dict[str, Any]: ...
@@ -241,6 +245,26 @@ def _text_of(what: str, limit: int, *, empty: bool = True, multiline: bool = Fal
     return check
 
 
+def _text_table(value: object) -> dict[str, list[Any]]:
+    """A sample read from a CSV file: ``{"columns": [name], "rows": [[cell text]]}``."""
+    if not isinstance(value, dict) or set(value) != {"columns", "rows"}:
+        raise _Invalid("sample must be {columns, rows}")
+    columns, rows = value["columns"], value["rows"]
+    if not isinstance(columns, list) or not 1 <= len(columns) <= MAX_SCHEMA_ENTRIES:
+        raise _Invalid(f"a sample has 1 to {MAX_SCHEMA_ENTRIES} columns")
+    name = _text_of("a sample column", MAX_LISTING_NAME_CHARS, empty=False)
+    checked_columns = [name(column) for column in columns]
+    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_SAMPLE_ROWS:
+        raise _Invalid(f"a sample has 1 to {MAX_SAMPLE_ROWS} rows")
+    cell = _text_of("a sample value", MAX_SAMPLE_TEXT_CHARS)
+    checked_rows = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise _Invalid("each sample row has one value per column")
+        checked_rows.append([cell(item) for item in row])
+    return {"columns": checked_columns, "rows": checked_rows}
+
+
 def _optional(check: Callable[[object], object]) -> Callable[[object], object]:
     def maybe(value: object) -> object:
         return None if value is None else check(value)
@@ -313,6 +337,7 @@ _PUBLISH = (
         "usage_conditions", _text_of("usage_conditions", MAX_LONG_TEXT_CHARS, multiline=True), ""
     ),
     _Param("citation", _optional(_text_of("citation", MAX_LONG_TEXT_CHARS, multiline=True)), None),
+    _Param("sample", _optional(_text_table), None),
 )
 _SESSION_ID = _Param("request_id", _an_id("request_id"))
 _MESSAGE = _Param("message", _text_of("message", MAX_MESSAGE_CHARS, multiline=True), "")

@@ -174,6 +174,8 @@ class Host:
         architecture: Mapping[str, Any] | None = None,
         schema: Sequence[Mapping[str, Any]] | None = None,
         policy_summary: str | None = None,
+        sample: Any = None,
+        sample_copies_data: bool = False,
     ) -> Listing:
         """:meth:`publish` on the host's loop."""
         return await self.registry.publish_async(
@@ -181,7 +183,7 @@ class Host:
             description=description, keywords=list(tags), modality=modality, citation=citation,
             creators=creators, usage_conditions=usage_conditions, availability=availability,
             kind=kind, metrics=metrics, architecture=architecture, schema=schema,
-            policy=policy_summary,
+            policy=policy_summary, sample=sample, sample_copies_data=sample_copies_data,
         )  # fmt: skip
 
     def publish(self, obj_or_tag: Any, **listing: Any) -> Listing:
@@ -199,7 +201,10 @@ class Host:
         (``schema=``, ``policy_summary=`` override). Models (``kind="model"``, inferred
         for modules) take ``metrics``: ``{"accuracy": 0.98}`` (self-reported) or
         ``[{"name", "value", "dataset": listing_id, "receipt": job.receipt}]`` (a job on
-        this host produced it)."""
+        this host produced it). ``sample`` (a DataFrame, a tensor, or ``{name: values}``;
+        at most 100 records) is a small example published to everyone, held to the schema;
+        one that copies a record of the hosted data is refused unless
+        ``sample_copies_data=True`` (the data is public)."""
         return self.registry.call(self.publish_async(obj_or_tag, **listing))
 
     async def unpublish_async(self, tag: str, *, registry_url: str | None = None) -> list[str]:

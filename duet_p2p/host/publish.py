@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from duet_p2p.errors import DuetError
+from duet_p2p.host.publish_sample import copied_record, sample_values
 from duet_p2p.registry.listing import (
     MAX_METRICS,
     MAX_POLICY_CHARS,
@@ -27,6 +28,7 @@ from duet_p2p.registry.listing import (
     MODALITIES,
     TENSOR_DTYPES,
 )
+from duet_p2p.registry.sample import check_sample
 from duet_p2p.store import StoredObject
 
 if TYPE_CHECKING:
@@ -354,9 +356,12 @@ def listing_fields(
     architecture: Mapping[str, Any] | None = None,
     schema: Sequence[Mapping[str, Any]] | None = None,
     policy: str | None = None,
+    sample: Any = None,
+    sample_copies_data: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """(kind, the ListingSpec fields) for ``record`` as the owner describes it; the listing
-    checks each field again when built."""
+    checks each field again when built. A ``sample`` that holds a record of the hosted
+    data is refused unless ``sample_copies_data`` (the data is public)."""
     if host.options.signaling_url is None:
         raise PublishError("the host has no signaling URL, so scientists could not reach it")
     found = describe(record, value)
@@ -381,6 +386,7 @@ def listing_fields(
         "availability": [dict(w) for w in availability],
         "signaling_url": host.options.signaling_url,
         "architecture": None, "metrics": [], "tag": record.tags[0],
+        "sample": _sample(sample, entries, record, sample_copies_data),
     }  # fmt: skip
     if kind == "model":
         given = dict(architecture) if architecture is not None else None
@@ -389,6 +395,24 @@ def listing_fields(
     elif architecture is not None or metrics:
         raise PublishError("only a model listing (kind='model') has an architecture and metrics")
     return kind, fields
+
+
+def _sample(
+    sample: Any, entries: list[dict[str, Any]], record: StoredObject, copies_data: bool
+) -> dict[str, Any]:
+    """The owner's sample as a listing holds it, refused if it copies a hosted record."""
+    try:
+        values = check_sample(sample_values(sample, entries), entries)
+    except (TypeError, ValueError) as exc:
+        raise PublishError(f"the sample does not fit the listing: {exc}") from None
+    copied = None if copies_data else copied_record(values, entries, record)
+    if copied is not None:
+        raise PublishError(
+            f"record {copied} of the sample is a record of the hosted data, and a sample is "
+            "published to everyone: make the sample synthetic (listing.mock() makes one from "
+            "the schema), or pass sample_copies_data=True if this data is public"
+        )
+    return values
 
 
 def _creators(creators: Iterable[str | Mapping[str, str]]) -> list[dict[str, str]]:

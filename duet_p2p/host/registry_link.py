@@ -33,6 +33,7 @@ from duet_p2p.errors import DuetError
 from duet_p2p.host.config import RegistryOptions
 from duet_p2p.host.inbox_view import InboxEntry, InboxView, format_local
 from duet_p2p.host.publish import PublishError, PublishingHost, find_hosted, listing_fields
+from duet_p2p.host.publish_sample import TextTable
 from duet_p2p.host.sqlite_file import SqliteFile, init_schema
 from duet_p2p.registry.listing import (
     MAX_HEARTBEAT_LISTINGS,
@@ -604,7 +605,7 @@ def _delay(interval: float, failures: int) -> float:
 _OWNER_WORDS = frozenset({
     "name", "summary", "description", "license", "keywords", "modality", "citation",
     "creators", "usage_conditions", "availability", "kind", "metrics", "architecture",
-    "schema", "policy",
+    "schema", "policy", "sample", "sample_copies_data",
 })  # fmt: skip
 
 
@@ -660,11 +661,13 @@ class RegistryAdmin:
         modality: str | None,
         usage_conditions: str,
         citation: str | None,
+        sample: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         words: dict[str, Any] = {
             "name": name, "summary": summary, "description": description, "license": license,
             "keywords": keywords, "modality": modality, "usage_conditions": usage_conditions,
             "citation": citation,
+            "sample": None if sample is None else TextTable(sample["columns"], sample["rows"]),
         }  # fmt: skip
         listing = self._link.call(self._link.publish_async(tag, registry_url=registry, **words))
         return {"listing_id": listing.id, "version": listing.version, "name": listing.name,

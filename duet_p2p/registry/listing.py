@@ -3,7 +3,8 @@
 A listing describes (never contains) a dataset or a model: name, summary, Markdown
 description, SPDX license, citation, creators, keywords, modality, schema, approximate
 size, usage conditions, access modes, a summary of the host's approval policy, availability
-windows, where to signal the host, and for models their architecture and metrics. It is
+windows, where to signal the host, for models their architecture and metrics, and, if the
+owner gives one, a small sample held to the schema (:mod:`duet_p2p.registry.sample`). It is
 owned by one host identity: ``host_key`` (Ed25519) must hash to ``host_id``, and the host
 signs ``[b"duet_p2p listing v1", sha256(listing)]`` (each part length-prefixed), so a
 registry can store and serve a listing but cannot forge or alter one.
@@ -61,6 +62,7 @@ from duet_p2p.registry.canonical_json import (
     canonical_json,
     parse_canonical,
 )
+from duet_p2p.registry.sample import check_sample
 
 __all__ = [
     "ACCESS_MODES", "CONTEXT", "DAYS", "DELETION_CONTEXT", "DTYPES", "HEARTBEAT_CONTEXT",
@@ -104,6 +106,8 @@ MAX_ARCHITECTURE_BYTES = 1 << 18
 MAX_ARCHITECTURE_ITEMS = 20_000
 MAX_ARCHITECTURE_DEPTH = 32
 MAX_HEARTBEAT_LISTINGS = 1000
+MAX_SAMPLE_BYTES = 1 << 16
+"""Largest sample, encoded."""
 MAX_BODY_BYTES = 1 << 20
 """Largest canonical listing (receipts of metrics included)."""
 MAX_SMALL_BODY_BYTES = 1 << 16
@@ -129,7 +133,7 @@ _FIELDS = (
     "kind", "listing_id", "host_id", "host_key", "name", "summary", "description", "license",
     "citation", "creators", "keywords", "modality", "schema", "approx_size",
     "usage_conditions", "access_modes", "policy_summary", "availability", "signaling_url",
-    "version", "created_at", "updated_at", "architecture", "metrics", "tag",
+    "version", "created_at", "updated_at", "architecture", "metrics", "tag", "sample",
 )  # fmt: skip
 _DELETION_FIELDS = ("listing_id", "host_id", "version", "at")
 _HEARTBEAT_FIELDS = ("host_id", "at", "nonce", "listing_ids")
@@ -408,6 +412,16 @@ def _metrics(value: object, kind: str) -> list[dict[str, Any]]:
     return out
 
 
+def _sample(value: object, schema: list[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        checked = check_sample(value, schema)
+    except ValueError as exc:
+        raise InvalidListing(str(exc)) from None
+    if checked and len(canonical_json(checked, max_depth=MAX_DEPTH)) > MAX_SAMPLE_BYTES:
+        raise InvalidListing(f"a sample is at most {MAX_SAMPLE_BYTES} bytes encoded")
+    return checked
+
+
 # -- the listing -------------------------------------------------------------------------
 
 
@@ -448,6 +462,9 @@ class ListingSpec:
     tag: str = ""
     """The name the host knows it by: ``duet.store[tag]`` live, ``inputs={...: tag}`` in a
     job ("" when the owner did not say)."""
+    sample: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """A few records the owner chose to publish, held to the schema
+    (:mod:`duet_p2p.registry.sample`); ``{}`` when none."""
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -486,6 +503,7 @@ class ListingSpec:
         put(self, "architecture", _architecture(self.architecture, self.kind))
         put(self, "metrics", _metrics(self.metrics, self.kind))
         _line(self.tag, "tag", MAX_KEYWORD_CHARS)
+        put(self, "sample", _sample(self.sample, self.schema))
         if len(self.canonical_bytes()) > MAX_BODY_BYTES:
             raise InvalidListing(f"a listing is at most {MAX_BODY_BYTES} bytes encoded")
 

@@ -311,6 +311,35 @@ class Listing:
         arrays = mock_tensors(specs, seed=seed, max_elements=max_elements)
         return {entry["name"]: _tensor(arrays[entry["name"]], entry["dtype"]) for entry in specs}
 
+    @property
+    def has_sample(self) -> bool:
+        """Whether the owner published a sample (:meth:`sample`)."""
+        return bool(self.spec.sample)
+
+    def sample(self) -> Any:
+        """The few records the owner chose to publish with the listing, signed with it and
+        held to its schema: a pandas DataFrame for a table of columns (missing values as
+        NaN or None), or ``{name: torch.Tensor}`` for tensors. ValueError when the owner
+        published none (:meth:`mock` makes data from the schema instead)."""
+        from duet_p2p.registry.mock import mock_to_pandas
+
+        spec = self.spec
+        if not spec.sample:
+            raise ValueError(
+                f"the owner of listing {self.id} ({_text(spec.name, 80)!r}) published no "
+                "sample; listing.mock() makes synthetic data from its schema"
+            )
+        shaped = [entry for entry in spec.schema if "shape" in entry]
+        if not shaped:
+            return mock_to_pandas(spec.sample)
+        if len(shaped) != len(spec.schema):
+            raise ValueError(
+                f"listing {self.id} mixes tensors and columns in its schema; its sample is "
+                "in listing.spec.sample as lists"
+            )
+        return {entry["name"]: _sample_tensor(spec.sample[entry["name"]], entry["dtype"])
+                for entry in shaped}  # fmt: skip
+
     # -- the registry ------------------------------------------------------------------
 
     async def croissant_async(self) -> dict[str, Any]:
@@ -422,7 +451,15 @@ class Listing:
         schema = self._schema_lines()
         if schema:
             lines.append("  schema: " + "; ".join(schema))
+        if self.has_sample:
+            lines.append(f"  sample: {self._sample_records()} record(s) from the owner "
+                         "(listing.sample())")  # fmt: skip
         return "\n".join(line for line in lines if line)
+
+    def _sample_records(self) -> int:
+        from duet_p2p.registry.sample import sample_rows
+
+        return sample_rows(self.spec.sample, self.spec.schema)
 
     __str__ = __repr__
 
@@ -444,6 +481,10 @@ class Listing:
             f"<code>{_esc(spec.listing_id)}</code>; connects through "
             f"<code>{_esc(spec.signaling_url, 500)}</code> (the owner's signaling server)</p>",
             f"<p>Schema:</p><ul>{schema}</ul>" if schema else "",
+            f"<p>Sample: {self._sample_records()} record(s) from the owner "
+            "(<code>listing.sample()</code>)</p>"
+            if self.has_sample
+            else "",
             "</div>",
         ]
         return "".join(parts)
@@ -456,6 +497,13 @@ def _tensor(array: Any, dtype: str) -> Any:
     tensor = torch.from_numpy(array)
     target = getattr(torch, dtype)
     return tensor if tensor.dtype == target else tensor.to(target)
+
+
+def _sample_tensor(values: Any, dtype: str) -> Any:
+    """A sample's nested lists as a torch tensor of the listing's dtype."""
+    import torch
+
+    return torch.tensor(values, dtype=getattr(torch, dtype))
 
 
 # -- a page of search results ------------------------------------------------------------

@@ -4,9 +4,10 @@ it, connects and asks for a session.
 1. A signaling server starts with the registry mounted beside it
    (``--registry-database``): one small deployment does both.
 2. The owner's standing host starts (``duet-host serve``) and publishes its ``ages`` table
-   (``duet-host publish``): a listing signed with the host's key, never the data.
-3. The scientist searches the registry, looks at the listing and a mock shaped like its
-   schema, connects with ``listing.connect()`` and gets a DP mean the host's rule approves;
+   (``duet-host publish``): a listing signed with the host's key, never the data, with a
+   few made-up records as its sample (``--sample-file made_up.csv``).
+3. The scientist searches the registry, looks at the listing, its sample and a mock shaped
+   like its schema, connects with ``listing.connect()`` and gets a DP mean the host's rule approves;
    then asks the owner for a live session tomorrow.
 4. The owner, in New York, reads the request in ``duet-host inbox`` and accepts it.
 5. The scientist, in Tokyo, sees the agreed time in their own time zone.
@@ -97,7 +98,8 @@ def main() -> int:
                 demo, owner_home, config, "publish", "ages", "--name", "Made-up patients",
                 "--summary", "Age, weight and smoking of made-up patients",
                 "--description-file", str(HERE / "ages.md"), "--license", "CC-BY-4.0",
-                "--tag", "health", "--tag", "smoking", "--tag", "synthetic", "--json",
+                "--tag", "health", "--tag", "smoking", "--tag", "synthetic",
+                "--sample-file", str(HERE / "made_up.csv"), "--json",
             )  # fmt: skip
             listing_id = json.loads(out)["listing_id"]
             wait_until(lambda: online(registry_url, listing_id), "the host's heartbeat", 30)

@@ -20,6 +20,8 @@ def find(registry_url: str) -> None:
     print(found)
     listing = found[0]
     print(listing)
+    print("the owner's sample (made-up records, published with the listing):")
+    print(listing.sample())
     print("a mock to dry-run code on (synthetic, from the schema alone):")
     print(listing.mock(rows=3))
     duet = listing.connect(identity="demo-scientist")

@@ -235,6 +235,7 @@ async def test_stored_xss_is_inert_in_every_field(
     dataset = make(
         **HOSTILE_FIELDS,
         schema=[{"name": "col" + XSS, "dtype": "string", "description": "d" + XSS}],
+        sample={"col" + XSS: ["s" + XSS, None]},
     )
     model = make(
         kind="model", modality="image", **HOSTILE_FIELDS,
@@ -256,7 +257,8 @@ async def test_stored_xss_is_inert_in_every_field(
     for prefix in ("N", "S", "C", "U", "P", "K", "t", "e", "m", "A", "F", "type", "v"):
         assert prefix + "&lt;img src=x onerror=" in listing, prefix
     described = await page(client, f"{registry.url}/listings/{dataset.listing_id}")
-    for prefix in ("D", "col", "d"):
+    assert "Sample from the owner" in described
+    for prefix in ("D", "col", "d", "s"):
         assert prefix + "&lt;img src=x onerror=" in described, prefix
 
 

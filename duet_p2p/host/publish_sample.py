@@ -1,0 +1,237 @@
+"""The sample an owner publishes with a listing, and the check that it is not the data.
+
+:func:`sample_values` turns what the owner passes as ``sample=`` (a pandas DataFrame, a
+tensor or array for a one-tensor schema, or ``{name: values}``) into the plain lists a
+listing holds; the listing then holds them to its schema
+(:mod:`duet_p2p.registry.sample`).
+
+A sample is published to everyone, so a sample that is a slice of the hosted data
+(``sample=df.head()``) would publish private records. :func:`copied_record` looks for each
+sample record among the hosted records (exact equality, missing values equal to missing
+values, categories compared by their codes) and publishing refuses a copy unless the owner
+says the data is public (``sample_copies_data=True``). It catches the slip, not a
+determined owner: a record changed in one value is no longer a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import torch
+
+from duet_p2p.registry.croissant import dtype_kind
+from duet_p2p.store import StoredObject
+
+__all__ = ["CHUNK_ROWS", "TextTable", "copied_record", "sample_values"]
+
+CHUNK_ROWS = 65_536
+"""Hosted records compared at once (bounds the memory a comparison takes)."""
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """A sample as text, as read from a CSV file (``duet-host publish --sample-file``):
+    each cell becomes a value of its column's dtype; an empty cell is a missing value."""
+
+    columns: list[str]
+    rows: list[list[str]]
+
+
+def sample_values(sample: Any, schema: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``sample`` as ``{schema entry name: plain values}`` (not yet checked against the
+    schema: the listing does that). TypeError or ValueError for what cannot be a sample."""
+    if sample is None:
+        return {}
+    if isinstance(sample, TextTable):
+        return _from_text(sample, schema)
+    if _is_dataframe(sample):
+        return {str(column): [_plain(v) for v in sample[column].tolist()]
+                for column in sample.columns}  # fmt: skip
+    if isinstance(sample, torch.Tensor) or _is_ndarray(sample):
+        if len(schema) != 1:
+            raise TypeError("a tensor sample needs a schema of one tensor; pass {name: values}")
+        return {schema[0]["name"]: _plain(sample.tolist())}
+    if isinstance(sample, Mapping):
+        out: dict[str, Any] = {}
+        for name, values in sample.items():
+            if isinstance(values, torch.Tensor) or _is_ndarray(values):
+                values = values.tolist()
+            elif _is_series(values):
+                values = values.tolist()
+            out[str(name)] = _plain(values)
+        return out
+    raise TypeError("a sample is a DataFrame, a tensor or array, or {name: values}")
+
+
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+
+
+def _from_text(table: TextTable, schema: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    dtypes = {entry["name"]: entry["dtype"] for entry in schema if "shape" not in entry}
+    if len(dtypes) != len(schema):
+        raise TypeError("a CSV sample fits a table of columns, not tensors")
+    out: dict[str, Any] = {}
+    for index, column in enumerate(table.columns):
+        if column not in dtypes:
+            raise ValueError(f"the sample's column {column[:80]!r} is not in the schema")
+        kind = dtype_kind(dtypes[column])
+        out[column] = [_parse_cell(row[index], kind, column, number)
+                       for number, row in enumerate(table.rows, start=1)]  # fmt: skip
+    return out
+
+
+def _parse_cell(cell: str, kind: str, column: str, row: int) -> Any:
+    text = cell.strip()
+    if not text:
+        return None
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "boolean":
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError(text)
+    except ValueError:
+        raise ValueError(
+            f"row {row} of the sample: {column[:80]!r} holds {kind} values, not {text[:40]!r}"
+        ) from None
+    return cell
+
+
+def copied_record(
+    sample: Mapping[str, Any], schema: Sequence[Mapping[str, Any]], record: StoredObject
+) -> int | None:
+    """The index of the first sample record that is a record of the hosted ``record``
+    (None if none is, or the hosted value has no records to compare: a module)."""
+    held = record.value
+    if not isinstance(held, torch.Tensor) or not sample:
+        return None
+    if record.schema is not None and held.dim() == 2:
+        return _copied_row(sample, record, held)
+    names = [entry["name"] for entry in schema if "shape" in entry]
+    for name in names:  # a tensor listing: its entries' records against the hosted tensor
+        found = _copied_slice(sample.get(name), held)
+        if found is not None:
+            return found
+    return None
+
+
+def _copied_row(sample: Mapping[str, Any], record: StoredObject, held: torch.Tensor) -> int | None:
+    table = record.schema
+    assert table is not None
+    if set(sample) != set(table.columns):
+        return None  # a sample of other columns is no row of this table
+    count = len(next(iter(sample.values()), []))
+    for index in range(count):
+        row = [_code(sample[column][index], table.categories.get(column))
+               for column in table.columns]  # fmt: skip
+        if any(value is _NO_MATCH for value in row):
+            continue
+        target = torch.tensor([math.nan if v is None else v for v in row], dtype=torch.float64)
+        if _any_equal(held, target.to(held.dtype) if held.is_floating_point() else target):
+            return index
+    return None
+
+
+def _copied_slice(values: Any, held: torch.Tensor) -> int | None:
+    if values is None:
+        return None
+    if held.dim() == 0 or not isinstance(values, list):
+        return 0 if _same(held, values) else None
+    for index, item in enumerate(values):
+        try:
+            target = torch.tensor(item, dtype=held.dtype)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            continue
+        if tuple(target.shape) == tuple(held.shape[1:]) and _any_equal(held, target):
+            return index
+    return None
+
+
+def _same(held: torch.Tensor, value: Any) -> bool:
+    try:
+        target = torch.tensor(value, dtype=held.dtype)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return False
+    return target.shape == held.shape and bool(_equal(held, target).all())
+
+
+def _any_equal(held: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether some record (along dimension 0) of ``held`` equals ``target``."""
+    for start in range(0, held.shape[0], CHUNK_ROWS):
+        chunk = held[start : start + CHUNK_ROWS]
+        if chunk.dtype != target.dtype:
+            chunk = chunk.to(target.dtype)
+        equal = _equal(chunk, target.expand_as(chunk) if target.dim() else target)
+        if bool(equal.reshape(chunk.shape[0], -1).all(dim=1).any()):
+            return True
+    return False
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    same = a == b
+    if a.is_floating_point():
+        same |= a.isnan() & b.isnan()
+    return same
+
+
+class _NoMatch:
+    pass
+
+
+_NO_MATCH = _NoMatch()
+"""A category the hosted table does not know: that row cannot be one of its rows."""
+
+
+def _code(value: Any, categories: tuple[str, ...] | None) -> Any:
+    if categories is None:
+        if isinstance(value, bool):
+            return float(value)
+        return value if value is None or isinstance(value, int | float) else _NO_MATCH
+    if value is None:
+        return None
+    try:
+        return categories.index(value)
+    except ValueError:
+        return _NO_MATCH
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars, NaN and NaT, timestamps and nested lists as JSON-like values."""
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, str):
+        try:
+            value = value.item()
+        except (ValueError, TypeError):
+            pass
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if type(value).__name__ in ("NaTType", "NAType"):
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def _is_dataframe(value: Any) -> bool:
+    return (
+        type(value).__module__.split(".", 1)[0] == "pandas" and type(value).__name__ == "DataFrame"
+    )
+
+
+def _is_series(value: Any) -> bool:
+    return type(value).__module__.split(".", 1)[0] == "pandas" and type(value).__name__ == "Series"
+
+
+def _is_ndarray(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
