@@ -254,6 +254,8 @@ def _text_table(value: object) -> dict[str, list[Any]]:
         raise _Invalid(f"a sample has 1 to {MAX_SCHEMA_ENTRIES} columns")
     name = _text_of("a sample column", MAX_LISTING_NAME_CHARS, empty=False)
     checked_columns = [name(column) for column in columns]
+    if len(set(checked_columns)) != len(checked_columns):
+        raise _Invalid("a sample names a column twice")
     if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_SAMPLE_ROWS:
         raise _Invalid(f"a sample has 1 to {MAX_SAMPLE_ROWS} rows")
     cell = _text_of("a sample value", MAX_SAMPLE_TEXT_CHARS)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from duet_p2p.errors import DuetError
-from duet_p2p.host.publish_sample import copied_record, sample_values
+from duet_p2p.host.publish_sample import UncheckedSample, copied_record, sample_values
 from duet_p2p.registry.listing import (
     MAX_METRICS,
     MAX_POLICY_CHARS,
@@ -403,9 +403,16 @@ def _sample(
     """The owner's sample as a listing holds it, refused if it copies a hosted record."""
     try:
         values = check_sample(sample_values(sample, entries), entries)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise PublishError(f"the sample does not fit the listing: {exc}") from None
-    copied = None if copies_data else copied_record(values, entries, record)
+    try:
+        copied = None if copies_data else copied_record(values, entries, record)
+    except UncheckedSample as exc:
+        raise PublishError(
+            f"the sample cannot be checked against the hosted data ({exc}), and a sample is "
+            "published to everyone: describe the data as hosted, or pass "
+            "sample_copies_data=True to publish the sample unchecked"
+        ) from None
     if copied is not None:
         raise PublishError(
             f"record {copied} of the sample is a record of the hosted data, and a sample is "

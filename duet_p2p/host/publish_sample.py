@@ -7,10 +7,12 @@ listing holds; the listing then holds them to its schema
 
 A sample is published to everyone, so a sample that is a slice of the hosted data
 (``sample=df.head()``) would publish private records. :func:`copied_record` looks for each
-sample record among the hosted records (exact equality, missing values equal to missing
-values, categories compared by their codes) and publishing refuses a copy unless the owner
-says the data is public (``sample_copies_data=True``). It catches the slip, not a
-determined owner: a record changed in one value is no longer a copy.
+sample record among the hosted records (equal as they are or once rounded to float32,
+missing values equal to missing values, categories compared by their codes, a subset of a
+table's columns compared on those columns) and publishing refuses a copy unless the owner
+says the data is public (``sample_copies_data=True``). A sample that cannot be lined up
+with the hosted records is refused the same way: the check fails closed. It catches the
+slip, not a determined owner: a record changed in one value is no longer a copy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from duet_p2p.registry.croissant import dtype_kind
 from duet_p2p.store import StoredObject
 
-__all__ = ["CHUNK_ROWS", "TextTable", "copied_record", "sample_values"]
+__all__ = ["CHUNK_ROWS", "TextTable", "UncheckedSample", "copied_record", "sample_values"]
 
 CHUNK_ROWS = 65_536
 """Hosted records compared at once (bounds the memory a comparison takes)."""
@@ -75,6 +77,8 @@ def _from_text(table: TextTable, schema: Sequence[Mapping[str, Any]]) -> dict[st
     dtypes = {entry["name"]: entry["dtype"] for entry in schema if "shape" not in entry}
     if len(dtypes) != len(schema):
         raise TypeError("a CSV sample fits a table of columns, not tensors")
+    if len(set(table.columns)) != len(table.columns):
+        raise ValueError("the sample names a column twice")
     out: dict[str, Any] = {}
     for index, column in enumerate(table.columns):
         if column not in dtypes:
@@ -105,81 +109,124 @@ def _parse_cell(cell: str, kind: str, column: str, row: int) -> Any:
     return cell
 
 
+class UncheckedSample(ValueError):
+    """The sample cannot be lined up with the hosted records (its columns are not the
+    hosted table's, say), so whether it copies one cannot be told."""
+
+
 def copied_record(
     sample: Mapping[str, Any], schema: Sequence[Mapping[str, Any]], record: StoredObject
 ) -> int | None:
-    """The index of the first sample record that is a record of the hosted ``record``
-    (None if none is, or the hosted value has no records to compare: a module)."""
+    """The index of the first sample record that is a record of the hosted ``record``, or
+    None. Values are equal as they are, or once both are rounded to float32 (and to the
+    column's float16 or bfloat16, if the schema says so), so decimals typed from a float32
+    column still match. A table's sample may hold a subset of its columns (compared on
+    those). A module's sample (its inputs) is not compared. :class:`UncheckedSample` when
+    the sample cannot be lined up with the hosted records."""
     held = record.value
-    if not isinstance(held, torch.Tensor) or not sample:
+    if not sample or isinstance(held, torch.nn.Module):
         return None
-    if record.schema is not None and held.dim() == 2:
-        return _copied_row(sample, record, held)
-    names = [entry["name"] for entry in schema if "shape" in entry]
-    for name in names:  # a tensor listing: its entries' records against the hosted tensor
-        found = _copied_slice(sample.get(name), held)
+    if not isinstance(held, torch.Tensor):
+        raise UncheckedSample(f"a hosted {type(held).__name__} has no records to compare")
+    columns = [entry for entry in schema if "shape" not in entry]
+    if columns:
+        found = _copied_row(sample, columns, record, held)
         if found is not None:
             return found
+    for entry in schema:
+        if "shape" in entry:
+            found = _copied_slice(sample[entry["name"]], held)
+            if found is not None:
+                return found
     return None
 
 
-def _copied_row(sample: Mapping[str, Any], record: StoredObject, held: torch.Tensor) -> int | None:
-    table = record.schema
-    assert table is not None
-    if set(sample) != set(table.columns):
-        return None  # a sample of other columns is no row of this table
-    count = len(next(iter(sample.values()), []))
+def _copied_row(
+    sample: Mapping[str, Any], columns: list[Mapping[str, Any]], record: StoredObject,
+    held: torch.Tensor,
+) -> int | None:  # fmt: skip
+    table = held.unsqueeze(1) if held.dim() == 1 else held
+    names = [entry["name"] for entry in columns]
+    if table.dim() != 2:
+        raise UncheckedSample(f"the hosted tensor has {held.dim()} dimensions, not a table's 2")
+    if record.schema is not None:
+        hosted = record.schema.columns
+        unknown = [name for name in names if name not in hosted]
+        if unknown:
+            raise UncheckedSample(f"the hosted table has no column {unknown[0][:80]!r}")
+        positions = [hosted.index(name) for name in names]
+        categories = record.schema.categories
+    elif len(names) == table.shape[1]:  # columns over a plain tensor: in schema order
+        positions, categories = list(range(len(names))), {}
+    else:
+        raise UncheckedSample(
+            f"the sample has {len(names)} columns, the hosted tensor {table.shape[1]}"
+        )
+    table = table[:, positions]
+    narrow = [(j, _NARROW[entry["dtype"]]) for j, entry in enumerate(columns)
+              if entry["dtype"] in _NARROW]  # fmt: skip
+    count = len(sample[names[0]])
     for index in range(count):
-        row = [_code(sample[column][index], table.categories.get(column))
-               for column in table.columns]  # fmt: skip
+        row = [_code(sample[name][index], categories.get(name)) for name in names]
         if any(value is _NO_MATCH for value in row):
             continue
         target = torch.tensor([math.nan if v is None else v for v in row], dtype=torch.float64)
-        if _any_equal(held, target.to(held.dtype) if held.is_floating_point() else target):
+        if _any_equal(table, target, narrow):
             return index
     return None
 
 
 def _copied_slice(values: Any, held: torch.Tensor) -> int | None:
-    if values is None:
-        return None
+    """A tensor entry's records (along its first dimension) against the hosted tensor's,
+    compared by their values in order (a record reshaped is still that record)."""
     if held.dim() == 0 or not isinstance(values, list):
         return 0 if _same(held, values) else None
+    size = math.prod(held.shape[1:])
+    records = held.reshape(held.shape[0], size)
     for index, item in enumerate(values):
         try:
-            target = torch.tensor(item, dtype=held.dtype)
+            target = torch.tensor(item, dtype=torch.float64 if held.is_floating_point()
+                                  else held.dtype)  # fmt: skip
         except (TypeError, ValueError, RuntimeError, OverflowError):
             continue
-        if tuple(target.shape) == tuple(held.shape[1:]) and _any_equal(held, target):
+        if target.numel() == size and _any_equal(records, target.reshape(size), []):
             return index
     return None
 
 
 def _same(held: torch.Tensor, value: Any) -> bool:
     try:
-        target = torch.tensor(value, dtype=held.dtype)
+        target = torch.tensor(value, dtype=torch.float64 if held.is_floating_point()
+                              else held.dtype)  # fmt: skip
     except (TypeError, ValueError, RuntimeError, OverflowError):
         return False
-    return target.shape == held.shape and bool(_equal(held, target).all())
+    return target.numel() == held.numel() == 1 and _any_equal(held.reshape(1, 1),
+                                                              target.reshape(1), [])  # fmt: skip
 
 
-def _any_equal(held: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether some record (along dimension 0) of ``held`` equals ``target``."""
-    for start in range(0, held.shape[0], CHUNK_ROWS):
-        chunk = held[start : start + CHUNK_ROWS]
-        if chunk.dtype != target.dtype:
-            chunk = chunk.to(target.dtype)
-        equal = _equal(chunk, target.expand_as(chunk) if target.dim() else target)
-        if bool(equal.reshape(chunk.shape[0], -1).all(dim=1).any()):
+_NARROW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _any_equal(
+    records: torch.Tensor, target: torch.Tensor, narrow: list[tuple[int, torch.dtype]]
+) -> bool:
+    """Whether some row of the 2-D ``records`` equals the 1-D ``target`` (missing equal to
+    missing; floats also once rounded to float32, and the ``narrow`` columns to their
+    dtype)."""
+    for start in range(0, records.shape[0], CHUNK_ROWS):
+        chunk = records[start : start + CHUNK_ROWS]
+        if chunk.is_floating_point() or target.is_floating_point():
+            chunk = chunk.to(torch.float64)
+            wanted = target.to(torch.float64)
+            equal = (chunk == wanted) | (chunk.isnan() & wanted.isnan())
+            equal |= chunk.float() == wanted.float()
+            for column, dtype in narrow:
+                equal[:, column] |= chunk[:, column].to(dtype) == wanted[column].to(dtype)
+        else:
+            equal = chunk == target.to(chunk.dtype)
+        if bool(equal.all(dim=1).any()):
             return True
     return False
-
-
-def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    same = a == b
-    if a.is_floating_point():
-        same |= a.isnan() & b.isnan()
-    return same
 
 
 class _NoMatch:

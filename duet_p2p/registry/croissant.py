@@ -174,7 +174,7 @@ def croissant_jsonld(listing: Mapping[str, Any], *, url: str) -> dict[str, Any]:
         "isLiveDataset": True,
         "isAccessibleForFree": False,
         "conditionsOfAccess": _access(listing),
-        "recordSet": _record_sets(listing.get("schema")),
+        "recordSet": _with_examples(_record_sets(listing.get("schema")), listing.get("sample")),
     }
     optional = {
         "creator": [_creator(item) for item in _items(listing, "creators")],
@@ -296,6 +296,32 @@ def _record_set(set_id: str, fields: list[dict[str, Any]]) -> dict[str, Any]:
             for f in fields
         ],
     }
+
+
+def _with_examples(sets: list[dict[str, Any]], sample: object) -> list[dict[str, Any]]:
+    """Each record set with the owner's sample as its ``examples`` (Croissant's "records
+    provided as example content"): a record per row, keyed by field ``@id``; for tensors,
+    a record per index of their first dimension (as many as the shortest has). The sample
+    is expected checked (``duet_p2p.registry.sample``); anything else is a ValueError."""
+    if not sample:
+        return sets
+    if not isinstance(sample, Mapping):
+        raise ValueError("a sample is a map from schema entry names to values")
+    for record_set in sets:
+        fields = record_set["field"]
+        values = [sample.get(field["name"]) for field in fields]
+        if any(value is None for value in values):
+            raise ValueError("a sample has one entry per schema entry")
+        ranked = [value for value in values if isinstance(value, list)]
+        if record_set["@id"] == "records" and len(ranked) != len(values):
+            raise ValueError("a sample column is a list of values")
+        count = min((len(value) for value in ranked), default=1)
+        record_set["examples"] = [
+            {field["@id"]: value[index] if isinstance(value, list) else value
+             for field, value in zip(fields, values, strict=True)}
+            for index in range(min(count, MAX_ITEMS))
+        ]  # fmt: skip
+    return sets
 
 
 def _segment(name: str) -> str:

@@ -417,9 +417,12 @@ def _sample(value: object, schema: list[dict[str, Any]]) -> dict[str, Any]:
         checked = check_sample(value, schema)
     except ValueError as exc:
         raise InvalidListing(str(exc)) from None
-    if checked and len(canonical_json(checked, max_depth=MAX_DEPTH)) > MAX_SAMPLE_BYTES:
+    if not checked:
+        return checked
+    encoded = canonical_json(checked, max_depth=MAX_DEPTH, error=InvalidListing)
+    if len(encoded) > MAX_SAMPLE_BYTES:
         raise InvalidListing(f"a sample is at most {MAX_SAMPLE_BYTES} bytes encoded")
-    return checked
+    return _parse(encoded, MAX_SAMPLE_BYTES)  # as every reader will see it (1.0 is 1)
 
 
 # -- the listing -------------------------------------------------------------------------

@@ -318,10 +318,10 @@ class Listing:
 
     def sample(self) -> Any:
         """The few records the owner chose to publish with the listing, signed with it and
-        held to its schema: a pandas DataFrame for a table of columns (missing values as
-        NaN or None), or ``{name: torch.Tensor}`` for tensors. ValueError when the owner
+        held to its schema: a pandas DataFrame for a table of columns (each of its schema
+        dtype, missing values as NaN or <NA>; dates and times as text), or ``{name: torch.Tensor}`` for tensors. ValueError when the owner
         published none (:meth:`mock` makes data from the schema instead)."""
-        from duet_p2p.registry.mock import mock_to_pandas
+        from duet_p2p.registry.sample import sample_to_pandas
 
         spec = self.spec
         if not spec.sample:
@@ -331,7 +331,7 @@ class Listing:
             )
         shaped = [entry for entry in spec.schema if "shape" in entry]
         if not shaped:
-            return mock_to_pandas(spec.sample)
+            return sample_to_pandas(spec.sample, spec.schema)
         if len(shaped) != len(spec.schema):
             raise ValueError(
                 f"listing {self.id} mixes tensors and columns in its schema; its sample is "

@@ -26,7 +26,9 @@ from typing import Any
 
 from duet_p2p.registry.croissant import dtype_kind
 
-__all__ = ["MAX_ROWS", "MAX_TEXT_CHARS", "MAX_VALUES", "check_sample", "sample_rows"]
+__all__ = [
+    "MAX_ROWS", "MAX_TEXT_CHARS", "MAX_VALUES", "check_sample", "sample_rows", "sample_to_pandas",
+]  # fmt: skip
 
 MAX_ROWS = 100
 """Most records in a sample (a table's rows, a tensor's first dimension)."""
@@ -40,8 +42,12 @@ _INT_RANGES = {
     "int32": (-(1 << 31), (1 << 31) - 1), "int64": (-((1 << 53) - 1), (1 << 53) - 1),
 }  # fmt: skip
 """Integer dtypes' ranges (int64 within what every JSON reader holds exactly)."""
-_FLOAT_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
+_FLOAT_LIMITS = {
+    "float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38,
+}  # fmt: skip
 """Largest magnitude each narrow float dtype holds (a sample never becomes infinite)."""
+_MAX_EXACT = (1 << 53) - 1
+"""Largest integer a float column takes as an integer literal (JSON readers hold it)."""
 
 
 def check_sample(sample: object, schema: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -80,8 +86,11 @@ def check_sample(sample: object, schema: Sequence[Mapping[str, Any]]) -> dict[st
 
 
 def sample_rows(sample: Mapping[str, Any], schema: Sequence[Mapping[str, Any]]) -> int:
-    """How many records ``sample`` (checked) holds: a table's rows, else the first
-    dimension of its first tensor (1 for a single value)."""
+    """How many records ``sample`` (checked) holds: its columns' rows if it has columns,
+    else the first dimension of its first tensor (1 for a single value)."""
+    for entry in schema:
+        if "shape" not in entry:
+            return len(sample.get(entry["name"]) or [])
     for entry in schema:
         values = sample.get(entry["name"])
         if isinstance(values, list):
@@ -89,6 +98,30 @@ def sample_rows(sample: Mapping[str, Any], schema: Sequence[Mapping[str, Any]]) 
         if values is not None:
             return 1
     return 0
+
+
+_PANDAS_DTYPES = {
+    "int8": "Int8", "int16": "Int16", "int32": "Int32", "int64": "Int64", "uint8": "UInt8",
+    "float16": "float16", "bfloat16": "float32", "float32": "float32", "float64": "float64",
+    "bool": "boolean", "category": "category",
+}  # fmt: skip
+"""The pandas dtype of each column dtype (nullable integers and booleans: a sample may
+miss values); dates, times and text stay text, as in a mock."""
+
+
+def sample_to_pandas(sample: Mapping[str, Any], schema: Sequence[Mapping[str, Any]]) -> Any:
+    """A checked sample of columns as a pandas DataFrame, each column of its schema dtype
+    (``float32`` stays float32 though ``1.0`` travels as ``1``); needs pandas."""
+    import pandas as pd
+
+    columns = {}
+    for entry in schema:
+        values = sample[entry["name"]]
+        dtype = _PANDAS_DTYPES.get(entry["dtype"])
+        if dtype is not None and dtype.startswith("float"):
+            values = [math.nan if value is None else value for value in values]
+        columns[entry["name"]] = pd.Series(values, dtype=dtype or object)
+    return pd.DataFrame(columns)
 
 
 def _column(values: object, dtype: str, name: str, budget: list[int]) -> list[Any]:
@@ -122,7 +155,6 @@ def _tensor(values: object, shape: list[int], dtype: str, name: str, budget: lis
         if depth == len(shape) - 1:
             _spend(budget, len(item))
             return [_value(value, kind, dtype, name) for value in item]
-        _spend(budget, 1)  # the walk itself is bounded too
         inner = [walk(part, depth + 1) for part in item]
         if len({_lengths(part) for part in inner}) > 1:
             raise ValueError(f"sample tensor {name!r} is not rectangular")
@@ -153,17 +185,21 @@ def _value(value: object, kind: str, dtype: str, name: str) -> Any:
         return value
     if kind == "float":
         limit = _FLOAT_LIMITS.get(dtype, math.inf)
-        if type(value) not in (int, float) or not abs(value) < limit or math.isnan(value):  # type: ignore[arg-type]
+        if type(value) is int:
+            fits = abs(value) <= min(limit, _MAX_EXACT)
+        else:
+            fits = type(value) is float and math.isfinite(value) and abs(value) <= limit
+        if not fits:
             raise ValueError(f"sample {name!r} holds finite numbers that fit {dtype}")
         return value
     if kind == "boolean":
         if type(value) is not bool:
             raise ValueError(f"sample {name!r} holds true or false")
         return value
-    if type(value) is not str:
-        raise ValueError(f"sample {name!r} holds text")
+    if type(value) is not str or not value.isprintable():
+        raise ValueError(f"sample {name!r} holds text of printable characters")
     if kind == "text":
-        if len(value) > MAX_TEXT_CHARS or not value.isprintable():
+        if len(value) > MAX_TEXT_CHARS:
             raise ValueError(
                 f"sample {name!r} holds one printable line of at most {MAX_TEXT_CHARS} characters"
             )

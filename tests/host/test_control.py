@@ -19,7 +19,7 @@ import pytest
 
 from duet_p2p.errors import ConfigurationError, DuetError, PermissionDenied
 from duet_p2p.host import control
-from duet_p2p.host.control import ControlServer, request, socket_path
+from duet_p2p.host.control import MAX_REQUEST_BYTES, ControlServer, request, socket_path
 
 RID = "0123456789abcdef0123456789abcdef"
 CID = "fedcba9876543210fedcba9876543210"
@@ -312,8 +312,10 @@ async def test_bad_request_is_refused_and_server_keeps_serving(
 
 async def test_oversize_request_is_refused(served: tuple[ControlServer, FakeHost]) -> None:
     server, host = served
-    answer = await raw(server.path, b'{"command": "status", "x": "' + b"a" * 70_000)
-    assert answer == {"ok": False, "error": "the request is larger than 65536 bytes"}
+    answer = await raw(
+        server.path, b'{"command": "status", "x": "' + b"a" * (MAX_REQUEST_BYTES + 10)
+    )
+    assert answer == {"ok": False, "error": f"the request is larger than {MAX_REQUEST_BYTES} bytes"}
     assert host.calls == []
     assert await ask(server.path, "status")
 

@@ -164,3 +164,28 @@ def test_duet_host_publish_takes_a_sample_from_a_csv_file(
             code, _, err = cli(capsys, *base, "--sample-file", str(bad))
             assert code == 1 and why in err, (text, err)
         assert host.listings[0].version == 1  # nothing else was published
+
+
+def test_a_sample_that_cannot_be_lined_up_with_the_data_is_refused_unless_vouched_for(
+    tmp_path: Path,
+) -> None:
+    with quiet_host(tmp_path, jobs=JobSettings(enabled=False)) as host:
+        host.send(PATIENTS, tags=["patients"])
+        host.send(torch.zeros(4, 3), tags=["grid"])
+        renamed = [{"name": "years", "dtype": "float64"}, {"name": "ward", "dtype": "category"}]
+        three_columns = [{"name": n, "dtype": "float32"} for n in ("a", "b", "c")]
+        for hosted, schema, sample, why in (
+            ("patients", renamed, {"years": [40.0], "ward": ["north"]}, "no column 'years'"),
+            ("grid", three_columns[:2], {"a": [1.0], "b": [2.0]}, "2 columns, the hosted tensor 3"),
+        ):
+            with pytest.raises(PublishError, match=f"cannot be checked.*{why}"):
+                publish(host, "http://127.0.0.1:9", hosted, schema=schema, sample=sample)
+        with running_registry(tmp_path) as registry:
+            listing = publish(host, registry.url, "patients", schema=renamed,
+                              sample={"years": [40.0], "ward": ["north"]},
+                              sample_copies_data=True)  # fmt: skip
+            assert registry_get(registry.url, listing.id).sample()["years"].tolist() == [40.0]  # type: ignore[attr-defined]
+            # columns laid over a plain tensor are compared in order
+            with pytest.raises(PublishError, match="is a record of the hosted data"):
+                publish(host, registry.url, "grid", schema=three_columns,
+                        sample={"a": [0.0], "b": [0.0], "c": [0.0]})  # fmt: skip

@@ -72,7 +72,15 @@ CASES = {
     ),  # fmt: skip
     "mixed": listing(modality="other", schema=[TENSORS[0], {"name": "id", "dtype": "int32"}]),
     "empty": listing(modality="other", schema=[]),
-}
+    "table_sample": listing(sample={
+        "ward": ["north", None], "day": ["2024-01-02", "2024-01-03"],
+        "at": ["2024-01-02T10:00:00Z", None], "count": [3, 4], "rate.x/y": [0.5, 1],
+        "flag": [True, False], "note": ["<b>made up</b>", ""],
+    }),
+    "tensors_sample": listing(modality="image", schema=TENSORS, sample={
+        "images": [[[0] * 28] * 28] * 2, "labels": [7, 1, 2], "scale": 0.5,
+    }),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -88,6 +96,18 @@ def test_listing_croissant_validates(case: str) -> None:
     assert declared == {entry["name"] for entry in spec.schema}
     (host_data,) = dataset.metadata.distribution
     assert host_data.content_url == f"duet://{spec.host_id}/{spec.listing_id}"
+    examples = [rs.examples for rs in dataset.metadata.record_sets]
+    if not spec.sample:
+        assert examples == [None] * len(examples)
+    elif case == "table_sample":
+        (rows,) = examples
+        assert rows[0]["records/ward"] == "north" and rows[1]["records/at"] is None
+        assert rows[0]["records/note"] == "<b>made up</b>" and len(rows) == 2
+        assert "<b>" not in text  # escaped for a <script> element
+    else:
+        (records,) = examples
+        assert len(records) == 2 and records[1]["tensors/labels"] == 1
+        assert records[0]["tensors/scale"] == 0.5 and len(records[0]["tensors/images"]) == 28
 
 
 def test_a_broken_document_is_reported() -> None:
