@@ -55,6 +55,10 @@ ENGINE = web.AppKey("registry_engine", AsyncEngine)
 API_VERSION = 1
 MAX_PAGE = 100
 MAX_HOST_LISTINGS = 100
+RESPONSE_BUDGET_BYTES = 3 << 20
+"""Most bytes of listings one response carries (clients read at most 4 MiB): a page holds
+fewer results rather than more bytes (always at least one; a listing is at most 1 MiB,
+2 MiB once escaped), so large listings cannot make a search unreadable."""
 """A host page lists at most this many of the host's listings, newest first."""
 SEARCH_PARAMS = frozenset(
     {"q", "kind", "modality", "license", "keyword", "online", "limit", "offset"}
@@ -219,6 +223,23 @@ async def host_view(
     return HostView(host_id, last_seen, online, items)
 
 
+def _utf8_dumps(value: object) -> str:
+    """JSON with text as UTF-8, not ``\\u`` escapes (a listing's size stays near its own)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _within_budget(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first ``items`` that fit :data:`RESPONSE_BUDGET_BYTES` together (at least one)."""
+    kept: list[dict[str, Any]] = []
+    used = 0
+    for item in items:
+        used += len(_utf8_dumps(item).encode())
+        if kept and used > RESPONSE_BUDGET_BYTES:
+            break
+        kept.append(item)
+    return kept
+
+
 def _refusal(exc: Exception) -> ApiError:
     if isinstance(exc, Conflict):
         return ApiError(409, "conflict", str(exc)[:500])
@@ -258,8 +279,8 @@ async def search(request: web.Request) -> web.Response:
         "total_at_least": total >= MAX_TOTAL,
         "limit": kwargs["limit"],
         "offset": kwargs["offset"],
-        "results": await _listings_json(request.app, found),
-    })  # fmt: skip
+        "results": _within_budget(await _listings_json(request.app, found)),
+    }, dumps=_utf8_dumps)  # fmt: skip
 
 
 async def publish(request: web.Request) -> web.Response:
@@ -329,8 +350,8 @@ async def get_host(request: web.Request) -> web.Response:
         "host_id": view.host_id,
         "last_seen": view.last_seen,
         "online": view.online,
-        "listings": await _listings_json(request.app, view.listings),
-    })  # fmt: skip
+        "listings": _within_budget(await _listings_json(request.app, view.listings)),
+    }, dumps=_utf8_dumps)  # fmt: skip
 
 
 async def croissant(request: web.Request) -> web.Response:

@@ -59,7 +59,13 @@ def _param(name: str, where: str, schema: dict[str, Any], description: str) -> d
 
 _LISTING_ID = _param("id", "path", _ID, "The listing's ID (32 lowercase hex).")
 _PAGE = [
-    _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100}, "Page size."),
+    _param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": 100},
+        "Most results in the page; fewer come when they are large (a page stays under "
+        "3 MiB): the next page starts at offset + the results sent.",
+    ),
     _param("offset", "query", {"type": "integer", "minimum": 0, "maximum": 10000}, "Skip."),
 ]
 _SESSION_PAGE = [

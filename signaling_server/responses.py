@@ -3,8 +3,10 @@ keeps them; every error is ``{"error": code, "message": text}``."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -14,10 +16,16 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 
 def json_response(
-    data: object, status: int = 200, headers: Mapping[str, str] | None = None
+    data: object,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    *,
+    dumps: Callable[[Any], str] = json.dumps,
 ) -> web.Response:
     """A JSON response that no cache keeps."""
-    return web.json_response(data, status=status, headers={**_NO_STORE, **(headers or {})})
+    return web.json_response(
+        data, status=status, headers={**_NO_STORE, **(headers or {})}, dumps=dumps
+    )
 
 
 def error_response(

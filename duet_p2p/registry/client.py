@@ -283,8 +283,8 @@ class RegistryClient:
         return SearchResults(
             listings, total=max(total, offset + len(items)), at_least=at_least,
             dropped=len(items) - len(listings), rolled_back=rolled_back, query=query,
-            filters=filters, limit=limit, offset=offset, registry_url=self.url,
-            timeout=self.timeout,
+            filters=filters, limit=limit, offset=offset, returned=len(items),
+            registry_url=self.url, timeout=self.timeout,
         )  # fmt: skip
 
     async def get(self, listing_id: str) -> Listing:

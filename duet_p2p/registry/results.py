@@ -528,10 +528,14 @@ class SearchResults(TableView):
         filters: Mapping[str, Any] | None = None,
         limit: int = 20,
         offset: int = 0,
+        returned: int | None = None,
         registry_url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.listings = list(listings)
+        self.returned = len(self.listings) + dropped if returned is None else returned
+        """How many results the registry sent (shown or dropped): the next page starts
+        after them (a registry sends fewer than ``limit`` when they are large)."""
         self.total = total
         self.at_least = at_least
         self.dropped = dropped
@@ -581,9 +585,11 @@ class SearchResults(TableView):
 
     async def next_page_async(self) -> SearchResults:
         """:meth:`next_page` on the caller's loop."""
-        offset = self.offset + self.limit
-        ended = offset >= self.total and not (self.at_least and len(self) == self.limit)
-        if ended or not self.listings and not self.dropped:
+        from duet_p2p.registry.client import MAX_OFFSET
+
+        offset = self.offset + self.returned
+        ended = offset >= self.total and not self.at_least
+        if self.returned == 0 or ended or offset > MAX_OFFSET:
             return SearchResults([], total=self.total, query=self.query, filters=self.filters,
                                  limit=self.limit, offset=offset, registry_url=self.registry_url,
                                  timeout=self.timeout)  # fmt: skip
