@@ -43,7 +43,13 @@ from duet_p2p.registry.listing import (
     SignedListing,
 )
 from duet_p2p.registry.pins import Pins, Refusal, default_pins
-from duet_p2p.registry.plumbing import DEFAULT_TIMEOUT, RegistryError, register_client, run_sync
+from duet_p2p.registry.plumbing import (
+    DEFAULT_TIMEOUT,
+    MAX_OFFSET,
+    RegistryError,
+    register_client,
+    run_sync,
+)
 from duet_p2p.registry.plumbing import resolve_identity as _identity
 from duet_p2p.registry.results import Listing, SearchResults, Session, SessionsList
 from duet_p2p.text import printable
@@ -66,7 +72,6 @@ MAX_TIMEOUT = 600.0
 MAX_RESPONSE_BYTES = 4 << 20
 """Largest answer read from a registry (a page of 100 listings fits with room to spare)."""
 MAX_LIMIT = 100
-MAX_OFFSET = 10_000
 MAX_QUERY_CHARS = 500
 MAX_FILTER_CHARS = 64
 MAX_REVIEWS = 100

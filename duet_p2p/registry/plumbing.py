@@ -16,11 +16,13 @@ from duet_p2p.errors import DuetError
 if TYPE_CHECKING:
     from duet_p2p.identity import Identity
 
-__all__ = ["DEFAULT_TIMEOUT", "RegistryError", "open_client", "register_client",
+__all__ = ["DEFAULT_TIMEOUT", "MAX_OFFSET", "RegistryError", "open_client", "register_client",
            "resolve_identity", "run_sync"]  # fmt: skip
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 15.0
+MAX_OFFSET = 10_000
+"""The furthest a page of results or reviews may start (a registry's own cap)."""
 
 _client_factory: Callable[[str | None, float], Any] | None = None
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from duet_p2p.registry.listing import ListingSpec, SignedListing
 from duet_p2p.registry.plumbing import (
     DEFAULT_TIMEOUT,
+    MAX_OFFSET,
     RegistryError,
     open_client,
     resolve_identity,
@@ -585,8 +586,6 @@ class SearchResults(TableView):
 
     async def next_page_async(self) -> SearchResults:
         """:meth:`next_page` on the caller's loop."""
-        from duet_p2p.registry.client import MAX_OFFSET
-
         offset = self.offset + self.returned
         ended = offset >= self.total and not self.at_least
         if self.returned == 0 or ended or offset > MAX_OFFSET:
