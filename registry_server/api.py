@@ -55,11 +55,11 @@ ENGINE = web.AppKey("registry_engine", AsyncEngine)
 API_VERSION = 1
 MAX_PAGE = 100
 MAX_HOST_LISTINGS = 100
+"""A host page lists at most this many of the host's listings, newest first."""
 RESPONSE_BUDGET_BYTES = 3 << 20
 """Most bytes of listings one response carries (clients read at most 4 MiB): a page holds
 fewer results rather than more bytes (always at least one; a listing is at most 1 MiB,
 2 MiB once escaped), so large listings cannot make a search unreadable."""
-"""A host page lists at most this many of the host's listings, newest first."""
 SEARCH_PARAMS = frozenset(
     {"q", "kind", "modality", "license", "keyword", "online", "limit", "offset"}
 )
@@ -346,11 +346,14 @@ async def get_host(request: web.Request) -> web.Response:
     view = await host_view(request.app, host_id)
     if view is None:
         raise ApiError(404, "not_found", f"no host {host_id} here")
+    every = await _listings_json(request.app, view.listings)
+    shown = _within_budget(every)
     return json_response({
         "host_id": view.host_id,
         "last_seen": view.last_seen,
         "online": view.online,
-        "listings": _within_budget(await _listings_json(request.app, view.listings)),
+        "listings": shown,
+        "truncated": len(shown) < len(every),
     }, dumps=_utf8_dumps)  # fmt: skip
 
 

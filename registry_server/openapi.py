@@ -175,6 +175,10 @@ _SCHEMAS: dict[str, Any] = {
             "last_seen": _NUMBER_OR_NULL,
             "online": {"type": "boolean"},
             "listings": {"type": "array", "items": _ref("Listing"), "maxItems": 100},
+            "truncated": {
+                "type": "boolean",
+                "description": "Some listings were left out to keep the answer under 3 MiB.",
+            },
         },
     },
     "Review": {

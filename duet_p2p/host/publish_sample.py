@@ -37,7 +37,8 @@ CHUNK_ROWS = 65_536
 @dataclass(frozen=True)
 class TextTable:
     """A sample as text, as read from a CSV file (``duet-host publish --sample-file``):
-    each cell becomes a value of its column's dtype; an empty cell is a missing value."""
+    each cell, trimmed of spaces, becomes a value of its column's dtype; an empty cell is
+    a missing value."""
 
     columns: list[str]
     rows: list[list[str]]
@@ -106,7 +107,7 @@ def _parse_cell(cell: str, kind: str, column: str, row: int) -> Any:
         raise ValueError(
             f"row {row} of the sample: {column[:80]!r} holds {kind} values, not {text[:40]!r}"
         ) from None
-    return cell
+    return text
 
 
 class UncheckedSample(ValueError):

@@ -330,7 +330,8 @@ class RegistryClient:
 
     async def host(self, host_id: str) -> dict[str, Any]:
         """``GET /api/v1/hosts/{host_id}``: presence and the host's verified listings (those
-        that fail, or are another host's, are dropped)."""
+        that fail, or are another host's, are dropped); ``truncated`` when the registry left
+        some out to keep its answer small."""
         host_id = _listing_id(host_id)
         data = await self._json("GET", f"/api/v1/hosts/{host_id}")
         if type(data) is not dict or type(data.get("listings")) is not list:
@@ -349,7 +350,7 @@ class RegistryClient:
         refusals = await self._check_pins(verified)
         listings = [x for x, refusal in zip(verified, refusals, strict=True) if refusal is None]
         return {"host_id": host_id, "online": online, "last_seen": last_seen,
-                "listings": listings}  # fmt: skip
+                "listings": listings, "truncated": data.get("truncated") is True}  # fmt: skip
 
     async def croissant(self, listing: Listing | str) -> dict[str, Any]:
         """The listing's Croissant JSON-LD, checked to be the document its verified

@@ -133,8 +133,11 @@ _FIELDS = (
     "kind", "listing_id", "host_id", "host_key", "name", "summary", "description", "license",
     "citation", "creators", "keywords", "modality", "schema", "approx_size",
     "usage_conditions", "access_modes", "policy_summary", "availability", "signaling_url",
-    "version", "created_at", "updated_at", "architecture", "metrics", "tag", "sample",
+    "version", "created_at", "updated_at", "architecture", "metrics", "tag",
 )  # fmt: skip
+_OPTIONAL_FIELDS = ("sample",)
+"""Fields written only when not empty, so a listing without one keeps the bytes it had
+before the field existed (and readers that predate it still read it)."""
 _DELETION_FIELDS = ("listing_id", "host_id", "version", "at")
 _HEARTBEAT_FIELDS = ("host_id", "at", "nonce", "listing_ids")
 _PARSE_ERRORS = (ValueError, TypeError, KeyError, OverflowError, RecursionError)
@@ -542,6 +545,7 @@ class ListingSpec:
     def to_map(self) -> dict[str, Any]:
         """The listing as the JSON object its canonical bytes encode (bytes as base64url)."""
         data = {"v": VERSION, **{name: getattr(self, name) for name in _FIELDS}}
+        data.update({name: getattr(self, name) for name in _OPTIONAL_FIELDS if getattr(self, name)})
         data["host_key"] = b64url_encode(self.host_key)
         data["metrics"] = [
             {**m, "receipt": b64url_encode(m["receipt"])} if "receipt" in m else dict(m)
@@ -580,7 +584,9 @@ class ListingSpec:
         """A listing from its JSON object (as :meth:`to_map` gives, e.g. parsed from a web
         API); checked, but not for canonical form: compare :meth:`canonical_bytes` to the
         bytes that were signed."""
-        fields = _fields_of(data, "listing", _FIELDS)
+        fields = _fields_of(data, "listing", _FIELDS, _OPTIONAL_FIELDS)
+        if any(not fields[name] for name in _OPTIONAL_FIELDS if name in fields):
+            raise InvalidListing("an empty optional field is left out, not sent empty")
         try:
             fields["host_key"] = _b64(fields["host_key"], "host_key", KEY_BYTES)
             fields["metrics"] = _receipts(fields["metrics"])
@@ -634,13 +640,17 @@ def _parse(data: object, limit: int) -> Any:
     return parse_canonical(data, max_bytes=limit, max_depth=MAX_DEPTH, error=InvalidListing)
 
 
-def _fields_of(data: object, what: str, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The fields of a document's JSON object, checked to be exactly ``v`` and ``fields``."""
-    if type(data) is not dict or set(data) != {"v", *fields}:
-        raise InvalidListing(f"a {what} has exactly the fields v, " + ", ".join(fields))
+def _fields_of(
+    data: object, what: str, fields: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The fields of a document's JSON object, checked to be ``v``, every one of
+    ``fields`` and some of ``optional``, and nothing else."""
+    if type(data) is not dict or not {"v", *fields} <= set(data) <= {"v", *fields, *optional}:
+        extra = f" (and optionally {', '.join(optional)})" if optional else ""
+        raise InvalidListing(f"a {what} has exactly the fields v, " + ", ".join(fields) + extra)
     if type(data["v"]) is not int or data["v"] != VERSION:
         raise InvalidListing(f"unknown {what} version (this one reads version {VERSION})")
-    return {name: data[name] for name in fields}
+    return {name: data[name] for name in (*fields, *optional) if name in data}
 
 
 def signed_message(context: bytes, digest: bytes) -> bytes:

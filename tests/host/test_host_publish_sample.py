@@ -16,7 +16,7 @@ import torch
 
 from duet_p2p.host.jobs import JobSettings
 from duet_p2p.host.publish import PublishError
-from duet_p2p.host.publish_sample import copied_record, sample_values
+from duet_p2p.host.publish_sample import TextTable, copied_record, sample_values
 from tests.host.test_host_publish import quiet_host, registry_get, running_registry
 
 PATIENTS = pd.DataFrame({
@@ -189,3 +189,11 @@ def test_a_sample_that_cannot_be_lined_up_with_the_data_is_refused_unless_vouche
             with pytest.raises(PublishError, match="is a record of the hosted data"):
                 publish(host, registry.url, "grid", schema=three_columns,
                         sample={"a": [0.0], "b": [0.0], "c": [0.0]})  # fmt: skip
+
+
+def test_csv_cells_are_trimmed_of_spaces() -> None:
+    schema = [{"name": "n", "dtype": "int64"}, {"name": "d", "dtype": "date"},
+              {"name": "w", "dtype": "category"}]  # fmt: skip
+    table = TextTable(["n", "d", "w"], [["1", " 2024-01-02", " north "], [" ", "", "south"]])
+    assert sample_values(table, schema) == {"n": [1, None], "d": ["2024-01-02", None],
+                                            "w": ["north", "south"]}  # fmt: skip

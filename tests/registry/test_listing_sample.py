@@ -176,3 +176,29 @@ def test_the_website_preview_shows_the_first_rows_and_values() -> None:
     pixels = shown["tensors"][0]
     assert pixels["shape"] == "[2, 2, 3]" and pixels["first"] == ["0", "1", "2", "3", "4", "5"]
     assert sample_preview(TABLE, {}) is None
+
+
+OLD_WIRE = (
+    '{"body":{"access_modes":["live"],"approx_size":{},"architecture":null,"availabil'
+    'ity":[],"citation":null,"created_at":1790000000,"creators":[],"description":"# A'
+    'ges","host_id":"65979d1248d5273db74b7552e25458f7","host_key":"XOLBWvMKeeEO8VObxW'
+    '9M_B70Y84mwZyZhAbhXRinvYs","keywords":[],"kind":"dataset","license":"CC-BY-4.0",'
+    '"listing_id":"ed141c9f0c7e6910808674c6e2ab6ecb","metrics":[],"modality":"tabular'
+    '","name":"Ages","policy_summary":"","schema":[{"dtype":"int64","name":"age"}],"s'
+    'ignaling_url":"http://127.0.0.1:8765/","summary":"Made-up ages","tag":"ages","up'
+    'dated_at":1790000000,"usage_conditions":"","v":1,"version":1},"key":"XOLBWvMKeeE'
+    'O8VObxW9M_B70Y84mwZyZhAbhXRinvYs","sig":"zW8f5igZGw4XfcPckvWQ3yllhGBlWUdmXlvHyPq'
+    '6Swvf1STbW2XCe8uYhEbgMn8WEz-PtuZ-e_Og_S7N09SwDg","v":1}'
+)
+"""A listing signed before samples existed (no ``sample`` field)."""
+
+
+def test_a_listing_without_a_sample_keeps_the_bytes_it_had_before_samples() -> None:
+    old = SignedListing.from_wire(OLD_WIRE.encode())
+    assert old.spec.sample == {} and old.to_wire() == OLD_WIRE.encode()
+    assert "sample" not in json.loads(spec(TABLE, {}).canonical_bytes())
+    assert "sample" in json.loads(spec(TABLE, ROWS).canonical_bytes())
+    document = json.loads(OLD_WIRE)
+    document["body"]["sample"] = {}  # an empty sample is left out, never sent empty
+    with pytest.raises(InvalidListing, match="left out"):
+        ListingSpec.from_map(document["body"])
