@@ -90,6 +90,8 @@ class JobRun:
         self._scientist = scientist
         self._pointers = pointers  # held so the session frees nothing while the run is open
         self._closed = False
+        self.closing = False
+        """Set while its job's service closes it (its outputs are not settled meanwhile)."""
         self.steps = 0
         """Steps of the job's plan."""
 

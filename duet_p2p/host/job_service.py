@@ -353,7 +353,9 @@ class JobService:
             await self._keep_taken(job_id, run)
             self._move(job_id, _S.PENDING_OUTPUT_REVIEW, by=HOST,
                        reason=f"{count} output request(s) await a decision")  # fmt: skip
-            await self._drop(job_id)  # the outputs wait in the owner's journal; the worker goes
+            # the outputs wait in the owner's journal (or, decided meanwhile, in the job
+            # store); the worker goes
+            await self._drop(job_id, keep_taken=True)
 
     async def _keep_taken(self, job_id: str, run: JobRun) -> None:
         """Outputs a handler accepted while the run was open reached its loopback session,
@@ -456,11 +458,24 @@ class JobService:
         job and receipt, never on its own)."""
         return self.store.is_job_request(request_id)
 
-    async def _drop(self, job_id: str) -> None:
+    async def _drop(self, job_id: str, *, keep_taken: bool = False) -> None:
+        """Close a job's run, then forget it. With ``keep_taken`` (the run ended awaiting
+        its output review), outputs the owner accepted while it was closing reached its
+        loopback session, not the journal: they are kept in the job store first. Until the
+        run is forgotten it is ``closing``, and settling waits for it."""
         with self._lock:
-            run = self._runs.pop(job_id, None)
-        if run is not None:
+            run = self._runs.get(job_id)
+        if run is None:
+            return
+        run.closing = True
+        try:
             await run.close()
+            if keep_taken:
+                await self._keep_taken(job_id, run)
+        finally:
+            with self._lock:
+                if self._runs.get(job_id) is run:
+                    del self._runs[job_id]
 
     def _close_later(self, job_id: str) -> None:
         """Close a job's run from any thread (on the loop that runs it)."""
@@ -506,6 +521,8 @@ class JobService:
         if state is not _S.PENDING_OUTPUT_REVIEW:
             return state
         run = self.run_of(job_id)
+        if run is not None and run.closing:  # its taken outputs are being kept: next time
+            return _S.PENDING_OUTPUT_REVIEW
         if run is not None:
             values = await run.wait_outputs(timeout)
             by = self._deciders(run.request_ids.values())

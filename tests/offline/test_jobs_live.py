@@ -5,6 +5,7 @@ scientist's job is invisible."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 import duet_p2p as sy
 from duet_p2p.errors import DuetError, PermissionDenied
+from duet_p2p.host import job_runner
 from duet_p2p.identity import Identity
 from tests.conftest import wait_for
 
@@ -118,3 +120,30 @@ def test_cancel_and_isolation(host: sy.Host, signaling_url: str, tmp_path: Path)
     finally:
         alice.close()
         bob.close()
+
+
+def test_outputs_released_while_the_run_closes_are_delivered(
+    host: sy.Host, signaling_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner may release as soon as the job awaits its output review, while its run's
+    loopback session is still closing: the accepted values reach that session, not the
+    journal, and must still be kept (they were once lost: "its value was not kept")."""
+    closing = job_runner.JobRun.close
+
+    async def slow_close(run: job_runner.JobRun) -> None:
+        await asyncio.sleep(1.5)  # widen the window a busy machine opens now and then
+        await closing(run)
+
+    monkeypatch.setattr(job_runner.JobRun, "close", slow_close)
+    duet = scientist(host, signaling_url, tmp_path, "alice")
+    try:
+        job = duet.submit(column_means, inputs={"x": "table"}, outputs=["means", "total"],
+                          reason="column means", max_seconds=30)  # fmt: skip
+        assert wait_for(lambda: len(host.jobs.pending_review) == 1, WAIT)
+        host.jobs[job.job_id].approve()
+        assert wait_for(lambda: host.jobs[job.job_id].state == "pending_output_review", WAIT)
+        host.jobs[job.job_id].release()
+        assert job.wait(WAIT) == "delivered", host.jobs[job.job_id].reason
+        assert torch.equal(job.result()["means"], DATA.mean(dim=0))
+    finally:
+        duet.close()
