@@ -33,7 +33,7 @@ from duet_p2p.registry.listing import (
 )
 from registry_server import openapi
 from registry_server.db import hosts, listings
-from registry_server.http import ApiError, json_response, read_json
+from registry_server.http import ApiError, json_response, json_text_response, read_json
 from registry_server.keys import INBOX, PUBLIC_URL, SETTINGS, STORE
 from registry_server.store import (
     MAX_OFFSET,
@@ -228,16 +228,24 @@ def _utf8_dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _within_budget(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The first ``items`` that fit :data:`RESPONSE_BUDGET_BYTES` together (at least one)."""
-    kept: list[dict[str, Any]] = []
+def _within_budget(items: list[dict[str, Any]]) -> list[str]:
+    """The first ``items`` that fit :data:`RESPONSE_BUDGET_BYTES` together (at least one),
+    each encoded (once: the response is made of these)."""
+    kept: list[str] = []
     used = 0
     for item in items:
-        used += len(_utf8_dumps(item).encode())
+        text = _utf8_dumps(item)
+        used += len(text.encode())
         if kept and used > RESPONSE_BUDGET_BYTES:
             break
-        kept.append(item)
+        kept.append(text)
     return kept
+
+
+def _list_response(fields: dict[str, Any], name: str, encoded: list[str]) -> web.Response:
+    """``fields`` and, as ``name``, the list of already ``encoded`` items."""
+    head = _utf8_dumps(fields)[:-1] + (", " if fields else "")
+    return json_text_response(f"{head}{_utf8_dumps(name)}: [{', '.join(encoded)}]}}")
 
 
 def _refusal(exc: Exception) -> ApiError:
@@ -274,13 +282,11 @@ async def search(request: web.Request) -> web.Response:
         found, total = await _store(request).search(query, **kwargs)
     except (InvalidQuery, InvalidListing) as exc:
         raise _refusal(exc) from None
-    return json_response({
-        "total": total,
-        "total_at_least": total >= MAX_TOTAL,
-        "limit": kwargs["limit"],
-        "offset": kwargs["offset"],
-        "results": _within_budget(await _listings_json(request.app, found)),
-    }, dumps=_utf8_dumps)  # fmt: skip
+    fields = {"total": total, "total_at_least": total >= MAX_TOTAL, "limit": kwargs["limit"],
+              "offset": kwargs["offset"]}  # fmt: skip
+    return _list_response(
+        fields, "results", _within_budget(await _listings_json(request.app, found))
+    )
 
 
 async def publish(request: web.Request) -> web.Response:
@@ -348,13 +354,9 @@ async def get_host(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", f"no host {host_id} here")
     every = await _listings_json(request.app, view.listings)
     shown = _within_budget(every)
-    return json_response({
-        "host_id": view.host_id,
-        "last_seen": view.last_seen,
-        "online": view.online,
-        "listings": shown,
-        "truncated": len(shown) < len(every),
-    }, dumps=_utf8_dumps)  # fmt: skip
+    fields = {"host_id": view.host_id, "last_seen": view.last_seen, "online": view.online,
+              "truncated": len(shown) < len(every)}  # fmt: skip
+    return _list_response(fields, "listings", shown)
 
 
 async def croissant(request: web.Request) -> web.Response:

@@ -16,11 +16,16 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from signaling_server.ratelimit import RateLimiter, address_key
-from signaling_server.responses import error_response, json_response, retry_after
+from signaling_server.responses import (
+    error_response,
+    json_response,
+    json_text_response,
+    retry_after,
+)
 
 __all__ = [
     "ApiError", "error_response", "json_response", "rate_limit_middleware", "read_body",
-    "read_json", "retry_after",
+    "json_text_response", "read_json", "retry_after",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)

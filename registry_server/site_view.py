@@ -23,7 +23,7 @@ from markupsafe import Markup
 from duet_p2p.registry.canonical_json import b64url_encode
 from duet_p2p.registry.listing import DAYS, ListingSpec
 from duet_p2p.registry.mock import mock_table, mock_tensors
-from duet_p2p.registry.sample import sample_rows
+from duet_p2p.registry.sample import nested_sizes, sample_rows
 from registry_server.render import render_markdown
 
 __all__ = [
@@ -223,7 +223,7 @@ def sample_preview(
             flat = _first_values(sample[entry["name"]], PREVIEW_VALUES)
             tensors.append({
                 "name": entry["name"], "dtype": entry["dtype"],
-                "shape": _shape_text(_sizes(sample[entry["name"]])), "first": flat,
+                "shape": _shape_text(nested_sizes(sample[entry["name"]])), "first": flat,
             })  # fmt: skip
     return {
         "columns": [c["name"] for c in shown],
@@ -246,14 +246,6 @@ def _first_values(values: Any, count: int) -> list[str]:
         else:
             out.append(_number(item))
     return out
-
-
-def _sizes(values: Any) -> list[int]:
-    sizes = []
-    while isinstance(values, list):
-        sizes.append(len(values))
-        values = values[0] if values else None
-    return sizes
 
 
 def _number(value: object) -> str:

@@ -3,29 +3,27 @@ keeps them; every error is ``{"error": code, "message": text}``."""
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from aiohttp import web
 
-__all__ = ["error_response", "json_response", "retry_after"]
+__all__ = ["error_response", "json_response", "json_text_response", "retry_after"]
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
 def json_response(
-    data: object,
-    status: int = 200,
-    headers: Mapping[str, str] | None = None,
-    *,
-    dumps: Callable[[Any], str] = json.dumps,
+    data: object, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """A JSON response that no cache keeps."""
-    return web.json_response(
-        data, status=status, headers={**_NO_STORE, **(headers or {})}, dumps=dumps
-    )
+    return web.json_response(data, status=status, headers={**_NO_STORE, **(headers or {})})
+
+
+def json_text_response(text: str, status: int = 200) -> web.Response:
+    """:func:`json_response` of JSON already encoded (as UTF-8)."""
+    return web.Response(text=text, status=status, content_type="application/json",
+                        headers=_NO_STORE)  # fmt: skip
 
 
 def error_response(

@@ -724,19 +724,24 @@ MAX_DESCRIPTION_CHARS = 50_000
 MAX_SAMPLE_FILE_BYTES = 256 * 1024
 
 
-def _read_description(path: str) -> str:
+def _read_text(path: str, max_bytes: int, encoding: str = "utf-8") -> tuple[str, bool]:
+    """A regular file's first ``max_bytes`` bytes as text, and whether there was more."""
     from duet_p2p.host.config import open_regular
 
     try:
         with open_regular(Path(path)) as handle:
-            raw = handle.read(4 * MAX_DESCRIPTION_CHARS + 1)
+            raw = handle.read(max_bytes + 1)
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw[:max_bytes].decode(encoding), len(raw) > max_bytes
     except UnicodeDecodeError:
         raise ConfigurationError(f"{path} is not UTF-8 text") from None
-    if len(text) > MAX_DESCRIPTION_CHARS:
+
+
+def _read_description(path: str) -> str:
+    text, more = _read_text(path, 4 * MAX_DESCRIPTION_CHARS)
+    if more or len(text) > MAX_DESCRIPTION_CHARS:
         raise ConfigurationError(f"{path} is longer than {MAX_DESCRIPTION_CHARS} characters")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -747,19 +752,9 @@ def _read_sample(path: str) -> dict[str, list[Any]]:
     import csv
     import io
 
-    from duet_p2p.host.config import open_regular
-
-    try:
-        with open_regular(Path(path)) as handle:
-            raw = handle.read(MAX_SAMPLE_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_SAMPLE_FILE_BYTES:
+    text, more = _read_text(path, MAX_SAMPLE_FILE_BYTES, "utf-8-sig")
+    if more:
         raise ConfigurationError(f"{path} is larger than {MAX_SAMPLE_FILE_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigurationError(f"{path} is not UTF-8 text") from None
     try:
         lines = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as exc:

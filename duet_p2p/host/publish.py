@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from duet_p2p.errors import DuetError
-from duet_p2p.host.publish_sample import UncheckedSample, copied_record, sample_values
+from duet_p2p.host.publish_sample import (
+    UncheckedSample,
+    copied_record,
+    is_dataframe,
+    sample_values,
+)
 from duet_p2p.registry.listing import (
     MAX_METRICS,
     MAX_POLICY_CHARS,
@@ -77,7 +82,7 @@ def find_hosted(host: PublishingHost, obj_or_tag: Any) -> StoredObject:
     elif _is_hosted_receipt(obj_or_tag):
         found = [r for r in records if r.id == obj_or_tag.id]
         what = f"with ID {obj_or_tag.id}"
-    elif _is_dataframe(obj_or_tag):
+    elif is_dataframe(obj_or_tag):
         columns = tuple(str(c) for c in obj_or_tag.columns)
         found = [
             r for r in records
@@ -106,11 +111,6 @@ def _is_hosted_receipt(value: Any) -> bool:
     from duet_p2p.owner.store_view import HostedObject
 
     return isinstance(value, HostedObject)
-
-
-def _is_dataframe(value: Any) -> bool:
-    module = type(value).__module__.split(".", 1)[0]
-    return module == "pandas" and type(value).__name__ == "DataFrame"
 
 
 # -- schema, size, architecture --------------------------------------------------------------
@@ -210,7 +210,7 @@ def _plain(value: Any, budget: list[int]) -> Any:
 def describe(record: StoredObject, value: Any = None) -> Description:
     """What ``record`` (or ``value``, the DataFrame it was made from) shows of itself."""
     tag = record.tags[0]
-    if _is_dataframe(value):
+    if is_dataframe(value):
         size = {"rows": len(value), "bytes": int(value.memory_usage(deep=True).sum())}
         return Description("dataset", "tabular", frame_schema(value), size)
     held = record.value

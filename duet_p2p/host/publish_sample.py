@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 import torch
@@ -28,7 +28,10 @@ import torch
 from duet_p2p.registry.croissant import dtype_kind
 from duet_p2p.store import StoredObject
 
-__all__ = ["CHUNK_ROWS", "TextTable", "UncheckedSample", "copied_record", "sample_values"]
+__all__ = [
+    "CHUNK_ROWS", "TextTable", "UncheckedSample", "copied_record", "is_dataframe",
+    "sample_values",
+]  # fmt: skip
 
 CHUNK_ROWS = 65_536
 """Hosted records compared at once (bounds the memory a comparison takes)."""
@@ -51,19 +54,17 @@ def sample_values(sample: Any, schema: Sequence[Mapping[str, Any]]) -> dict[str,
         return {}
     if isinstance(sample, TextTable):
         return _from_text(sample, schema)
-    if _is_dataframe(sample):
+    if is_dataframe(sample):
         return {str(column): [_plain(v) for v in sample[column].tolist()]
                 for column in sample.columns}  # fmt: skip
-    if isinstance(sample, torch.Tensor) or _is_ndarray(sample):
+    if isinstance(sample, torch.Tensor) or _is_a(sample, "numpy", "ndarray"):
         if len(schema) != 1:
             raise TypeError("a tensor sample needs a schema of one tensor; pass {name: values}")
         return {schema[0]["name"]: _plain(sample.tolist())}
     if isinstance(sample, Mapping):
         out: dict[str, Any] = {}
         for name, values in sample.items():
-            if isinstance(values, torch.Tensor) or _is_ndarray(values):
-                values = values.tolist()
-            elif _is_series(values):
+            if isinstance(values, torch.Tensor) or _is_array(values):
                 values = values.tolist()
             out[str(name)] = _plain(values)
         return out
@@ -163,18 +164,16 @@ def _copied_row(
         raise UncheckedSample(
             f"the sample has {len(names)} columns, the hosted tensor {table.shape[1]}"
         )
-    table = table[:, positions]
     narrow = [(j, _NARROW[entry["dtype"]]) for j, entry in enumerate(columns)
               if entry["dtype"] in _NARROW]  # fmt: skip
-    count = len(sample[names[0]])
-    for index in range(count):
+    targets = []
+    for index in range(len(sample[names[0]])):
         row = [_code(sample[name][index], categories.get(name)) for name in names]
-        if any(value is _NO_MATCH for value in row):
-            continue
-        target = torch.tensor([math.nan if v is None else v for v in row], dtype=torch.float64)
-        if _any_equal(table, target, narrow):
-            return index
-    return None
+        if all(value is not _NO_MATCH for value in row):
+            values = [math.nan if v is None else v for v in row]
+            targets.append((index, torch.tensor(values, dtype=torch.float64)))
+    chosen = None if positions == list(range(table.shape[1])) else positions
+    return _first_equal(table, targets, narrow, chosen)
 
 
 def _copied_slice(values: Any, held: torch.Tensor) -> int | None:
@@ -183,16 +182,16 @@ def _copied_slice(values: Any, held: torch.Tensor) -> int | None:
     if held.dim() == 0 or not isinstance(values, list):
         return 0 if _same(held, values) else None
     size = math.prod(held.shape[1:])
-    records = held.reshape(held.shape[0], size)
+    targets = []
     for index, item in enumerate(values):
         try:
             target = torch.tensor(item, dtype=torch.float64 if held.is_floating_point()
                                   else held.dtype)  # fmt: skip
         except (TypeError, ValueError, RuntimeError, OverflowError):
             continue
-        if target.numel() == size and _any_equal(records, target.reshape(size), []):
-            return index
-    return None
+        if target.numel() == size:
+            targets.append((index, target.reshape(size)))
+    return _first_equal(held.reshape(held.shape[0], size), targets, [])
 
 
 def _same(held: torch.Tensor, value: Any) -> bool:
@@ -201,33 +200,51 @@ def _same(held: torch.Tensor, value: Any) -> bool:
                               else held.dtype)  # fmt: skip
     except (TypeError, ValueError, RuntimeError, OverflowError):
         return False
-    return target.numel() == held.numel() == 1 and _any_equal(held.reshape(1, 1),
-                                                              target.reshape(1), [])  # fmt: skip
+    if target.numel() != 1 or held.numel() != 1:
+        return False
+    return _first_equal(held.reshape(1, 1), [(0, target.reshape(1))], []) is not None
 
 
 _NARROW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _any_equal(
-    records: torch.Tensor, target: torch.Tensor, narrow: list[tuple[int, torch.dtype]]
-) -> bool:
-    """Whether some row of the 2-D ``records`` equals the 1-D ``target`` (missing equal to
-    missing; floats also once rounded to float32, and the ``narrow`` columns to their
-    dtype)."""
+def _first_equal(
+    records: torch.Tensor,
+    targets: list[tuple[int, torch.Tensor]],
+    narrow: list[tuple[int, torch.dtype]],
+    columns: list[int] | None = None,
+) -> int | None:
+    """The smallest index of the 1-D ``targets`` (index, values) equal to some row of the
+    2-D ``records`` (of its ``columns``, if given): missing equal to missing; floats also
+    once rounded to float32, and the ``narrow`` columns to their dtype. Each chunk of
+    records is read and converted once for all the targets."""
+    left = sorted(targets, key=lambda pair: pair[0])
+    found: int | None = None
     for start in range(0, records.shape[0], CHUNK_ROWS):
+        if not left:
+            break
         chunk = records[start : start + CHUNK_ROWS]
-        if chunk.is_floating_point() or target.is_floating_point():
+        if columns is not None:
+            chunk = chunk[:, columns]
+        floating = chunk.is_floating_point() or left[0][1].is_floating_point()
+        if floating:
             chunk = chunk.to(torch.float64)
-            wanted = target.to(torch.float64)
-            equal = (chunk == wanted) | (chunk.isnan() & wanted.isnan())
-            equal |= chunk.float() == wanted.float()
-            for column, dtype in narrow:
-                equal[:, column] |= chunk[:, column].to(dtype) == wanted[column].to(dtype)
-        else:
-            equal = chunk == target.to(chunk.dtype)
-        if bool(equal.all(dim=1).any()):
-            return True
-    return False
+            rounded, missing = chunk.float(), chunk.isnan()
+            narrowed = [(column, dtype, chunk[:, column].to(dtype)) for column, dtype in narrow]
+        for index, target in left:
+            if floating:
+                wanted = target.to(torch.float64)
+                equal = (chunk == wanted) | (missing & wanted.isnan())
+                equal |= rounded == wanted.float()
+                for column, dtype, values in narrowed:
+                    equal[:, column] |= values == wanted[column].to(dtype)
+            else:
+                equal = chunk == target.to(chunk.dtype)
+            if bool(equal.all(dim=1).any()):
+                found = index
+                left = [pair for pair in left if pair[0] < index]
+                break
+    return found
 
 
 class _NoMatch:
@@ -264,22 +281,19 @@ def _plain(value: Any) -> Any:
         return None
     if type(value).__name__ in ("NaTType", "NAType"):
         return None
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, date):
+    if isinstance(value, date):  # datetimes too
         return value.isoformat()
     return value
 
 
-def _is_dataframe(value: Any) -> bool:
-    return (
-        type(value).__module__.split(".", 1)[0] == "pandas" and type(value).__name__ == "DataFrame"
-    )
+def is_dataframe(value: Any) -> bool:
+    """Whether ``value`` is a pandas DataFrame (without importing pandas)."""
+    return _is_a(value, "pandas", "DataFrame")
 
 
-def _is_series(value: Any) -> bool:
-    return type(value).__module__.split(".", 1)[0] == "pandas" and type(value).__name__ == "Series"
+def _is_array(value: Any) -> bool:
+    return _is_a(value, "numpy", "ndarray") or _is_a(value, "pandas", "Series")
 
 
-def _is_ndarray(value: Any) -> bool:
-    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
+def _is_a(value: Any, package: str, name: str) -> bool:
+    return type(value).__module__.split(".", 1)[0] == package and type(value).__name__ == name

@@ -295,14 +295,8 @@ class Listing:
                 f"listing {self.id} ({self.name!r}) describes no schema, so there is nothing to "
                 "mock; ask its owner to publish one (host.publish infers it from the data)"
             )
-        shaped = [entry for entry in schema if "shape" in entry]
-        if not shaped:
+        if not self._of_tensors("a mock is either a table or tensors"):
             return mock_to_pandas(mock_table(schema, rows=20 if rows is None else rows, seed=seed))
-        if len(shaped) != len(schema):
-            raise ValueError(
-                f"listing {self.id} mixes tensors and columns in its schema; a mock is either "
-                "a table or tensors"
-            )
         specs = []
         for entry in schema:
             shape = list(entry["shape"])
@@ -320,8 +314,9 @@ class Listing:
     def sample(self) -> Any:
         """The few records the owner chose to publish with the listing, signed with it and
         held to its schema: a pandas DataFrame for a table of columns (each of its schema
-        dtype, missing values as NaN or <NA>; dates and times as text), or ``{name: torch.Tensor}`` for tensors. ValueError when the owner
-        published none (:meth:`mock` makes data from the schema instead)."""
+        dtype, missing values as NaN or <NA>; dates and times as text), or
+        ``{name: torch.Tensor}`` for tensors. ValueError when the owner published none
+        (:meth:`mock` makes data from the schema instead)."""
         from duet_p2p.registry.sample import sample_to_pandas
 
         spec = self.spec
@@ -330,16 +325,19 @@ class Listing:
                 f"the owner of listing {self.id} ({_text(spec.name, 80)!r}) published no "
                 "sample; listing.mock() makes synthetic data from its schema"
             )
-        shaped = [entry for entry in spec.schema if "shape" in entry]
-        if not shaped:
+        if not self._of_tensors("its sample is in listing.spec.sample as lists"):
             return sample_to_pandas(spec.sample, spec.schema)
-        if len(shaped) != len(spec.schema):
-            raise ValueError(
-                f"listing {self.id} mixes tensors and columns in its schema; its sample is "
-                "in listing.spec.sample as lists"
-            )
         return {entry["name"]: _sample_tensor(spec.sample[entry["name"]], entry["dtype"])
-                for entry in shaped}  # fmt: skip
+                for entry in spec.schema}  # fmt: skip
+
+    def _of_tensors(self, otherwise: str) -> bool:
+        """Whether the schema lists tensors (else columns); ValueError if it mixes them."""
+        shaped = sum("shape" in entry for entry in self.spec.schema)
+        if 0 < shaped < len(self.spec.schema):
+            raise ValueError(
+                f"listing {self.id} mixes tensors and columns in its schema; {otherwise}"
+            )
+        return shaped > 0
 
     # -- the registry ------------------------------------------------------------------
 

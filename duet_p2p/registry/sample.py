@@ -27,7 +27,8 @@ from typing import Any
 from duet_p2p.registry.croissant import dtype_kind
 
 __all__ = [
-    "MAX_ROWS", "MAX_TEXT_CHARS", "MAX_VALUES", "check_sample", "sample_rows", "sample_to_pandas",
+    "MAX_ROWS", "MAX_TEXT_CHARS", "MAX_VALUES", "check_sample", "nested_sizes", "sample_rows",
+    "sample_to_pandas",
 ]  # fmt: skip
 
 MAX_ROWS = 100
@@ -156,19 +157,20 @@ def _tensor(values: object, shape: list[int], dtype: str, name: str, budget: lis
             _spend(budget, len(item))
             return [_value(value, kind, dtype, name) for value in item]
         inner = [walk(part, depth + 1) for part in item]
-        if len({_lengths(part) for part in inner}) > 1:
+        if len({tuple(nested_sizes(part)) for part in inner}) > 1:
             raise ValueError(f"sample tensor {name!r} is not rectangular")
         return inner
 
     return walk(values, 0)
 
 
-def _lengths(item: Any) -> tuple[int, ...]:
+def nested_sizes(values: Any) -> list[int]:
+    """The sizes of nested lists along their first items (a tensor sample's shape)."""
     sizes = []
-    while type(item) is list:
-        sizes.append(len(item))
-        item = item[0] if item else None
-    return tuple(sizes)
+    while type(values) is list:
+        sizes.append(len(values))
+        values = values[0] if values else None
+    return sizes
 
 
 def _spend(budget: list[int], count: int) -> None:
